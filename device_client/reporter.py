@@ -1,0 +1,51 @@
+"""Publishes the device's state, retained, on its state topic after every transition."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas import topics
+from schemas.models import DeviceState, Phase
+from services.messaging import MqttClient, MqttError
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    def __init__(self, client: MqttClient, *, fleet: str, device: str, device_class: str) -> None:
+        self.client = client
+        self.topic = topics.state_topic(fleet, device)
+        self._base: dict[str, Any] = {"fleet": fleet, "device": device, "device_class": device_class}
+        self._last_progress_at = 0.0
+        self.last: DeviceState | None = None
+
+    async def report(self, *, phase: Phase, installed_version: str, installed_sha256: str, **fields: Any) -> DeviceState:
+        state = DeviceState(
+            **self._base,
+            phase=phase,
+            installed_version=installed_version,
+            installed_sha256=installed_sha256,
+            timestamp=datetime.now(UTC),
+            **fields,
+        )
+        self.last = state
+        if state.phase in (Phase.REFUSED, Phase.FAILED):
+            log.warning("%s: %s (%s)", state.phase.value, state.reason, state.reason_code)
+        else:
+            log.info("phase %s progress %d%%", state.phase.value, state.progress)
+        try:
+            await self.client.publish(self.topic, state.canonical_bytes(), qos=1, retain=True)
+        except MqttError as exc:
+            # The broker may be away; the state is retained locally and sent again on the next report.
+            log.warning("could not report state: %s", exc)
+        return state
+
+    def progress_due(self, min_interval: float = 0.25) -> bool:
+        now = time.monotonic()
+        if now - self._last_progress_at >= min_interval:
+            self._last_progress_at = now
+            return True
+        return False

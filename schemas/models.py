@@ -1,0 +1,197 @@
+"""Pydantic models of every message on the wire.
+
+All models are frozen and refuse unknown fields. Signed documents (root, release manifest) travel
+inside a `SignedEnvelope` whose payload is the canonical JSON of the document: signatures are
+checked over those exact bytes before the payload is parsed.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from packaging.version import InvalidVersion, Version
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+from typing import Self
+
+from schemas.canonical import canonical_json, strict_loads
+
+MAX_SIZE = 2**40  # 1 TiB: no artifact is bigger; keeps sizes far from integer overflow anywhere
+
+Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+KeyId = Sha256Hex
+Cid = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{32,128}$")]
+SignatureHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
+PublicKeyHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Sequence = Annotated[int, Field(ge=1, le=2**53)]
+
+
+def _check_version(value: str) -> str:
+    try:
+        Version(value)
+    except InvalidVersion:
+        raise ValueError(f"{value!r} is not a valid version (PEP 440, e.g. 2.1.0)") from None
+    return value
+
+
+VersionStr = Annotated[
+    str, StringConstraints(min_length=1, max_length=64), AfterValidator(_check_version)
+]
+TargetPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
+ShortText = Annotated[str, StringConstraints(max_length=1024)]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, max_bytes: int) -> Self:
+        """Parse untrusted bytes: size, UTF-8, duplicate keys, NaN and depth first, then the model.
+
+        Raises schemas.canonical.MalformedDocument or pydantic.ValidationError.
+        """
+        strict_loads(raw, max_bytes=max_bytes)
+        return cls.model_validate_json(raw)
+
+
+# --- signed documents -------------------------------------------------------------------------
+
+
+class Role(str, enum.Enum):
+    ROOT = "root"
+    RELEASE = "release"
+    TIMESTAMP = "timestamp"
+
+
+class PublicKey(WireModel):
+    scheme: Literal["ed25519"] = "ed25519"
+    public: PublicKeyHex
+
+
+class RoleKeys(WireModel):
+    keyids: Annotated[list[KeyId], Field(min_length=1, max_length=32)]
+    threshold: Annotated[int, Field(ge=1, le=32)]
+
+
+class RootMetadata(WireModel):
+    """The fleet's root of trust: which keys may sign for which role, and how many must."""
+
+    type: Literal["root"] = "root"
+    fleet: Identifier
+    version: Sequence
+    expires: AwareDatetime
+    keys: Annotated[dict[KeyId, PublicKey], Field(max_length=128)]
+    roles: dict[Role, RoleKeys]
+
+
+class Artifact(WireModel):
+    """Bytes located by CID; accepted only when their sha256 and size match."""
+
+    cid: Cid
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0, le=MAX_SIZE)]
+
+
+class Delta(WireModel):
+    """A patch from one base (keyed by the base's sha256 in the manifest) to the new artifact."""
+
+    cid: Cid
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0, le=MAX_SIZE)]
+    base_version: VersionStr
+    format: Literal["bsdiff4"] = "bsdiff4"
+
+
+class InstallSpec(WireModel):
+    handler: Literal["file"] = "file"
+    target: TargetPath
+
+
+class ReleaseManifest(WireModel):
+    type: Literal["release"] = "release"
+    fleet: Identifier
+    device_class: Identifier
+    version: VersionStr
+    sequence: Sequence
+    issued: AwareDatetime
+    expires: AwareDatetime
+    artifact: Artifact
+    deltas: Annotated[dict[Sha256Hex, Delta], Field(max_length=16)] = {}
+    install: InstallSpec
+    summary: ShortText = ""
+
+
+class Signature(WireModel):
+    keyid: KeyId
+    sig: SignatureHex
+
+
+class PayloadType(str, enum.Enum):
+    ROOT = "application/vnd.edgeswarm.root+json"
+    RELEASE = "application/vnd.edgeswarm.release+json"
+
+
+class SignedEnvelope(WireModel):
+    """Signatures over `payload`, the base64 of a document's canonical JSON (DSSE-like).
+
+    Signing the exact payload bytes, bound to their type, means a verifier never re-serializes
+    before checking, and a root can never be passed off as a release or vice versa.
+    """
+
+    payload_type: PayloadType
+    payload: Annotated[str, StringConstraints(max_length=96 * 1024, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+    signatures: Annotated[list[Signature], Field(max_length=32)]
+
+
+# --- device reports and commands ---------------------------------------------------------------
+
+
+class Phase(str, enum.Enum):
+    IDLE = "idle"
+    VERIFYING = "verifying"
+    DOWNLOADING = "downloading"
+    PATCHING = "patching"
+    INSTALLING = "installing"
+    DONE = "done"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+class DeviceState(WireModel):
+    """What a device reports, retained, on its state topic after every transition."""
+
+    device: Identifier
+    fleet: Identifier
+    device_class: Identifier
+    installed_version: VersionStr
+    installed_sha256: Sha256Hex
+    last_sequence: Annotated[int, Field(ge=0, le=2**53)] = 0
+    phase: Phase
+    target_version: VersionStr | None = None
+    progress: Annotated[int, Field(ge=0, le=100)] = 0
+    bytes_from_peers: Annotated[int, Field(ge=0)] = 0
+    bytes_from_origin: Annotated[int, Field(ge=0)] = 0
+    used_delta: bool | None = None
+    update_millis: Annotated[int, Field(ge=0)] | None = None
+    reason: ShortText | None = None
+    reason_code: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,64}$")] | None = None
+    timestamp: AwareDatetime
+
+
+class CommandName(str, enum.Enum):
+    CHECK = "check"  # re-evaluate the retained release now
+    REPORT = "report"  # publish the current state again
+
+
+class DeviceCommand(WireModel):
+    command: CommandName
+    request_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+
+
+ONLINE = b"online"
+OFFLINE = b"offline"

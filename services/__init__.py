@@ -1,0 +1,1 @@
+"""Runtime parts and the operator side of edgeswarm (content store, messaging, trust, release, CLI)."""

@@ -1,0 +1,323 @@
+"""The `edgeswarm` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from schemas.models import Role
+from services.settings import DeviceSettings, OperatorSettings, load_settings
+
+app = typer.Typer(help="edgeswarm: secure peer-to-peer software updates for edge fleets.", no_args_is_help=True)
+keys_app = typer.Typer(help="Signing keys and the fleet's root of trust.", no_args_is_help=True)
+device_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
+fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(device_app, name="device")
+app.add_typer(fleet_app, name="fleet")
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="settings file (TOML)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of tables")]
+
+err = Console(stderr=True)
+
+
+def _logging(verbose: bool, console: Console | None = None) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = RichHandler(console=console or err, show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("amqtt", "transitions", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _operator(config: Path | None) -> OperatorSettings:
+    return load_settings(OperatorSettings, config)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@keys_app.command("init")
+def keys_init(
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    fleet: Annotated[Optional[str], typer.Option(help="fleet name (default from settings)")] = None,
+    root_keys: Annotated[int, typer.Option(min=1, max=32)] = 1,
+    root_threshold: Annotated[int, typer.Option(min=1, max=32)] = 1,
+    release_keys: Annotated[int, typer.Option(min=1, max=32)] = 1,
+    release_threshold: Annotated[int, typer.Option(min=1, max=32)] = 1,
+    expires_days: Annotated[int, typer.Option(min=1, help="root metadata lifetime")] = 365,
+    as_json: JsonOption = False,
+) -> None:
+    """Generate root, release and timestamp keys (files 0600) and sign root metadata v1."""
+    from services.operator_home import OperatorHome
+
+    settings = _operator(config)
+    operator = OperatorHome(home or settings.home)
+    try:
+        root = operator.init(
+            fleet or settings.fleet, root_keys=root_keys, root_threshold=root_threshold,
+            release_keys=release_keys, release_threshold=release_threshold, expires_days=expires_days,
+        )
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps({"fleet": root.fleet, "root_version": root.version, "root_file": str(operator.root_file),
+                          "roles": {r.value: {"keyids": k.keyids, "threshold": k.threshold} for r, k in root.roles.items()}}))
+        return
+    table = Table(title=f"fleet {root.fleet}: root v{root.version}, expires {root.expires:%Y-%m-%d}")
+    for column in ("role", "threshold", "key ids"):
+        table.add_column(column)
+    for role, spec in root.roles.items():
+        table.add_row(role.value, str(spec.threshold), "\n".join(k[:16] + "…" for k in spec.keyids))
+    Console().print(table)
+    Console().print(f"provision devices with [bold]{operator.root_file}[/]; private keys are in {operator.keys_dir}")
+
+
+# -- release --------------------------------------------------------------------------------------
+
+
+@app.command("release")
+def release(
+    device_class: Annotated[str, typer.Argument(help="device class, e.g. ipc-x86_64")],
+    version: Annotated[str, typer.Argument(help="new version, e.g. 2.0.0")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="the full artifact")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    target: Annotated[str, typer.Option(help="absolute path the device installs to")] = "/opt/edgeswarm/firmware.img",
+    summary: Annotated[str, typer.Option(help="release notes shown to operators")] = "",
+    publish: Annotated[bool, typer.Option(help="publish the signed manifest to the broker (retained)")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Sign a release: full artifact plus deltas from previous versions, published retained over MQTT.
+
+    The files are placed in <home>/seed for `edgeswarm origin` to serve over IPFS.
+    """
+    from services.content import HashOnlyStore
+    from services.messaging import MqttClient, MqttError
+    from services.operator_home import OperatorHome
+    from services.release import ReleaseError, ReleasePipeline, publish_release, publish_trust
+
+    settings = _operator(config)
+    operator = OperatorHome(home or settings.home)
+    store = HashOnlyStore(operator.path / "cid-scratch", operator.seed_dir)
+    pipeline = ReleasePipeline(operator, store, delta_bases=settings.delta_bases, expires_days=settings.release_expires_days)
+
+    async def go() -> None:
+        built = await pipeline.build(device_class, version, file, target=target, summary=summary)
+        if publish:
+            async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-release",
+                                  clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+                await publish_trust(client, operator)
+                await publish_release(client, built.manifest.fleet, device_class, built.envelope)
+        m = built.manifest
+        if as_json:
+            print(json.dumps({"device_class": device_class, "version": m.version, "sequence": m.sequence,
+                              "artifact": m.artifact.model_dump(), "deltas": {k: v.model_dump() for k, v in m.deltas.items()},
+                              "published": publish}))
+        else:
+            Console().print(f"released {device_class} {m.version} (sequence {m.sequence}): artifact {m.artifact.size} bytes "
+                            f"{m.artifact.cid}; {len(m.deltas)} delta(s) "
+                            + ", ".join(f"from {d.base_version}: {d.size} bytes" for d in m.deltas.values()))
+
+    try:
+        asyncio.run(go())
+    except (ReleaseError, FileNotFoundError, ValueError, MqttError) as exc:
+        _fail(str(exc))
+
+
+# -- origin, broker, device -------------------------------------------------------------------------
+
+
+def _run_until_signal(main) -> None:  # noqa: ANN001
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+@app.command("origin")
+def origin(
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the origin IPFS node: serves every file `edgeswarm release` put in <home>/seed."""
+    from services.content import EmbeddedKuboNode, KuboConfig
+    from services.operator_home import OperatorHome
+
+    settings = _operator(config)
+    operator = OperatorHome(home or settings.home)
+    _logging(verbose)
+    from device_client.agent import prepare_process_dir
+
+    prepare_process_dir(operator.path / "origin")
+
+    async def main(stop: asyncio.Event) -> None:
+        cfg = KuboConfig(repo=operator.path / "origin" / "ipfs", listen_host=settings.content.listen_host,
+                         swarm_port=settings.content.swarm_port, peers=list(settings.content.peers))
+        async with EmbeddedKuboNode(cfg) as node:
+            err.print(f"origin node {node.multiaddr}")
+            seeded: set[str] = set()
+            while not stop.is_set():
+                operator.seed_dir.mkdir(parents=True, exist_ok=True)
+                for path in sorted(operator.seed_dir.iterdir()):
+                    if path.name not in seeded:
+                        cid = await node.add(path)
+                        seeded.add(path.name)
+                        logging.info("serving %s (%d bytes)", cid, path.stat().st_size)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=2)
+                except TimeoutError:
+                    pass
+
+    _run_until_signal(main)
+
+
+@app.command("broker")
+def broker(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+    verbose: bool = False,
+) -> None:
+    """Run the embedded MQTT broker (amqtt) until interrupted."""
+    from services.broker import EmbeddedBroker
+
+    _logging(verbose)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with EmbeddedBroker(host, port):
+            err.print(f"MQTT broker listening on {host}:{port}; Ctrl-C stops it")
+            await stop.wait()
+
+    _run_until_signal(main)
+
+
+@device_app.command("run")
+def device_run(
+    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False, help="device settings (TOML)")],
+    verbose: bool = False,
+) -> None:
+    """Run the device agent: listen for signed releases, fetch, verify, patch, install, report."""
+    from device_client.agent import DeviceAgent, prepare_process_dir
+
+    settings = load_settings(DeviceSettings, config)
+    _logging(verbose)
+    prepare_process_dir(settings.state_dir)
+    agent = DeviceAgent(settings)
+    _run_until_signal(agent.run)
+
+
+# -- fleet ------------------------------------------------------------------------------------------
+
+
+@fleet_app.command("status")
+def fleet_status(
+    config: ConfigOption = None,
+    wait: Annotated[float, typer.Option(help="seconds to collect retained reports")] = 1.5,
+    as_json: JsonOption = False,
+) -> None:
+    """Every device's version and phase, grouped by device class."""
+    from services.fleet import FleetTracker
+    from services.messaging import MqttClient, MqttError
+
+    settings = _operator(config)
+    tracker = FleetTracker(settings.fleet)
+
+    async def go() -> None:
+        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-status-{id(tracker)}",
+                              clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+            await tracker.subscribe(client)
+            await tracker.follow(client, duration=wait)
+
+    try:
+        asyncio.run(go())
+    except MqttError as exc:
+        _fail(str(exc))
+    if as_json:
+        out = []
+        for view in sorted(tracker.devices.values(), key=lambda v: v.device):
+            entry = json.loads(view.state.model_dump_json()) if view.state else {"device": view.device}
+            entry["online"] = view.online
+            out.append(entry)
+        print(json.dumps({"fleet": settings.fleet, "devices": out}))
+        return
+    console = Console()
+    if not tracker.devices:
+        console.print(f"no devices have reported in fleet {settings.fleet} on {settings.mqtt.host}:{settings.mqtt.port}")
+        return
+    for device_class, views in tracker.by_class().items():
+        versions = ", ".join(f"{v}: {n}" for v, n in sorted(tracker.version_counts(device_class).items()))
+        table = Table(title=f"{device_class} — {versions}")
+        for column in ("device", "online", "installed", "phase", "progress", "reason", "reported"):
+            table.add_column(column)
+        for view in views:
+            s = view.state
+            table.add_row(
+                view.device, {True: "yes", False: "[red]no[/]", None: "?"}[view.online],
+                s.installed_version if s else "?", s.phase.value if s else "?", f"{s.progress}%" if s else "",
+                (s.reason or "") if s else "", f"{s.timestamp:%Y-%m-%d %H:%M:%S}" if s else "",
+            )
+        console.print(table)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    devices: Annotated[int, typer.Option(min=2, max=64, help="number of simulated devices (two classes)")] = 6,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the fleet")] = 300.0,
+    keep: Annotated[bool, typer.Option(help="keep the work directory (logs, state) for inspection")] = False,
+    as_json: JsonOption = False,
+    verbose: bool = False,
+) -> None:
+    """Run a whole fleet on this machine: broker, origin, N devices; release v2; show who got what."""
+    from services.demo import DemoOptions, print_summary, run_demo
+
+    console = Console(stderr=as_json)
+    _logging(verbose, console if not as_json else err)
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        result = asyncio.run(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep), console,
+                                      live_display=not as_json and console.is_terminal))
+    except KeyboardInterrupt:
+        err.print("interrupted: every process stopped and the work directory removed")
+        raise typer.Exit(130) from None
+    except RuntimeError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        print_summary(result, console)
+        if keep:
+            console.print(f"work directory kept: {result.workdir}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

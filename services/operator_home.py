@@ -1,0 +1,132 @@
+"""The operator's working directory: signing keys, the signed root chain and the release history.
+
+    <home>/keys/<role>-<keyid8>.key    private keys, 0600
+    <home>/roots/<version>.json        every signed root, in order
+    <home>/root.json                   the current signed root (what devices are provisioned with)
+    <home>/releases/<class>/history.json, <version>/artifact, <version>/delta-from-<base>.bsdiff4
+    <home>/seed/<cid>                  files for a long-running `edgeswarm origin` to serve
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.models import PayloadType, Role, RoleKeys, RootMetadata
+from services.files import atomic_write
+from services.keys import SigningKey, sign_envelope
+from services.trust import TrustedSet
+
+
+class ReleaseRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str
+    sequence: int
+    sha256: str
+    size: int
+    cid: str
+
+
+class ReleaseHistory(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    releases: list[ReleaseRecord] = []
+
+    @property
+    def latest(self) -> ReleaseRecord | None:
+        return self.releases[-1] if self.releases else None
+
+
+class OperatorHome:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.path / "keys"
+
+    @property
+    def root_file(self) -> Path:
+        return self.path / "root.json"
+
+    @property
+    def seed_dir(self) -> Path:
+        return self.path / "seed"
+
+    def release_dir(self, device_class: str) -> Path:
+        return self.path / "releases" / device_class
+
+    # -- keys and root ----------------------------------------------------------------------
+
+    def init(
+        self, fleet: str, *, root_keys: int = 1, root_threshold: int = 1, release_keys: int = 1,
+        release_threshold: int = 1, timestamp_keys: int = 1, expires_days: int = 365,
+    ) -> RootMetadata:
+        if self.root_file.exists():
+            raise FileExistsError(f"{self.root_file} exists: this operator home is already initialised")
+        if root_threshold > root_keys or release_threshold > release_keys:
+            raise ValueError("a threshold cannot exceed the number of keys")
+        keys: dict[Role, list[SigningKey]] = {
+            Role.ROOT: [SigningKey.generate("root") for _ in range(root_keys)],
+            Role.RELEASE: [SigningKey.generate("release") for _ in range(release_keys)],
+            Role.TIMESTAMP: [SigningKey.generate("timestamp") for _ in range(timestamp_keys)],
+        }
+        thresholds = {Role.ROOT: root_threshold, Role.RELEASE: release_threshold, Role.TIMESTAMP: 1}
+        for role_keys in keys.values():
+            for key in role_keys:
+                key.save(self.keys_dir / f"{key.role}-{key.keyid[:8]}.key")
+        root = RootMetadata(
+            fleet=fleet,
+            version=1,
+            expires=datetime.now(UTC).replace(microsecond=0) + timedelta(days=expires_days),
+            keys={k.keyid: k.public_key() for role_keys in keys.values() for k in role_keys},
+            roles={role: RoleKeys(keyids=[k.keyid for k in ks], threshold=thresholds[role]) for role, ks in keys.items()},
+        )
+        self._write_root(root, keys[Role.ROOT])
+        return root
+
+    def _write_root(self, root: RootMetadata, signers: list[SigningKey]) -> bytes:
+        envelope = sign_envelope(PayloadType.ROOT, root.canonical_bytes(), signers).canonical_bytes()
+        (self.path / "roots").mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / "roots" / f"{root.version}.json", envelope)
+        atomic_write(self.root_file, envelope)
+        return envelope
+
+    def signing_keys(self, role: Role) -> list[SigningKey]:
+        root = self.root()
+        allowed = set(root.roles[role].keyids)
+        keys = [SigningKey.load(p) for p in sorted(self.keys_dir.glob(f"{role.value}-*.key"))]
+        return [k for k in keys if k.keyid in allowed]
+
+    def root(self) -> RootMetadata:
+        if not self.root_file.exists():
+            raise FileNotFoundError(f"{self.root_file} not found: run `edgeswarm keys init` first")
+        return TrustedSet.load_initial_root(self.root_file.read_bytes())
+
+    def root_chain(self) -> list[tuple[int, bytes]]:
+        return sorted((int(p.stem), p.read_bytes()) for p in (self.path / "roots").glob("*.json"))
+
+    # -- releases -------------------------------------------------------------------------
+
+    def history(self, device_class: str) -> ReleaseHistory:
+        path = self.release_dir(device_class) / "history.json"
+        return ReleaseHistory.model_validate_json(path.read_bytes()) if path.exists() else ReleaseHistory()
+
+    def save_history(self, device_class: str, history: ReleaseHistory) -> None:
+        directory = self.release_dir(device_class)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / "history.json", history.model_dump_json(indent=2).encode())
+
+    def device_classes(self) -> list[str]:
+        base = self.path / "releases"
+        return sorted(p.name for p in base.iterdir() if (p / "history.json").exists()) if base.exists() else []
+
+    def latest_manifest(self, device_class: str) -> bytes | None:
+        path = self.release_dir(device_class) / "latest.json"
+        return path.read_bytes() if path.exists() else None
+
+
+def describe_root(root: RootMetadata) -> dict[str, object]:
+    return json.loads(root.model_dump_json())

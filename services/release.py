@@ -1,0 +1,106 @@
+"""The release pipeline: artifact and deltas into the content store, a signed manifest, published retained."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from packaging.version import Version
+
+from schemas import topics
+from schemas.models import Artifact, Delta, InstallSpec, PayloadType, ReleaseManifest, Role
+from services.content import ContentStore
+from services.delta import create_delta
+from services.files import atomic_write, sha256_file
+from services.keys import sign_envelope
+from services.messaging import MqttClient
+from services.operator_home import OperatorHome, ReleaseRecord
+
+log = logging.getLogger(__name__)
+
+
+class ReleaseError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BuiltRelease:
+    manifest: ReleaseManifest
+    envelope: bytes
+
+    @property
+    def delta_bytes(self) -> int:
+        return sum(d.size for d in self.manifest.deltas.values())
+
+
+class ReleasePipeline:
+    def __init__(self, home: OperatorHome, store: ContentStore, *, delta_bases: int = 3, expires_days: int = 30) -> None:
+        self.home = home
+        self.store = store
+        self.delta_bases = delta_bases
+        self.expires_days = expires_days
+
+    async def build(
+        self, device_class: str, version: str, artifact: Path, *, target: str, summary: str = ""
+    ) -> BuiltRelease:
+        topics.check_identifier(device_class, "device class")
+        root = self.home.root()
+        history = self.home.history(device_class)
+        latest = history.latest
+        if latest is not None and Version(version) <= Version(latest.version):
+            raise ReleaseError(f"{device_class} {version} is not newer than the released {latest.version}")
+        release_dir = self.home.release_dir(device_class) / version
+        release_dir.mkdir(parents=True, exist_ok=True)
+        stored = release_dir / "artifact"
+        shutil.copyfile(artifact, stored)
+        sha, size = sha256_file(stored), stored.stat().st_size
+        cid = await self.store.add(stored)
+        deltas: dict[str, Delta] = {}
+        bases = [r for r in reversed(history.releases) if r.sha256 != sha][: self.delta_bases]
+        for base in bases:
+            base_file = self.home.release_dir(device_class) / base.version / "artifact"
+            patch = release_dir / f"delta-from-{base.version}.bsdiff4"
+            patch_size = create_delta(base_file, stored, patch)
+            if patch_size >= size:
+                log.info("delta from %s is not smaller than the artifact; devices on it take the full file", base.version)
+                patch.unlink()
+                continue
+            deltas[base.sha256] = Delta(
+                cid=await self.store.add(patch), sha256=sha256_file(patch), size=patch_size, base_version=base.version
+            )
+        now = datetime.now(UTC).replace(microsecond=0)
+        manifest = ReleaseManifest(
+            fleet=root.fleet,
+            device_class=device_class,
+            version=version,
+            sequence=(latest.sequence + 1) if latest else 1,
+            issued=now,
+            expires=now + timedelta(days=self.expires_days),
+            artifact=Artifact(cid=cid, sha256=sha, size=size),
+            deltas=deltas,
+            install=InstallSpec(target=target),
+            summary=summary,
+        )
+        signers = self.home.signing_keys(Role.RELEASE)
+        if len(signers) < root.roles[Role.RELEASE].threshold:
+            raise ReleaseError(f"only {len(signers)} release key(s) here, threshold is {root.roles[Role.RELEASE].threshold}")
+        envelope = sign_envelope(PayloadType.RELEASE, manifest.canonical_bytes(), signers).canonical_bytes()
+        history.releases.append(ReleaseRecord(version=version, sequence=manifest.sequence, sha256=sha, size=size, cid=cid))
+        self.home.save_history(device_class, history)
+        atomic_write(release_dir / "manifest.json", envelope)
+        atomic_write(self.home.release_dir(device_class) / "latest.json", envelope)
+        return BuiltRelease(manifest, envelope)
+
+
+async def publish_trust(client: MqttClient, home: OperatorHome) -> None:
+    """Publish every root of the chain, retained, so devices can walk from the one they trust."""
+    fleet = home.root().fleet
+    for version, raw in home.root_chain():
+        await client.publish(topics.root_topic(fleet, version), raw, retain=True)
+
+
+async def publish_release(client: MqttClient, fleet: str, device_class: str, envelope: bytes) -> None:
+    await client.publish(topics.release_topic(fleet, device_class), envelope, retain=True)

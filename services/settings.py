@@ -1,0 +1,107 @@
+"""Settings for devices and operators: a TOML file, overridden by `EDGESWARM_*` environment variables.
+
+Nested fields use a double underscore in the environment: `EDGESWARM_MQTT__HOST=broker.local`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from schemas.models import Identifier
+
+
+class MqttSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = Field(15, ge=5, le=3600)
+
+
+class ContentSettings(BaseModel):
+    backend: Literal["embedded"] = "embedded"
+    listen_host: str = "127.0.0.1"
+    swarm_port: int = Field(4001, ge=1, le=65535)
+    peers: list[str] = Field(default_factory=list, description="multiaddrs (with /p2p/<id>) dialed at start")
+    origin: str | None = Field(None, description="the origin's multiaddr, to count bytes from origin vs peers")
+    mdns: bool = False
+    nat_port_map: bool = False
+
+
+class Limits(BaseModel):
+    max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    stall_timeout: float = Field(30.0, gt=0, description="abandon a fetch with no progress for this long (s)")
+    fetch_deadline: float = Field(900.0, gt=0, description="abandon a fetch not complete after this long (s)")
+    retry_interval: float = Field(30.0, gt=0, description="wait before retrying a failed fetch (s)")
+    max_attempts: int = Field(5, ge=1)
+
+
+class _Settings(BaseSettings):
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+class DeviceSettings(_Settings):
+    model_config = SettingsConfigDict(env_prefix="EDGESWARM_", env_nested_delimiter="__", extra="forbid")
+
+    device_id: Identifier
+    fleet: Identifier
+    device_class: Identifier
+    state_dir: Path
+    install_target: str = Field(
+        pattern=r"^/[^\x00]*$", description="absolute path of the file the device runs; must match the manifest"
+    )
+    sysroot: Path = Field(Path("/"), description="install_target is resolved under this directory")
+    trusted_root: Path = Field(description="the root metadata provisioned at manufacture (signed JSON)")
+    initial_version: str = Field("0", description="version of install_target when there is no local state yet")
+    mqtt: MqttSettings = MqttSettings()
+    content: ContentSettings = ContentSettings()
+    limits: Limits = Limits()
+
+    @property
+    def install_path(self) -> Path:
+        return self.sysroot / self.install_target.lstrip("/")
+
+
+class OperatorSettings(_Settings):
+    model_config = SettingsConfigDict(env_prefix="EDGESWARM_", env_nested_delimiter="__", extra="forbid")
+
+    fleet: Identifier = "demo"
+    home: Path = Path("edgeswarm-operator")
+    mqtt: MqttSettings = MqttSettings()
+    content: ContentSettings = ContentSettings(swarm_port=4001)
+    release_expires_days: int = Field(30, ge=1)
+    delta_bases: int = Field(3, ge=0, le=16, description="make deltas from this many previous versions")
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+def load_settings(cls: type[S], path: Path | None = None) -> S:
+    """Settings from `path` (TOML) if given, then the environment on top."""
+    if path is None:
+        return cls()
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file {path} does not exist")
+
+    class FromFile(cls):  # type: ignore[valid-type,misc]
+        model_config = SettingsConfigDict(toml_file=path)
+
+    return cls.model_validate(FromFile().model_dump())
