@@ -211,8 +211,11 @@ class DeviceAgent:
         updater = Updater(self.update_context, report)
 
         def progress(percent: int) -> None:
-            if self.reporter.progress_due():
-                asyncio.ensure_future(self.report(Phase.DOWNLOADING, target_version=m.version, progress=percent))
+            self.reporter.report_progress(
+                phase=Phase.DOWNLOADING, installed_version=self.state.installed_version,
+                installed_sha256=self.state.installed_sha256, last_sequence=self.state.last_sequence,
+                target_version=m.version, progress=percent,
+            )
 
         updater.report_progress = progress
         try:
@@ -221,7 +224,7 @@ class DeviceAgent:
             await self._failed(manifest, getattr(exc, "code", "io_error"), str(exc), updater, retry=True)
             return
         except UpdateFailed as exc:
-            await self._failed(manifest, exc.code, exc.reason, updater, retry=False)
+            await self._failed(manifest, exc.code, exc.reason, updater, retry=False, phase=exc.phase)
             return
         await self.report(
             Phase.DONE, target_version=m.version, progress=100, used_delta=updater.used_delta,
@@ -229,7 +232,9 @@ class DeviceAgent:
             update_millis=updater.elapsed_ms,
         )
 
-    async def _failed(self, manifest: ManifestAndRaw, code: str, reason: str, updater: Updater, *, retry: bool) -> None:
+    async def _failed(
+        self, manifest: ManifestAndRaw, code: str, reason: str, updater: Updater, *, retry: bool, phase: Phase = Phase.FAILED
+    ) -> None:
         pending = self.state.pending
         attempts = (pending.attempts if pending else 0) + 1
         if retry and attempts < self.settings.limits.max_attempts and pending is not None:
@@ -240,7 +245,7 @@ class DeviceAgent:
             self.state.pending = None
         self.state_store.save(self.state)
         await self.report(
-            Phase.FAILED, target_version=manifest.manifest.version, reason=reason, reason_code=code,
+            phase, target_version=manifest.manifest.version, reason=reason, reason_code=code,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
         )
 

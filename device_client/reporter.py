@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -20,9 +21,24 @@ class Reporter:
         self.topic = topics.state_topic(fleet, device)
         self._base: dict[str, Any] = {"fleet": fleet, "device": device, "device_class": device_class}
         self._last_progress_at = 0.0
+        self._progress_task: asyncio.Task[DeviceState] | None = None
         self.last: DeviceState | None = None
 
     async def report(self, *, phase: Phase, installed_version: str, installed_sha256: str, **fields: Any) -> DeviceState:
+        if self._progress_task is not None and not self._progress_task.done():
+            # A progress report not yet sent must not arrive after this newer transition.
+            self._progress_task.cancel()
+        return await self._publish(phase=phase, installed_version=installed_version, installed_sha256=installed_sha256, **fields)
+
+    def report_progress(self, **fields: Any) -> None:
+        """Schedule a progress report without waiting; rate-limited, superseded by the next report()."""
+        now = time.monotonic()
+        if now - self._last_progress_at < 0.25 or (self._progress_task is not None and not self._progress_task.done()):
+            return
+        self._last_progress_at = now
+        self._progress_task = asyncio.ensure_future(self._publish(**fields))
+
+    async def _publish(self, *, phase: Phase, installed_version: str, installed_sha256: str, **fields: Any) -> DeviceState:
         state = DeviceState(
             **self._base,
             phase=phase,
@@ -42,10 +58,3 @@ class Reporter:
             # The broker may be away; the state is retained locally and sent again on the next report.
             log.warning("could not report state: %s", exc)
         return state
-
-    def progress_due(self, min_interval: float = 0.25) -> bool:
-        now = time.monotonic()
-        if now - self._last_progress_at >= min_interval:
-            self._last_progress_at = now
-            return True
-        return False

@@ -30,10 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class UpdateFailed(Exception):
-    def __init__(self, code: str, reason: str) -> None:
+    """An update that cannot succeed as signed; `phase` is REFUSED when the bytes themselves are rejected."""
+
+    def __init__(self, code: str, reason: str, phase: Phase = Phase.FAILED) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.phase = phase
 
 
 @dataclass
@@ -133,6 +136,7 @@ class Updater:
             raise UpdateFailed(
                 "hash_mismatch",
                 f"{kind} {cid} has sha256 {actual[:12]}… and {actual_size} bytes; the manifest says {sha256[:12]}… and {size}",
+                Phase.REFUSED,
             )
         return dest
 

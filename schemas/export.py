@@ -1,0 +1,39 @@
+"""Export the JSON Schema of every wire model into schemas/json/ (`python -m schemas.export`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas.models import DeviceCommand, DeviceState, ReleaseManifest, RootMetadata, SignedEnvelope
+
+MODELS: dict[str, type[BaseModel]] = {
+    "root": RootMetadata,
+    "release-manifest": ReleaseManifest,
+    "signed-envelope": SignedEnvelope,
+    "device-state": DeviceState,
+    "device-command": DeviceCommand,
+}
+OUT_DIR = Path(__file__).parent / "json"
+
+
+def rendered() -> dict[str, str]:
+    return {
+        f"{name}.schema.json": json.dumps(model.model_json_schema(mode="validation"), indent=2, sort_keys=True) + "\n"
+        for name, model in MODELS.items()
+    }
+
+
+def main() -> int:
+    OUT_DIR.mkdir(exist_ok=True)
+    for filename, text in rendered().items():
+        (OUT_DIR / filename).write_text(text)
+        print(f"wrote {OUT_DIR / filename}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

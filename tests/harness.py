@@ -1,0 +1,285 @@
+"""A real fleet for integration tests: broker, origin and device agents as processes, watched over MQTT.
+
+Nothing is mocked: the broker is `edgeswarm broker` (amqtt), the origin is `edgeswarm origin`
+(embedded Kubo), each device is `edgeswarm device run` with its own Kubo node. Every process is
+stopped by its PID at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from schemas import topics
+from schemas.models import DeviceState, PayloadType, ReleaseManifest, Role
+from services.content import HashOnlyStore
+from services.files import sha256_file
+from services.keys import SigningKey, sign_envelope
+from services.operator_home import OperatorHome
+from services.ports import free_port
+from services.processes import AgentProcess
+from services.provision import DeviceSpec, provision
+from services.release import BuiltRelease, ReleasePipeline
+from services.sample_images import build_image
+
+FLEET = "testfleet"
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+class ServiceProcess:
+    def __init__(self, args: list[str], log_file: Path, cwd: Path) -> None:
+        self.log_file = log_file
+        with open(log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class StateWatcher:
+    """Latest retained state and online flag of every device, collected on paho's thread."""
+
+    def __init__(self, port: int) -> None:
+        self.states: dict[str, DeviceState] = {}
+        self.history: dict[str, list[DeviceState]] = {}
+        self.online: dict[str, bytes] = {}
+        self._cond = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{os.getpid()}-{port}",
+                                  protocol=MQTTProtocolVersion.MQTTv311)
+        self.client.on_connect = lambda c, *a: c.subscribe([
+            (topics.all_devices_wildcard(FLEET, "state"), 1), (topics.all_devices_wildcard(FLEET, "online"), 1)
+        ])
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        parsed = topics.device_from_topic(FLEET, msg.topic)
+        if parsed is None:
+            return
+        device, leaf = parsed
+        with self._cond:
+            if leaf == "state":
+                state = DeviceState.from_bytes(msg.payload, max_bytes=65536)
+                self.states[device] = state
+                self.history.setdefault(device, []).append(state)
+            elif leaf == "online":
+                self.online[device] = bytes(msg.payload)
+            self._cond.notify_all()
+
+    def wait(self, device: str, predicate: Callable[[DeviceState], bool], timeout: float = 60.0) -> DeviceState:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                state = self.states.get(device)
+                if state is not None and predicate(state):
+                    return state
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{device} did not reach the expected state in {timeout} s; last: {state}")
+                self._cond.wait(remaining)
+
+    def wait_online(self, device: str, value: bytes, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self.online.get(device) != value:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{device} online flag is {self.online.get(device)!r}, expected {value!r}")
+                self._cond.wait(remaining)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@dataclass
+class Device:
+    spec: DeviceSpec
+    process: AgentProcess
+
+    @property
+    def name(self) -> str:
+        return self.spec.device_id
+
+    def installed_sha256(self) -> str:
+        return sha256_file(self.spec.installed_file)
+
+    def local_state(self) -> dict:
+        return json.loads((self.spec.state_dir / "state.json").read_text())
+
+
+@dataclass
+class Fleet:
+    """The operator home, broker, origin, and any number of devices under one temporary directory."""
+
+    root: Path
+    broker_port: int = 0
+    home: OperatorHome = field(init=False)
+    processes: list[ServiceProcess] = field(default_factory=list)
+    devices: dict[str, Device] = field(default_factory=dict)
+    origin_process: ServiceProcess | None = None
+    origin_addr: str = ""
+
+    def __post_init__(self) -> None:
+        self.home = OperatorHome(self.root / "operator")
+        self.images = self.root / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+
+    # -- infrastructure ------------------------------------------------------------------------
+
+    def start(self, *, with_origin: bool = True) -> None:
+        self.broker_port = free_port()
+        self.processes.append(ServiceProcess(["broker", "--port", str(self.broker_port)], self.root / "broker.log", self.root))
+        wait_port(self.broker_port)
+        self.operator_config = self.root / "operator.toml"
+        self.origin_port = free_port()
+        self.operator_config.write_text(
+            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n'
+            f"[content]\nswarm_port = {self.origin_port}\n"
+        )
+        self.cli("keys", "init", "--config", str(self.operator_config))
+        self.watcher = StateWatcher(self.broker_port)
+        if with_origin:
+            self.start_origin()
+
+    def start_origin(self) -> None:
+        address_file = self.home.path / "origin" / "multiaddr"
+        address_file.unlink(missing_ok=True)
+        self.origin_process = ServiceProcess(["origin", "--config", str(self.operator_config)], self.root / "origin.log", self.root)
+        self.processes.append(self.origin_process)
+        end = time.monotonic() + 30
+        while not address_file.exists():
+            if time.monotonic() > end:
+                raise TimeoutError("origin did not start: " + (self.root / "origin.log").read_text()[-2000:])
+            time.sleep(0.05)
+        self.origin_addr = address_file.read_text().strip()
+
+    def origin_multiaddr_from_repo(self) -> str:
+        """The origin's address before it ever ran: identity from the repo config it will use."""
+        from services.content import _libkubo
+
+        repo = self.home.path / "origin" / "ipfs"
+        if not (repo / "config").exists():
+            repo.mkdir(parents=True, exist_ok=True)
+            lib = _libkubo()
+            lib.libkubo.CreateRepo(lib.c_str(str(repo)))
+        peer_id = json.loads((repo / "config").read_text())["Identity"]["PeerID"]
+        return f"/ip4/127.0.0.1/tcp/{self.origin_port}/p2p/{peer_id}"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                                cwd=self.root, timeout=120, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise AssertionError(f"edgeswarm {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def stop(self) -> None:
+        for device in self.devices.values():
+            device.process.stop()
+        if hasattr(self, "watcher"):
+            self.watcher.close()
+        for process in reversed(self.processes):
+            process.stop()
+
+    # -- images and releases ---------------------------------------------------------------------
+
+    def image(self, device_class: str, version: str) -> Path:
+        path = self.images / f"{device_class}-{version}.img"
+        if not path.exists():
+            recipe_class = "ipc-x86_64" if device_class.startswith("ipc") else "gateway-armv7"
+            build_image(recipe_class, version, path)
+        return path
+
+    def release(self, device_class: str, version: str) -> ReleaseManifest:
+        """Release through the operator CLI, exactly as an operator would."""
+        out = self.cli("release", device_class, version, str(self.image(device_class, version)),
+                       "--config", str(self.operator_config), "--json")
+        summary = json.loads(out.stdout)
+        assert summary["version"] == version
+        return ReleaseManifest.from_bytes(
+            _payload(self.home.latest_manifest(device_class) or b""), max_bytes=1 << 20
+        )
+
+    def build_only(self, device_class: str, version: str) -> BuiltRelease:
+        """Build and sign a release without publishing it (the test decides what reaches the broker)."""
+        store = HashOnlyStore(self.home.path / "cid-scratch", self.home.seed_dir)
+        pipeline = ReleasePipeline(self.home, store)
+
+        async def build() -> BuiltRelease:
+            try:
+                return await pipeline.build(device_class, version, self.image(device_class, version), target="/opt/edgeswarm/firmware.img")
+            finally:
+                await store.close()
+
+        return asyncio.run(build())
+
+    def sign_manifest(self, manifest: ReleaseManifest, keys: list[SigningKey] | None = None) -> bytes:
+        signers = keys if keys is not None else self.home.signing_keys(Role.RELEASE)
+        return sign_envelope(PayloadType.RELEASE, manifest.canonical_bytes(), signers).canonical_bytes()
+
+    def publish_release(self, device_class: str, envelope: bytes) -> None:
+        self.watcher.publish(topics.release_topic(FLEET, device_class), envelope)
+
+    # -- devices -------------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, device_class: str, *, version: str = "1.0.0", start: bool = True,
+                   stall_timeout: float = 30.0) -> Device:
+        origin = self.origin_addr or self.origin_multiaddr_from_repo()
+        spec = DeviceSpec(
+            device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
+            swarm_port=free_port(), broker_host="127.0.0.1", broker_port=self.broker_port,
+            root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
+            peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=2.0,
+        )
+        device = Device(spec, AgentProcess(provision(spec), spec.base_dir / "agent.log"))
+        self.devices[device_id] = device
+        if start:
+            self.start_device(device_id)
+        return device
+
+    def start_device(self, device_id: str) -> None:
+        self.devices[device_id].process.start()
+
+    def log(self, device_id: str) -> str:
+        return (self.devices[device_id].spec.base_dir / "agent.log").read_text()
+
+
+def _payload(envelope: bytes) -> bytes:
+    import base64
+
+    return base64.b64decode(json.loads(envelope)["payload"])
