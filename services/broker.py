@@ -11,8 +11,37 @@ import logging
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.session import Session
 
 log = logging.getLogger(__name__)
+
+
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """A dict whose iteration walks a copy of its keys, so it may change while a loop awaits."""
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(list(super().keys()))
+
+
+class _FixedAmqttBroker(Broker):
+    """amqtt 0.12.1 (pinned) with two fixes measured here.
+
+    On every connect, amqtt walks the subscription filters of *all* clients and sends the
+    connecting client the retained messages of each, so a device got other classes' releases and
+    other devices' states it never subscribed to; and it iterates that dict across awaits, which
+    crashed a client's session ("dictionary changed size during iteration") whenever another
+    client subscribed at the same moment.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._subscriptions = _SnapshotDict(self._subscriptions)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
+        subscribers = self._subscriptions.get(subscription[0], [])
+        if not any(s.client_id == session.client_id for s, _ in subscribers):
+            return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
 class EmbeddedBroker:
@@ -30,10 +59,10 @@ class EmbeddedBroker:
         }
 
     async def start(self) -> None:
-        # amqtt logs every packet at INFO; its own warnings are enough for operators.
+        # amqtt logs every packet at INFO and warns about each message for a client that just left.
         for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        self._broker = Broker(self._config())
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self._broker = _FixedAmqttBroker(self._config())
         await self._broker.start()
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
 

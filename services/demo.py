@@ -27,7 +27,7 @@ from services.content import EmbeddedKuboNode, KuboConfig
 from services.fleet import FleetTracker
 from services.messaging import MqttClient
 from services.operator_home import OperatorHome
-from services.ports import free_port, free_ports
+from services.ports import free_ports
 from services.processes import AgentProcess
 from services.provision import DEFAULT_TARGET, DeviceSpec, provision
 from services.release import BuiltRelease, ReleasePipeline, publish_release, publish_trust
@@ -45,6 +45,7 @@ class DemoOptions:
     timeout: float = 300.0
     keep: bool = False
     workdir: Path | None = None
+    delta_bases: int = 3  # 0 ships full artifacts only (the baseline of benchmarks/fleet_bench.py)
 
 
 @dataclass
@@ -150,7 +151,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
             home = OperatorHome(workdir / "operator")
             home.init(FLEET)
             console.log(f"operator keys and root v1 in {home.path}; origin IPFS node {origin.peer_id[:16]}…")
-            pipeline = ReleasePipeline(home, origin)
+            pipeline = ReleasePipeline(home, origin, delta_bases=options.delta_bases)
             firmware: dict[tuple[str, str], Path] = {}
             for device_class in CLASSES:
                 for version in RECIPES[device_class]:

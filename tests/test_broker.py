@@ -1,0 +1,49 @@
+"""The embedded broker delivers retained messages to subscribers of their topic, and only to them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.broker import EmbeddedBroker
+from services.messaging import MqttClient, Will
+from services.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_retained_messages_reach_only_clients_subscribed_to_their_topic() -> None:
+    async def scenario() -> list[str]:
+        port = free_port()
+        async with EmbeddedBroker("127.0.0.1", port):
+            async with MqttClient("127.0.0.1", port, "publisher", clean_session=True) as pub:
+                await pub.publish("edgeswarm/f/releases/gateway", b"for gateways", retain=True)
+                await pub.publish("edgeswarm/f/releases/ipc", b"for ipcs", retain=True)
+            async with MqttClient("127.0.0.1", port, "gateway-1") as gateway:
+                await gateway.subscribe("edgeswarm/f/releases/gateway")
+                async with MqttClient("127.0.0.1", port, "ipc-1") as ipc:
+                    await ipc.subscribe("edgeswarm/f/releases/ipc")
+                    received = []
+                    while True:
+                        try:
+                            received.append((await ipc.next_message(1.0)).topic)
+                        except TimeoutError:
+                            return received
+
+    assert asyncio.run(scenario()) == ["edgeswarm/f/releases/ipc"]
+
+
+def test_a_client_that_dies_gets_its_last_will_published() -> None:
+    async def scenario() -> bytes:
+        port = free_port()
+        async with EmbeddedBroker("127.0.0.1", port):
+            device = MqttClient("127.0.0.1", port, "device", will=Will("dev/online", b"offline"), birth=Will("dev/online", b"online"))
+            await device.connect()
+            async with MqttClient("127.0.0.1", port, "watcher", clean_session=True) as watcher:
+                await watcher.subscribe("dev/online")
+                assert (await watcher.next_message(5)).payload == b"online"
+                device.abort()
+                return (await watcher.next_message(10)).payload
+
+    assert asyncio.run(scenario()) == b"offline"
