@@ -23,13 +23,13 @@ from device_client.reporter import Reporter
 from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
-from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase
+from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, Role
 from services.files import atomic_write
-from services.content import EmbeddedKuboNode, FetchError, KuboConfig
-from services.messaging import Message, MqttClient, Will, topic_matches
+from services.content import EmbeddedKuboNode, FetchError, FetchTooLarge, KuboConfig
+from services.messaging import Message, MqttClient, MqttError, Will, topic_matches
 from services.settings import DeviceSettings
 from services.traffic import Endpoint, TrafficMeter
-from services.trust import DeviceRecord, TrustedSet, TrustError
+from services.trust import DeviceRecord, RootOutdated, TrustedSet, TrustError
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,16 @@ class DeviceAgent:
         self.state_dir = settings.state_dir
         self.state_store = StateStore(self.state_dir / "state.json")
         self.root_path = self.state_dir / "root.json"
+        self.timestamp_path = self.state_dir / "timestamp.json"
         self.installer = FileInstaller(settings.install_path)
-        self.trusted = self._load_trust()
         self.state = self._load_state()
+        self.trusted = self._load_trust()
         self.last_release: bytes | None = None
         self._pending_roots: dict[int, bytes] = {}
+        self._pending_timestamp: bytes | None = None
         self._retry_at: float | None = None
+        self._freeze_check_at: float | None = time.monotonic() + settings.limits.freeze_grace
+        self.frozen = False
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -65,12 +69,19 @@ class DeviceAgent:
         root = TrustedSet.load_initial_root(source.read_bytes(), max_document_bytes=limit)
         if root.fleet != self.settings.fleet:
             raise ValueError(f"trusted root is for fleet {root.fleet!r}, settings say {self.settings.fleet!r}")
-        return TrustedSet(
+        trusted = TrustedSet(
             root,
             device_class=self.settings.device_class,
             install_target=self.settings.install_target,
+            timestamp_floor=self.state.timestamp_version,
             max_document_bytes=limit,
         )
+        if self.timestamp_path.exists():
+            try:
+                trusted.update_timestamp(self.timestamp_path.read_bytes(), datetime.now(UTC))
+            except TrustError as exc:
+                log.info("stored timestamp no longer usable (%s); waiting for a fresh one", exc)
+        return trusted
 
     def _load_state(self) -> LocalState:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +139,7 @@ class DeviceAgent:
             )
             await self.report(Phase.IDLE)
             await client.subscribe(topics.root_wildcard(s.fleet))
+            await client.subscribe(topics.timestamp_topic(s.fleet))
             await client.subscribe(topics.release_topic(s.fleet, s.device_class))
             await client.subscribe(topics.command_topic(s.fleet, s.device_id))
             if self.state.pending is not None:
@@ -136,20 +148,27 @@ class DeviceAgent:
             stopper = asyncio.ensure_future(stop.wait())
             try:
                 while not stop.is_set():
-                    timeout = None if self._retry_at is None else max(0.0, self._retry_at - time.monotonic())
+                    timers = [t for t in (self._retry_at, self._next_freeze_check()) if t is not None]
+                    timeout = max(0.0, min(timers) - time.monotonic()) if timers else None
                     getter = asyncio.ensure_future(client.next_message())
                     done, _ = await asyncio.wait({getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
                         await self._dispatch(getter.result())
-                    else:
-                        getter.cancel()
-                        if not stop.is_set() and self._retry_at is not None:
-                            self._retry_at = None
-                            if self.state.pending is not None:
-                                await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
+                        continue
+                    getter.cancel()
+                    if stop.is_set():
+                        break
+                    await self._check_freshness()
+                    if self._retry_at is not None and self._retry_at <= time.monotonic():
+                        self._retry_at = None
+                        if self.state.pending is not None:
+                            await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
             finally:
                 stopper.cancel()
-                await client.publish(online, OFFLINE, retain=True)
+                try:
+                    await client.publish(online, OFFLINE, retain=True, timeout=2)
+                except MqttError as exc:
+                    log.info("could not publish offline (%s); the broker's last will says it instead", exc)
 
     async def _dispatch(self, message: Message) -> None:
         s = self.settings
@@ -158,6 +177,8 @@ class DeviceAgent:
             await self._evaluate(message.payload)
         elif topic_matches(topics.root_wildcard(s.fleet), message.topic):
             await self._on_root(message)
+        elif message.topic == topics.timestamp_topic(s.fleet):
+            await self._on_timestamp(message.payload)
         elif message.topic == topics.command_topic(s.fleet, s.device_id):
             await self._on_command(message.payload)
         else:
@@ -173,14 +194,66 @@ class DeviceAgent:
         if version <= self.trusted.root.version:
             return
         self._pending_roots[version] = message.payload
+        if self.trusted.root.version + 1 not in self._pending_roots:
+            await self.report(
+                Phase.REFUSED, reason_code="root_chain_gap",
+                reason=f"root v{version} received, but v{self.trusted.root.version + 1} is missing: waiting for it",
+            )
+            return
         while (raw := self._pending_roots.pop(self.trusted.root.version + 1, None)) is not None:
             try:
-                new = self.trusted.update_root(raw)
+                update = self.trusted.update_root(raw)
             except TrustError as exc:
                 await self.report(Phase.REFUSED, reason=f"root v{self.trusted.root.version + 1}: {exc}", reason_code=exc.code)
                 return
             atomic_write(self.root_path, raw)
-            log.info("now trusting root v%d", new.version)
+            if Role.TIMESTAMP in update.revoked_roles:
+                # Fast-forward recovery: floors a revoked key may have pushed up are dropped.
+                self.state.timestamp_version = 0
+                self.timestamp_path.unlink(missing_ok=True)
+            if Role.RELEASE in update.revoked_roles:
+                self.state.last_sequence = 0
+            self.state_store.save(self.state)
+            log.info("now trusting root v%d (keys removed from: %s)", update.root.version,
+                     ", ".join(sorted(r.value for r in update.revoked_roles)) or "none")
+        if self._pending_timestamp is not None:
+            raw, self._pending_timestamp = self._pending_timestamp, None
+            await self._on_timestamp(raw)
+
+    async def _on_timestamp(self, raw: bytes) -> None:
+        try:
+            timestamp = self.trusted.update_timestamp(raw, datetime.now(UTC))
+        except RootOutdated as exc:
+            self._pending_timestamp = raw  # tried again once the root chain has been walked
+            await self.report(Phase.REFUSED, reason=f"{exc}; waiting for the root", reason_code=exc.code)
+            return
+        except TrustError as exc:
+            await self.report(Phase.REFUSED, reason=f"timestamp: {exc}", reason_code=exc.code)
+            return
+        atomic_write(self.timestamp_path, raw)
+        self.state.timestamp_version = timestamp.version
+        self.state_store.save(self.state)
+        self.frozen = False
+        if self.last_release is not None and self.state.pending is None:
+            await self._evaluate(self.last_release)  # a release held back for want of a timestamp
+        elif self.reporter.last is not None and self.reporter.last.phase == Phase.FROZEN:
+            await self.report(Phase.IDLE)
+
+    def _next_freeze_check(self) -> float | None:
+        timestamp = self.trusted.timestamp
+        if timestamp is not None and not self.frozen:
+            seconds_left = (timestamp.expires - datetime.now(UTC)).total_seconds()
+            return time.monotonic() + max(0.0, seconds_left)
+        return self._freeze_check_at if not self.frozen else None
+
+    async def _check_freshness(self) -> None:
+        if self.frozen or self.state.pending is not None:
+            return
+        try:
+            self.trusted.check_fresh(datetime.now(UTC))
+        except TrustError as exc:
+            self.frozen = True
+            await self.report(Phase.FROZEN, reason=str(exc), reason_code=exc.code)
 
     async def _evaluate(self, raw: bytes, *, resuming: bool = False) -> None:
         record = DeviceRecord(self.state.installed_version, self.state.installed_sha256, self.state.last_sequence)
@@ -193,11 +266,14 @@ class DeviceAgent:
             await self.report(Phase.REFUSED, reason=str(exc), reason_code=exc.code)
             return
         if manifest.artifact.sha256 == self.state.installed_sha256:
-            if manifest.sequence > self.state.last_sequence or self.state.pending is not None:
+            changed = manifest.sequence > self.state.last_sequence or self.state.pending is not None
+            if changed:
                 self.state.last_sequence = max(self.state.last_sequence, manifest.sequence)
                 self.state.pending = None
                 self.state_store.save(self.state)
-            await self.report(Phase.IDLE)
+            last = self.reporter.last.phase if self.reporter.last else None
+            if changed or last not in (Phase.IDLE, Phase.DONE):
+                await self.report(Phase.IDLE)  # keep a retained DONE report (and its figures) in place
             return
         await self._install(ManifestAndRaw(manifest, raw))
 
@@ -220,6 +296,9 @@ class DeviceAgent:
         updater.report_progress = progress
         try:
             self.state = await updater.run(manifest, self.state)
+        except FetchTooLarge as exc:
+            await self._failed(manifest, exc.code, str(exc), updater, retry=False, phase=Phase.REFUSED)
+            return
         except (FetchError, OSError) as exc:
             await self._failed(manifest, getattr(exc, "code", "io_error"), str(exc), updater, retry=True)
             return

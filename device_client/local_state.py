@@ -24,6 +24,7 @@ class LocalState(BaseModel):
     installed_version: str
     installed_sha256: str
     last_sequence: int = 0
+    timestamp_version: int = 0  # floor for timestamps: never lowered, except by a key revocation in root
     pending: PendingUpdate | None = None
 
 

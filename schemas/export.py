@@ -8,11 +8,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.models import DeviceCommand, DeviceState, ReleaseManifest, RootMetadata, SignedEnvelope
+from schemas.models import DeviceCommand, DeviceState, ReleaseManifest, RootMetadata, SignedEnvelope, TimestampMetadata
 
 MODELS: dict[str, type[BaseModel]] = {
     "root": RootMetadata,
     "release-manifest": ReleaseManifest,
+    "timestamp": TimestampMetadata,
     "signed-envelope": SignedEnvelope,
     "device-state": DeviceState,
     "device-command": DeviceCommand,

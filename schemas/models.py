@@ -126,6 +126,28 @@ class ReleaseManifest(WireModel):
     summary: ShortText = ""
 
 
+class ReleasePointer(WireModel):
+    """The release a timestamp vouches for: its sequence and the sha256 of its signed payload."""
+
+    sequence: Sequence
+    sha256: Sha256Hex
+
+
+class TimestampMetadata(WireModel):
+    """A short-lived statement, re-signed often, of the latest release per device class.
+
+    A device accepts a release only while a fresh timestamp names it, so an attacker who can
+    replay old (validly signed) manifests or withhold new ones is detected within its lifetime.
+    """
+
+    type: Literal["timestamp"] = "timestamp"
+    fleet: Identifier
+    version: Sequence
+    expires: AwareDatetime
+    root_version: Sequence
+    releases: Annotated[dict[Identifier, ReleasePointer], Field(max_length=256)] = {}
+
+
 class Signature(WireModel):
     keyid: KeyId
     sig: SignatureHex
@@ -134,6 +156,7 @@ class Signature(WireModel):
 class PayloadType(str, enum.Enum):
     ROOT = "application/vnd.edgeswarm.root+json"
     RELEASE = "application/vnd.edgeswarm.release+json"
+    TIMESTAMP = "application/vnd.edgeswarm.timestamp+json"
 
 
 class SignedEnvelope(WireModel):
@@ -160,6 +183,7 @@ class Phase(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     REFUSED = "refused"
+    FROZEN = "frozen"  # no fresh timestamp: the device cannot tell whether it is being held back
 
 
 class DeviceState(WireModel):

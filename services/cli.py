@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import signal
-import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from schemas.models import Role
 from services.settings import DeviceSettings, OperatorSettings, load_settings
 
 app = typer.Typer(help="edgeswarm: secure peer-to-peer software updates for edge fleets.", no_args_is_help=True)
@@ -116,7 +115,7 @@ def release(
     from services.content import HashOnlyStore
     from services.messaging import MqttClient, MqttError
     from services.operator_home import OperatorHome
-    from services.release import ReleaseError, ReleasePipeline, publish_release, publish_trust
+    from services.release import ReleaseError, ReleasePipeline, publish_release, publish_timestamp, publish_trust
 
     settings = _operator(config)
     operator = OperatorHome(home or settings.home)
@@ -132,6 +131,8 @@ def release(
             async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-release",
                                   clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
                 await publish_trust(client, operator)
+                # The timestamp first: a device must never see a release no fresh timestamp names.
+                await publish_timestamp(client, operator, expires_in=timedelta(hours=settings.timestamp_expires_hours))
                 await publish_release(client, built.manifest.fleet, device_class, built.envelope)
         m = built.manifest
         if as_json:
@@ -146,6 +147,50 @@ def release(
     try:
         asyncio.run(go())
     except (ReleaseError, FileNotFoundError, ValueError, MqttError) as exc:
+        _fail(str(exc))
+
+
+@app.command("timestamp")
+def timestamp_cmd(
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    every: Annotated[Optional[float], typer.Option(help="re-sign and publish every this many seconds (e.g. 3600)")] = None,
+    expires_hours: Annotated[Optional[float], typer.Option(help="lifetime of each timestamp (default from settings)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Sign and publish a fresh timestamp naming the latest release of every class.
+
+    Devices refuse releases no fresh timestamp names and report `frozen` when the last one
+    expires, so run this on a schedule (`--every 3600`) shorter than the lifetime.
+    """
+    from services.messaging import MqttClient, MqttError
+    from services.operator_home import OperatorHome
+    from services.release import publish_timestamp
+
+    settings = _operator(config)
+    operator = OperatorHome(home or settings.home)
+    lifetime = timedelta(hours=expires_hours or settings.timestamp_expires_hours)
+    if every is not None and every >= lifetime.total_seconds():
+        _fail(f"--every {every:.0f} s must be shorter than the timestamp lifetime ({lifetime.total_seconds():.0f} s)")
+    _logging(verbose)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-timestamp",
+                              clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+            while True:
+                version = await publish_timestamp(client, operator, expires_in=lifetime)
+                err.print(f"published timestamp v{version}, expires in {lifetime}")
+                if every is None:
+                    return
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=every)
+                    return
+                except TimeoutError:
+                    pass
+
+    try:
+        _run_until_signal(main)
+    except (MqttError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
 

@@ -30,7 +30,7 @@ from services.operator_home import OperatorHome
 from services.ports import free_ports
 from services.processes import AgentProcess
 from services.provision import DEFAULT_TARGET, DeviceSpec, provision
-from services.release import BuiltRelease, ReleasePipeline, publish_release, publish_trust
+from services.release import BuiltRelease, ReleasePipeline, publish_release, publish_timestamp, publish_trust
 from services.sample_images import RECIPES, build_image
 from services.traffic import TrafficMeter
 
@@ -162,6 +162,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                 await publish_trust(client, home)
                 for device_class in CLASSES:
                     v1 = await pipeline.build(device_class, "1.0.0", firmware[(device_class, "1.0.0")], target=DEFAULT_TARGET)
+                    await publish_timestamp(client, home)
                     await publish_release(client, FLEET, device_class, v1.envelope)
                 tracker = FleetTracker(FLEET)
                 await tracker.subscribe(client)
@@ -203,6 +204,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                             device_class, "2.0.0", firmware[(device_class, "2.0.0")], target=DEFAULT_TARGET,
                             summary=f"{device_class} 2.0.0: adds packages to the demo image",
                         )
+                        await publish_timestamp(client, home)
                         await publish_release(client, FLEET, device_class, releases[device_class].envelope)
                         target[device_class] = "2.0.0"
                     if live is None:
@@ -238,14 +240,19 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     d.version == "2.0.0" and d.sha256 == expected[d.device_class] for d in result.devices
                 )
                 result.wall_seconds = time.monotonic() - released_at
+                _stop_all(agents)  # while the broker still runs, so each agent can say goodbye
     finally:
-        for agent in agents:
-            agent.stop()
+        _stop_all(agents)
         os.chdir(previous_cwd)
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     log.debug("demo took %.1f s in all", time.monotonic() - started)
     return result
+
+
+def _stop_all(agents: list[AgentProcess]) -> None:
+    for agent in agents:
+        agent.stop()
 
 
 def summary_table(result: DemoResult) -> Table:

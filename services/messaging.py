@@ -181,7 +181,8 @@ class MqttClient:
             return
         future = self._loop.create_future()
         self._pending[info.mid] = future
-        if info.is_published():
+        # Not connected: paho keeps a QoS>0 message and sends it after reconnecting; wait for that.
+        if info.rc == paho.MQTT_ERR_SUCCESS and info.is_published():
             self._resolve(info.mid)
         try:
             await asyncio.wait_for(future, timeout)

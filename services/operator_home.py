@@ -15,10 +15,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from schemas.models import PayloadType, Role, RoleKeys, RootMetadata
+from schemas.models import PayloadType, ReleasePointer, Role, RoleKeys, RootMetadata, TimestampMetadata
 from services.files import atomic_write
 from services.keys import SigningKey, sign_envelope
-from services.trust import TrustedSet
+from services.trust import TrustedSet, decode_envelope, payload_digest
 
 
 class ReleaseRecord(BaseModel):
@@ -126,6 +126,37 @@ class OperatorHome:
     def latest_manifest(self, device_class: str) -> bytes | None:
         path = self.release_dir(device_class) / "latest.json"
         return path.read_bytes() if path.exists() else None
+
+    # -- timestamps -------------------------------------------------------------------------
+
+    @property
+    def timestamp_file(self) -> Path:
+        return self.path / "timestamp.json"
+
+    def sign_timestamp(self, *, expires_in: timedelta = timedelta(hours=4)) -> tuple[TimestampMetadata, bytes]:
+        """A new timestamp naming the latest release of every class; its version always grows."""
+        root = self.root()
+        releases: dict[str, ReleasePointer] = {}
+        for device_class in self.device_classes():
+            latest = self.latest_manifest(device_class)
+            if latest is None:
+                continue
+            history = self.history(device_class).latest
+            assert history is not None
+            releases[device_class] = ReleasePointer(sequence=history.sequence, sha256=payload_digest(decode_envelope(latest)))
+        version_file = self.path / "timestamp-version"
+        version = (int(version_file.read_text()) if version_file.exists() else 0) + 1
+        atomic_write(version_file, str(version).encode())
+        now = datetime.now(UTC).replace(microsecond=0)
+        metadata = TimestampMetadata(
+            fleet=root.fleet, version=version, expires=now + expires_in, root_version=root.version, releases=releases
+        )
+        signers = self.signing_keys(Role.TIMESTAMP)
+        if len(signers) < root.roles[Role.TIMESTAMP].threshold:
+            raise ValueError(f"only {len(signers)} timestamp key(s) here, threshold {root.roles[Role.TIMESTAMP].threshold}")
+        envelope = sign_envelope(PayloadType.TIMESTAMP, metadata.canonical_bytes(), signers).canonical_bytes()
+        atomic_write(self.timestamp_file, envelope)
+        return metadata, envelope
 
 
 def describe_root(root: RootMetadata) -> dict[str, object]:

@@ -104,3 +104,10 @@ async def publish_trust(client: MqttClient, home: OperatorHome) -> None:
 
 async def publish_release(client: MqttClient, fleet: str, device_class: str, envelope: bytes) -> None:
     await client.publish(topics.release_topic(fleet, device_class), envelope, retain=True)
+
+
+async def publish_timestamp(client: MqttClient, home: OperatorHome, *, expires_in: timedelta = timedelta(hours=4)) -> int:
+    """Sign and publish, retained, a fresh timestamp naming the latest release of every class."""
+    metadata, envelope = home.sign_timestamp(expires_in=expires_in)
+    await client.publish(topics.timestamp_topic(metadata.fleet), envelope, retain=True)
+    return metadata.version

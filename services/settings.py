@@ -43,6 +43,7 @@ class Limits(BaseModel):
     fetch_deadline: float = Field(900.0, gt=0, description="abandon a fetch not complete after this long (s)")
     retry_interval: float = Field(30.0, gt=0, description="wait before retrying a failed fetch (s)")
     max_attempts: int = Field(5, ge=1)
+    freeze_grace: float = Field(10.0, gt=0, description="report frozen if no fresh timestamp this long after start (s)")
 
 
 class _Settings(BaseSettings):
@@ -89,6 +90,7 @@ class OperatorSettings(_Settings):
     content: ContentSettings = ContentSettings(swarm_port=4001)
     release_expires_days: int = Field(30, ge=1)
     delta_bases: int = Field(3, ge=0, le=16, description="make deltas from this many previous versions")
+    timestamp_expires_hours: float = Field(4.0, gt=0, description="lifetime of each signed timestamp")
 
 
 S = TypeVar("S", bound=_Settings)

@@ -1,24 +1,32 @@
 """The trust rules: which signed documents a device accepts. Pure: no I/O, no clock reads.
 
-Like python-tuf's TrustedMetadataSet, `TrustedSet` holds what a device currently trusts (its root)
-and has one method per kind of document. Each takes raw bytes received from an untrusted channel
-plus the reference time `now` from the caller, and either returns the accepted document or raises
-a `TrustError` subclass naming the attack. Every refusal carries `code`, the machine-readable
-reason a device reports on its state topic.
+Like python-tuf's TrustedMetadataSet, `TrustedSet` holds what a device currently trusts (its
+root, its latest timestamp) and has one method per kind of document. Each takes raw bytes from
+an untrusted channel plus the reference time `now` from the caller, and either returns the
+accepted document or raises a `TrustError` subclass naming the attack. Every refusal carries
+`code`, the machine-readable reason a device reports on its state topic.
+
+Order of checks for every document: size and grammar, envelope, payload type, signatures by a
+threshold of the role's keys (over the exact bytes), then the document's own fields. Nothing is
+parsed as a document before its signatures have been checked.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 import pydantic
 from packaging.version import Version
 
 from schemas.canonical import MalformedDocument, canonical_json, strict_loads
-from schemas.models import PayloadType, ReleaseManifest, Role, RootMetadata, SignedEnvelope
+from schemas.models import (
+    PayloadType, ReleaseManifest, Role, RootMetadata, SignedEnvelope, TimestampMetadata, WireModel,
+)
 from services.keys import verify_signature
 
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024
@@ -74,8 +82,29 @@ class RootChainGap(TrustError):
     code = "root_chain_gap"
 
 
+class RootOutdated(TrustError):
+    """A timestamp made under a newer root than the device has walked to: update the root first."""
+
+    code = "root_outdated"
+
+
 class Expired(TrustError):
     code = "expired"
+
+
+class FreezeDetected(TrustError):
+    """No fresh timestamp vouches for anything: the device may be held on old metadata."""
+
+    code = "frozen"
+
+
+class TimestampMismatch(TrustError):
+    """The release is validly signed but is not the one the current timestamp names."""
+
+    code = "timestamp_mismatch"
+
+
+# -- envelopes and signatures ---------------------------------------------------------------------
 
 
 def decode_envelope(raw: bytes, *, max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> SignedEnvelope:
@@ -93,16 +122,24 @@ def _first_error(exc: pydantic.ValidationError) -> str:
     return f"{where}: {err['msg']}"
 
 
-def _payload_bytes(envelope: SignedEnvelope) -> bytes:
+def payload_bytes(envelope: SignedEnvelope) -> bytes:
     try:
-        return base64.b64decode(envelope.payload, validate=True)
+        payload = base64.b64decode(envelope.payload, validate=True)
     except binascii.Error:
         raise MalformedMetadata("payload is not valid base64") from None
+    # Unused low bits of the last base64 character would let one payload have many encodings.
+    if base64.b64encode(payload).decode() != envelope.payload:
+        raise MalformedMetadata("payload is not canonical base64")
+    return payload
+
+
+def payload_digest(envelope: SignedEnvelope) -> str:
+    return hashlib.sha256(payload_bytes(envelope)).hexdigest()
 
 
 def verify_role(envelope: SignedEnvelope, root: RootMetadata, role: Role) -> bytes:
     """Return the payload when at least `threshold` distinct keys of `role` signed it."""
-    payload = _payload_bytes(envelope)
+    payload = payload_bytes(envelope)
     spec = root.roles.get(role)
     if spec is None:
         raise ThresholdNotMet(f"root v{root.version} names no keys for role {role.value}")
@@ -127,7 +164,10 @@ def verify_role(envelope: SignedEnvelope, root: RootMetadata, role: Role) -> byt
     raise ThresholdNotMet(summary)
 
 
-def _parse_payload(payload: bytes, model: type[pydantic.BaseModel], max_bytes: int) -> pydantic.BaseModel:
+M = TypeVar("M", bound=WireModel)
+
+
+def _parse_payload(payload: bytes, model: type[M], max_bytes: int) -> M:
     try:
         obj = strict_loads(payload, max_bytes=max_bytes)
     except MalformedDocument as exc:
@@ -140,9 +180,14 @@ def _parse_payload(payload: bytes, model: type[pydantic.BaseModel], max_bytes: i
         raise MalformedMetadata(f"invalid {model.__name__}: {_first_error(exc)}") from None
 
 
-def _expect_type(envelope: SignedEnvelope, payload_type: PayloadType) -> None:
+def _open(raw: bytes, payload_type: PayloadType, max_bytes: int) -> SignedEnvelope:
+    envelope = decode_envelope(raw, max_bytes=max_bytes)
     if envelope.payload_type != payload_type:
         raise WrongType(f"expected {payload_type.value}, got {envelope.payload_type.value}")
+    return envelope
+
+
+# -- the trusted set ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -154,6 +199,20 @@ class DeviceRecord:
     last_sequence: int
 
 
+@dataclass(frozen=True)
+class RootUpdate:
+    """An accepted root, and the roles from which it removed keys.
+
+    Removing keys of a role is how a compromise is recovered from. Version floors the removed
+    keys may have pushed up (fast-forward attack) are then dropped: old documents signed by the
+    remaining keys are still refused, by expiry (timestamps) or by the timestamp's pointer
+    (releases).
+    """
+
+    root: RootMetadata
+    revoked_roles: frozenset[Role] = field(default_factory=frozenset)
+
+
 class TrustedSet:
     """The metadata a device trusts for one fleet and device class."""
 
@@ -163,31 +222,31 @@ class TrustedSet:
         *,
         device_class: str,
         install_target: str,
+        timestamp_floor: int = 0,
         max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
     ) -> None:
         self.root = root
         self.device_class = device_class
         self.install_target = install_target
+        self.timestamp: TimestampMetadata | None = None
+        self.timestamp_floor = timestamp_floor
         self.max_document_bytes = max_document_bytes
 
     @staticmethod
     def load_initial_root(raw: bytes, *, max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> RootMetadata:
         """Verify a provisioned root against itself (its own root role, its own threshold)."""
-        envelope = decode_envelope(raw, max_bytes=max_document_bytes)
-        _expect_type(envelope, PayloadType.ROOT)
-        payload = _payload_bytes(envelope)
-        root = _parse_payload(payload, RootMetadata, max_document_bytes)
-        assert isinstance(root, RootMetadata)
+        envelope = _open(raw, PayloadType.ROOT, max_document_bytes)
+        root = _parse_payload(payload_bytes(envelope), RootMetadata, max_document_bytes)
         verify_role(envelope, root, Role.ROOT)
         return root
 
-    def update_root(self, raw: bytes) -> RootMetadata:
+    # -- root -----------------------------------------------------------------------------------
+
+    def update_root(self, raw: bytes) -> RootUpdate:
         """Accept root N+1 signed by a threshold of root N's root keys and of its own."""
-        envelope = decode_envelope(raw, max_bytes=self.max_document_bytes)
-        _expect_type(envelope, PayloadType.ROOT)
+        envelope = _open(raw, PayloadType.ROOT, self.max_document_bytes)
         payload = verify_role(envelope, self.root, Role.ROOT)
         new = _parse_payload(payload, RootMetadata, self.max_document_bytes)
-        assert isinstance(new, RootMetadata)
         verify_role(envelope, new, Role.ROOT)
         if new.fleet != self.root.fleet:
             raise WrongFleet(f"root for fleet {new.fleet!r}, this device trusts {self.root.fleet!r}")
@@ -195,17 +254,54 @@ class TrustedSet:
             raise Rollback(f"root v{new.version} is not newer than trusted v{self.root.version}")
         if new.version != self.root.version + 1:
             raise RootChainGap(f"root v{new.version} skips versions after trusted v{self.root.version}")
+        revoked = frozenset(
+            role for role, spec in self.root.roles.items()
+            if role in new.roles and not set(spec.keyids) <= set(new.roles[role].keyids)
+        )
         self.root = new
+        if Role.TIMESTAMP in revoked:
+            self.timestamp = None
+            self.timestamp_floor = 0
+        return RootUpdate(new, revoked)
+
+    # -- timestamp -------------------------------------------------------------------------------
+
+    def update_timestamp(self, raw: bytes, now: datetime) -> TimestampMetadata:
+        envelope = _open(raw, PayloadType.TIMESTAMP, self.max_document_bytes)
+        payload = verify_role(envelope, self.root, Role.TIMESTAMP)
+        new = _parse_payload(payload, TimestampMetadata, self.max_document_bytes)
+        if new.fleet != self.root.fleet:
+            raise WrongFleet(f"timestamp for fleet {new.fleet!r}, device is in {self.root.fleet!r}")
+        current = self.timestamp
+        if new.version < self.timestamp_floor or (
+            current is not None and new.version == current.version and new != current
+        ):
+            raise Rollback(f"timestamp v{new.version} is older than trusted v{self.timestamp_floor}")
+        if new.expires <= now:
+            raise Expired(f"timestamp v{new.version} expired at {new.expires.isoformat()}")
+        if new.root_version > self.root.version:
+            raise RootOutdated(f"timestamp v{new.version} was made under root v{new.root_version}, device trusts v{self.root.version}")
+        if new.root_version < self.root.version:
+            raise Rollback(f"timestamp v{new.version} predates trusted root v{self.root.version}")
+        self.timestamp = new
+        self.timestamp_floor = new.version
         return new
 
+    def check_fresh(self, now: datetime) -> TimestampMetadata:
+        if self.timestamp is None:
+            raise FreezeDetected("no timestamp is trusted yet: waiting for a fresh one")
+        if self.timestamp.expires <= now:
+            raise FreezeDetected(f"timestamp v{self.timestamp.version} expired at {self.timestamp.expires.isoformat()}")
+        return self.timestamp
+
+    # -- releases -------------------------------------------------------------------------------
+
     def verify_release(self, raw: bytes, current: DeviceRecord, now: datetime) -> ReleaseManifest:
-        envelope = decode_envelope(raw, max_bytes=self.max_document_bytes)
-        _expect_type(envelope, PayloadType.RELEASE)
+        envelope = _open(raw, PayloadType.RELEASE, self.max_document_bytes)
         if self.root.expires <= now:
             raise Expired(f"trusted root v{self.root.version} expired at {self.root.expires.isoformat()}")
         payload = verify_role(envelope, self.root, Role.RELEASE)
         manifest = _parse_payload(payload, ReleaseManifest, self.max_document_bytes)
-        assert isinstance(manifest, ReleaseManifest)
         if manifest.fleet != self.root.fleet:
             raise WrongFleet(f"manifest for fleet {manifest.fleet!r}, device is in {self.root.fleet!r}")
         if manifest.device_class != self.device_class:
@@ -219,6 +315,16 @@ class TrustedSet:
             manifest.sequence == current.last_sequence and not same_content
         ):
             raise Rollback(f"sequence {manifest.sequence} is not newer than applied {current.last_sequence}")
-        if not same_content and Version(manifest.version) < Version(current.installed_version):
+        if same_content:
+            return manifest  # what the device already runs: nothing will be installed, freshness cannot matter
+        if Version(manifest.version) < Version(current.installed_version):
             raise Rollback(f"version {manifest.version} is older than installed {current.installed_version}")
+        timestamp = self.check_fresh(now)
+        pointer = timestamp.releases.get(self.device_class)
+        digest = hashlib.sha256(payload).hexdigest()
+        if pointer is None or pointer.sequence != manifest.sequence or pointer.sha256 != digest:
+            named = f"sequence {pointer.sequence}" if pointer else "no release"
+            raise TimestampMismatch(
+                f"timestamp v{timestamp.version} names {named} for {self.device_class}, not this sequence {manifest.sequence}"
+            )
         return manifest

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from schemas.models import Artifact, Delta, InstallSpec, PayloadType, ReleaseManifest, Role, RoleKeys, RootMetadata
+from schemas.models import (
+    Artifact, Delta, InstallSpec, PayloadType, ReleaseManifest, ReleasePointer, Role, RoleKeys, RootMetadata,
+    TimestampMetadata,
+)
 from services.keys import SigningKey, sign_envelope
+from services.trust import decode_envelope, payload_bytes
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 TARGET = "/opt/edgeswarm/firmware.img"
@@ -48,3 +54,20 @@ def manifest(**changes: object) -> ReleaseManifest:
 
 def sign_release(m: ReleaseManifest, signers: list[SigningKey]) -> bytes:
     return sign_envelope(PayloadType.RELEASE, m.canonical_bytes(), signers).canonical_bytes()
+
+
+def timestamp(
+    keys: Keyring, releases: dict[str, tuple[int, bytes]], *, version: int = 1, fleet: str = "f1",
+    root_version: int = 1, expires: datetime | None = None,
+) -> TimestampMetadata:
+    """A timestamp naming, per class, (sequence, signed release envelope)."""
+    pointers = {
+        cls: ReleasePointer(sequence=seq, sha256=hashlib.sha256(payload_bytes(decode_envelope(env))).hexdigest())
+        for cls, (seq, env) in releases.items()
+    }
+    return TimestampMetadata(fleet=fleet, version=version, expires=expires or NOW + timedelta(hours=4),
+                             root_version=root_version, releases=pointers)
+
+
+def sign_timestamp(ts: TimestampMetadata, signers: list[SigningKey]) -> bytes:
+    return sign_envelope(PayloadType.TIMESTAMP, ts.canonical_bytes(), signers).canonical_bytes()

@@ -255,6 +255,25 @@ class Fleet:
     def publish_release(self, device_class: str, envelope: bytes) -> None:
         self.watcher.publish(topics.release_topic(FLEET, device_class), envelope)
 
+    def vouch_and_publish(self, device_class: str, manifest: ReleaseManifest) -> bytes:
+        """Sign `manifest` with the release keys, make it the class's latest, timestamp it, publish it.
+
+        This is what an attacker holding the release *and* timestamp keys could do; tests use it
+        for manifests that are validly signed but lie about their content.
+        """
+        envelope = self.sign_manifest(manifest)
+        (self.home.release_dir(device_class) / "latest.json").write_bytes(envelope)
+        history = self.home.history(device_class)
+        history.releases[-1] = history.releases[-1].model_copy(update={"sequence": manifest.sequence})
+        self.home.save_history(device_class, history)
+        self.publish_timestamp()
+        self.publish_release(device_class, envelope)
+        return envelope
+
+    def publish_timestamp(self) -> None:
+        """Sign a timestamp naming the latest built release of every class, through the CLI."""
+        self.cli("timestamp", "--config", str(self.operator_config))
+
     # -- devices -------------------------------------------------------------------------------
 
     def add_device(self, device_id: str, device_class: str, *, version: str = "1.0.0", start: bool = True,

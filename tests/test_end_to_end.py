@@ -8,7 +8,7 @@ import time
 import pytest
 
 from schemas.models import Phase, ReleaseManifest
-from tests.harness import FLEET, Fleet
+from tests.harness import Fleet
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +97,7 @@ def test_forged_and_replayed_manifests_are_refused_and_the_device_stays_on_v1(de
         assert fleet.devices["dev-1"].installed_sha256() == v1_sha
 
     # Still alive and listening: the genuine release goes through.
+    fleet.publish_timestamp()
     fleet.publish_release(IPC, built.envelope)
     state = fleet.watcher.wait("dev-1", on_version("2.0.0"))
     assert fleet.devices["dev-1"].installed_sha256() == good.artifact.sha256 == state.installed_sha256
@@ -108,7 +109,7 @@ def test_delta_bytes_that_do_not_match_the_signed_hash_are_refused_and_nothing_i
     good = fleet.build_only(IPC, "2.0.0").manifest
     (base, delta), = good.deltas.items()
     lying = good.model_copy(update={"deltas": {base: delta.model_copy(update={"sha256": "0" * 64})}})
-    fleet.publish_release(IPC, fleet.sign_manifest(lying))
+    fleet.vouch_and_publish(IPC, lying)
     state = fleet.watcher.wait("dev-1", lambda s: s.reason_code == "hash_mismatch")
     assert state.phase == Phase.REFUSED
     assert state.installed_version == "1.0.0"

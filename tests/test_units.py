@@ -16,7 +16,7 @@ from services.delta import BadPatch, apply_delta, create_delta, patch_header
 from services.keys import SigningKey, sign_envelope, verify_signature
 from services.settings import DeviceSettings, load_settings
 from services.traffic import parse_ss, received_since
-from device_client.installer import FileInstaller, sha256_file
+from device_client.installer import FileInstaller
 
 
 def test_canonical_json_sorts_keys_and_has_no_whitespace() -> None:
