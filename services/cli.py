@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 from datetime import timedelta
 from pathlib import Path
@@ -15,13 +16,16 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from schemas.models import Role
 from services.settings import DeviceSettings, OperatorSettings, load_settings
 
 app = typer.Typer(help="edgeswarm: secure peer-to-peer software updates for edge fleets.", no_args_is_help=True)
 keys_app = typer.Typer(help="Signing keys and the fleet's root of trust.", no_args_is_help=True)
 device_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
+root_app = typer.Typer(help="Root metadata: show, sign offline, commit, publish.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(root_app, name="root")
 app.add_typer(device_app, name="device")
 app.add_typer(fleet_app, name="fleet")
 
@@ -48,6 +52,16 @@ def _operator(config: Path | None) -> OperatorSettings:
     return load_settings(OperatorSettings, config)
 
 
+PASSPHRASE_ENV = "EDGESWARM_KEY_PASSPHRASE"
+
+
+def _home(settings: OperatorSettings, home: Path | None):  # noqa: ANN202
+    """The operator home; sealed key files are opened with $EDGESWARM_KEY_PASSPHRASE."""
+    from services.operator_home import OperatorHome
+
+    return OperatorHome(home or settings.home, passphrase=os.environ.get(PASSPHRASE_ENV))
+
+
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -66,13 +80,16 @@ def keys_init(
     release_keys: Annotated[int, typer.Option(min=1, max=32)] = 1,
     release_threshold: Annotated[int, typer.Option(min=1, max=32)] = 1,
     expires_days: Annotated[int, typer.Option(min=1, help="root metadata lifetime")] = 365,
+    encrypt: Annotated[bool, typer.Option(help=f"seal key files with a passphrase (${PASSPHRASE_ENV} or a prompt)")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Generate root, release and timestamp keys (files 0600) and sign root metadata v1."""
-    from services.operator_home import OperatorHome
-
     settings = _operator(config)
-    operator = OperatorHome(home or settings.home)
+    operator = _home(settings, home)
+    if encrypt and operator.passphrase is None:
+        operator.passphrase = typer.prompt("passphrase for the key files", hide_input=True, confirmation_prompt=True)
+    if not encrypt:
+        operator.passphrase = None
     try:
         root = operator.init(
             fleet or settings.fleet, root_keys=root_keys, root_threshold=root_threshold,
@@ -91,6 +108,167 @@ def keys_init(
         table.add_row(role.value, str(spec.threshold), "\n".join(k[:16] + "…" for k in spec.keyids))
     Console().print(table)
     Console().print(f"provision devices with [bold]{operator.root_file}[/]; private keys are in {operator.keys_dir}")
+
+
+def _root_change(operator, proposed, offline: bool, as_json: bool) -> None:  # noqa: ANN001
+    """Sign a proposed root with the local root keys and make it current, or leave it for offline signing."""
+    from services.operator_home import RootChangeError
+
+    envelope = operator.start_proposal(proposed)
+    if not offline:
+        envelope = operator.sign_with_local_root_keys(envelope)
+        try:
+            update = operator.commit_root(envelope.canonical_bytes())
+        except RootChangeError as exc:
+            operator.proposal_file.write_bytes(envelope.canonical_bytes())
+            _report_root(operator, envelope, as_json, committed=False, why=str(exc))
+            return
+        _report_root(operator, envelope, as_json, committed=True, revoked=sorted(r.value for r in update.revoked_roles))
+        return
+    _report_root(operator, envelope, as_json, committed=False, why="--offline: sign it where the root keys are")
+
+
+def _report_root(operator, envelope, as_json: bool, *, committed: bool, why: str = "", revoked: list[str] | None = None) -> None:  # noqa: ANN001
+    from schemas.models import RootMetadata
+    from services.trust import payload_bytes
+
+    root = RootMetadata.model_validate_json(payload_bytes(envelope))
+    if as_json:
+        print(json.dumps({"version": root.version, "committed": committed, "signatures": len(envelope.signatures),
+                          "proposal": None if committed else str(operator.proposal_file), "revoked_roles": revoked or [],
+                          "reason": why or None}))
+        return
+    console = Console()
+    if committed:
+        console.print(f"root v{root.version} is current ({len(envelope.signatures)} signatures); keys removed from: "
+                      f"{', '.join(revoked or []) or 'none'}. Publish it: [bold]edgeswarm root publish[/]")
+    else:
+        console.print(f"root v{root.version} proposed in [bold]{operator.proposal_file}[/] with "
+                      f"{len(envelope.signatures)} signature(s); {why}\n"
+                      f"sign it: edgeswarm root sign {operator.proposal_file} --key ROOT.key, then: edgeswarm root commit FILE")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    role: Annotated[Role, typer.Argument(help="root, release or timestamp")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    count: Annotated[Optional[int], typer.Option(min=1, max=32, help="number of new keys (default: as many as now)")] = None,
+    threshold: Annotated[Optional[int], typer.Option(min=1, max=32, help="new threshold (default: unchanged)")] = None,
+    offline: Annotated[bool, typer.Option(help="only write the unsigned proposal (root keys kept elsewhere)")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Replace every key of a role with new ones in root N+1, signed by old and new root keys."""
+    from services.operator_home import RootChangeError
+
+    operator = _home(_operator(config), home)
+    try:
+        _root_change(operator, operator.propose_rotation(role, count=count, threshold=threshold), offline, as_json)
+    except (RootChangeError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    keyid: Annotated[str, typer.Argument(help="key id (or a unique prefix) to remove from every role")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    offline: Annotated[bool, typer.Option(help="only write the unsigned proposal (root keys kept elsewhere)")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove a (compromised) key from root N+1; refused if a role would fall below its threshold."""
+    from services.operator_home import RootChangeError
+
+    operator = _home(_operator(config), home)
+    try:
+        _root_change(operator, operator.propose_revocation(keyid), offline, as_json)
+    except (RootChangeError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@root_app.command("show")
+def root_show(
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The current root: version, expiry, keys and thresholds per role."""
+    operator = _home(_operator(config), home)
+    try:
+        root = operator.root()
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(root.model_dump_json())
+        return
+    table = Table(title=f"fleet {root.fleet}: root v{root.version}, expires {root.expires:%Y-%m-%d}")
+    for column in ("role", "threshold", "key ids"):
+        table.add_column(column)
+    for role, spec in root.roles.items():
+        table.add_row(role.value, str(spec.threshold), "\n".join(k[:16] + "…" for k in spec.keyids))
+    Console().print(table)
+
+
+@root_app.command("sign")
+def root_sign(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="proposed root (root-proposed.json)")],
+    key: Annotated[list[Path], typer.Option("--key", exists=True, dir_okay=False, help="root key file; repeatable")],
+) -> None:
+    """Add signatures to a proposed root, e.g. on the offline machine that holds the root keys."""
+    from services.keys import KeyLocked, SigningKey
+    from services.operator_home import OperatorHome, RootChangeError
+    from services.trust import TrustError, decode_envelope
+
+    try:
+        envelope = decode_envelope(file.read_bytes())
+        keys = [SigningKey.load(path, os.environ.get(PASSPHRASE_ENV)) for path in key]
+        signed = OperatorHome.add_signatures(envelope, keys)
+    except (TrustError, KeyLocked, RootChangeError, PermissionError) as exc:
+        _fail(str(exc))
+    file.write_bytes(signed.canonical_bytes())
+    Console().print(f"{file}: {len(signed.signatures)} signature(s)")
+
+
+@root_app.command("commit")
+def root_commit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="signed root N+1")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+) -> None:
+    """Check a signed root N+1 exactly as devices will, and make it current."""
+    from services.operator_home import RootChangeError
+
+    operator = _home(_operator(config), home)
+    try:
+        update = operator.commit_root(file.read_bytes())
+    except RootChangeError as exc:
+        _fail(str(exc))
+    Console().print(f"root v{update.root.version} is current. Publish it: edgeswarm root publish")
+
+
+@root_app.command("publish")
+def root_publish(
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+) -> None:
+    """Publish every root of the chain (retained) and a fresh timestamp made under the newest."""
+    from services.messaging import MqttClient, MqttError
+    from services.release import publish_timestamp, publish_trust
+
+    settings = _operator(config)
+    operator = _home(settings, home)
+
+    async def go() -> None:
+        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-root",
+                              clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+            await publish_trust(client, operator)
+            await publish_timestamp(client, operator, expires_in=timedelta(hours=settings.timestamp_expires_hours))
+
+    try:
+        asyncio.run(go())
+    except (MqttError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    Console().print(f"published root chain up to v{operator.root().version} and a fresh timestamp")
 
 
 # -- release --------------------------------------------------------------------------------------
@@ -114,11 +292,10 @@ def release(
     """
     from services.content import HashOnlyStore
     from services.messaging import MqttClient, MqttError
-    from services.operator_home import OperatorHome
     from services.release import ReleaseError, ReleasePipeline, publish_release, publish_timestamp, publish_trust
 
     settings = _operator(config)
-    operator = OperatorHome(home or settings.home)
+    operator = _home(settings, home)
     store = HashOnlyStore(operator.path / "cid-scratch", operator.seed_dir)
     pipeline = ReleasePipeline(operator, store, delta_bases=settings.delta_bases, expires_days=settings.release_expires_days)
 
@@ -164,11 +341,10 @@ def timestamp_cmd(
     expires, so run this on a schedule (`--every 3600`) shorter than the lifetime.
     """
     from services.messaging import MqttClient, MqttError
-    from services.operator_home import OperatorHome
     from services.release import publish_timestamp
 
     settings = _operator(config)
-    operator = OperatorHome(home or settings.home)
+    operator = _home(settings, home)
     lifetime = timedelta(hours=expires_hours or settings.timestamp_expires_hours)
     if every is not None and every >= lifetime.total_seconds():
         _fail(f"--every {every:.0f} s must be shorter than the timestamp lifetime ({lifetime.total_seconds():.0f} s)")

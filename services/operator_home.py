@@ -15,10 +15,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from schemas.models import PayloadType, ReleasePointer, Role, RoleKeys, RootMetadata, TimestampMetadata
+from schemas.models import (
+    PayloadType, ReleasePointer, Role, RoleKeys, RootMetadata, Signature, SignedEnvelope, TimestampMetadata,
+)
 from services.files import atomic_write
 from services.keys import SigningKey, sign_envelope
-from services.trust import TrustedSet, decode_envelope, payload_digest
+from services.trust import RootUpdate, TrustedSet, TrustError, decode_envelope, payload_bytes, payload_digest
 
 
 class ReleaseRecord(BaseModel):
@@ -39,9 +41,14 @@ class ReleaseHistory(BaseModel):
         return self.releases[-1] if self.releases else None
 
 
+class RootChangeError(Exception):
+    pass
+
+
 class OperatorHome:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, passphrase: str | None = None) -> None:
         self.path = path
+        self.passphrase = passphrase  # for sealed key files; None when keys are stored in the clear
 
     @property
     def keys_dir(self) -> Path:
@@ -76,7 +83,7 @@ class OperatorHome:
         thresholds = {Role.ROOT: root_threshold, Role.RELEASE: release_threshold, Role.TIMESTAMP: 1}
         for role_keys in keys.values():
             for key in role_keys:
-                key.save(self.keys_dir / f"{key.role}-{key.keyid[:8]}.key")
+                self._save_key(key)
         root = RootMetadata(
             fleet=fleet,
             version=1,
@@ -94,11 +101,109 @@ class OperatorHome:
         atomic_write(self.root_file, envelope)
         return envelope
 
-    def signing_keys(self, role: Role) -> list[SigningKey]:
-        root = self.root()
+    def _save_key(self, key: SigningKey) -> Path:
+        path = self.keys_dir / f"{key.role}-{key.keyid[:8]}.key"
+        key.save(path, passphrase=self.passphrase)
+        return path
+
+    def local_keys(self, role: Role) -> list[SigningKey]:
+        return [SigningKey.load(p, self.passphrase) for p in sorted(self.keys_dir.glob(f"{role.value}-*.key"))]
+
+    def signing_keys(self, role: Role, root: RootMetadata | None = None) -> list[SigningKey]:
+        """The private keys present here that `root` (default: the current one) trusts for `role`."""
+        root = root or self.root()
         allowed = set(root.roles[role].keyids)
-        keys = [SigningKey.load(p) for p in sorted(self.keys_dir.glob(f"{role.value}-*.key"))]
-        return [k for k in keys if k.keyid in allowed]
+        return [k for k in self.local_keys(role) if k.keyid in allowed]
+
+    # -- root changes: rotate, revoke, sign offline, commit -----------------------------------
+
+    @property
+    def proposal_file(self) -> Path:
+        return self.path / "root-proposed.json"
+
+    def _successor(self, keys: dict, roles: dict[Role, RoleKeys], expires_days: int) -> RootMetadata:
+        current = self.root()
+        return RootMetadata(
+            fleet=current.fleet, version=current.version + 1,
+            expires=datetime.now(UTC).replace(microsecond=0) + timedelta(days=expires_days), keys=keys, roles=roles,
+        )
+
+    def propose_rotation(self, role: Role, *, count: int | None = None, threshold: int | None = None,
+                         expires_days: int = 365) -> RootMetadata:
+        """Root N+1 with fresh keys for `role` (saved here); the role's old keys are dropped."""
+        current = self.root()
+        old = current.roles[role]
+        count = count or len(old.keyids)
+        threshold = threshold or min(old.threshold, count)
+        if threshold > count:
+            raise RootChangeError(f"threshold {threshold} exceeds {count} key(s)")
+        fresh = [SigningKey.generate(role.value) for _ in range(count)]
+        for key in fresh:
+            self._save_key(key)
+        roles = dict(current.roles)
+        roles[role] = RoleKeys(keyids=[k.keyid for k in fresh], threshold=threshold)
+        return self._successor(self._keys_for(current, roles, fresh), roles, expires_days)
+
+    def propose_revocation(self, keyid: str, *, expires_days: int = 365) -> RootMetadata:
+        current = self.root()
+        matches = [k for k in current.keys if k.startswith(keyid)]
+        if len(matches) != 1:
+            raise RootChangeError(f"key id {keyid!r} matches {len(matches)} keys of root v{current.version}")
+        full = matches[0]
+        roles: dict[Role, RoleKeys] = {}
+        for role, spec in current.roles.items():
+            remaining = [k for k in spec.keyids if k != full]
+            if len(remaining) < spec.threshold:
+                raise RootChangeError(
+                    f"revoking {full[:12]} leaves role {role.value} {len(remaining)} key(s) for threshold "
+                    f"{spec.threshold}: rotate the role instead (edgeswarm keys rotate {role.value})"
+                )
+            roles[role] = RoleKeys(keyids=remaining, threshold=spec.threshold)
+        return self._successor(self._keys_for(current, roles, []), roles, expires_days)
+
+    @staticmethod
+    def _keys_for(current: RootMetadata, roles: dict[Role, RoleKeys], fresh: list[SigningKey]) -> dict:
+        known = dict(current.keys)
+        known.update({k.keyid: k.public_key() for k in fresh})
+        used = {keyid for spec in roles.values() for keyid in spec.keyids}
+        return {keyid: public for keyid, public in known.items() if keyid in used}
+
+    def start_proposal(self, root: RootMetadata) -> SignedEnvelope:
+        """The unsigned root N+1, written to `root-proposed.json` for signing (possibly offline)."""
+        envelope = sign_envelope(PayloadType.ROOT, root.canonical_bytes(), [])
+        atomic_write(self.proposal_file, envelope.canonical_bytes())
+        return envelope
+
+    @staticmethod
+    def add_signatures(envelope: SignedEnvelope, keys: list[SigningKey]) -> SignedEnvelope:
+        """Sign a proposed root with `keys` (root keys of the current or the proposed root)."""
+        payload = payload_bytes(envelope)
+        existing = {s.keyid for s in envelope.signatures}
+        added: list[Signature] = []
+        for key in keys:
+            if key.role != Role.ROOT.value:
+                raise RootChangeError(f"key {key.keyid[:12]} is a {key.role} key; roots are signed by root keys")
+            if key.keyid not in existing:
+                added.append(key.sign(PayloadType.ROOT, payload))
+                existing.add(key.keyid)
+        return envelope.model_copy(update={"signatures": [*envelope.signatures, *added]})
+
+    def sign_with_local_root_keys(self, envelope: SignedEnvelope) -> SignedEnvelope:
+        proposed = RootMetadata.model_validate_json(payload_bytes(envelope))
+        wanted = set(self.root().roles[Role.ROOT].keyids) | set(proposed.roles[Role.ROOT].keyids)
+        return self.add_signatures(envelope, [k for k in self.local_keys(Role.ROOT) if k.keyid in wanted])
+
+    def commit_root(self, raw: bytes) -> RootUpdate:
+        """Make a fully signed root N+1 current, after checking it exactly as a device will."""
+        trusted = TrustedSet(self.root(), device_class="operator", install_target="/")
+        try:
+            update = trusted.update_root(raw)
+        except TrustError as exc:
+            raise RootChangeError(f"root not accepted: {exc}") from exc
+        atomic_write(self.path / "roots" / f"{update.root.version}.json", raw)
+        atomic_write(self.root_file, raw)
+        self.proposal_file.unlink(missing_ok=True)
+        return update
 
     def root(self) -> RootMetadata:
         if not self.root_file.exists():

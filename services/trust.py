@@ -247,7 +247,11 @@ class TrustedSet:
         envelope = _open(raw, PayloadType.ROOT, self.max_document_bytes)
         payload = verify_role(envelope, self.root, Role.ROOT)
         new = _parse_payload(payload, RootMetadata, self.max_document_bytes)
-        verify_role(envelope, new, Role.ROOT)
+        try:
+            verify_role(envelope, new, Role.ROOT)
+        except UnsignedMetadata as exc:
+            # Old keys alone cannot hand the fleet to keys that never proved they exist.
+            raise ThresholdNotMet(f"root v{new.version} is not signed by a threshold of its own root keys ({exc})") from None
         if new.fleet != self.root.fleet:
             raise WrongFleet(f"root for fleet {new.fleet!r}, this device trusts {self.root.fleet!r}")
         if new.version <= self.root.version:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -162,7 +163,7 @@ class Fleet:
 
     # -- infrastructure ------------------------------------------------------------------------
 
-    def start(self, *, with_origin: bool = True) -> None:
+    def start(self, *, with_origin: bool = True, init_args: tuple[str, ...] = ()) -> None:
         self.broker_port = free_port()
         self.processes.append(ServiceProcess(["broker", "--port", str(self.broker_port)], self.root / "broker.log", self.root))
         wait_port(self.broker_port)
@@ -172,7 +173,7 @@ class Fleet:
             f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n'
             f"[content]\nswarm_port = {self.origin_port}\n"
         )
-        self.cli("keys", "init", "--config", str(self.operator_config))
+        self.cli("keys", "init", "--config", str(self.operator_config), *init_args)
         self.watcher = StateWatcher(self.broker_port)
         if with_origin:
             self.start_origin()
@@ -270,20 +271,26 @@ class Fleet:
         self.publish_release(device_class, envelope)
         return envelope
 
-    def publish_timestamp(self) -> None:
+    def publish_timestamp(self, *extra: str) -> None:
         """Sign a timestamp naming the latest built release of every class, through the CLI."""
-        self.cli("timestamp", "--config", str(self.operator_config))
+        self.cli("timestamp", "--config", str(self.operator_config), *extra)
+
+    def publish(self, topic: str, payload: bytes) -> datetime:
+        """Publish (not retained) as an attacker on the broker would; returns when it was sent."""
+        sent = datetime.now(UTC)
+        self.watcher.publish(topic, payload, retain=False)
+        return sent
 
     # -- devices -------------------------------------------------------------------------------
 
     def add_device(self, device_id: str, device_class: str, *, version: str = "1.0.0", start: bool = True,
-                   stall_timeout: float = 30.0) -> Device:
+                   stall_timeout: float = 30.0, retry_interval: float = 2.0) -> Device:
         origin = self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
             device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
             swarm_port=free_port(), broker_host="127.0.0.1", broker_port=self.broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
-            peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=2.0,
+            peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
         )
         device = Device(spec, AgentProcess(provision(spec), spec.base_dir / "agent.log"))
         self.devices[device_id] = device
