@@ -137,11 +137,11 @@ class DeviceAgent:
                 meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),
                 stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
             )
-            await self.report(Phase.IDLE)
             await client.subscribe(topics.root_wildcard(s.fleet))
             await client.subscribe(topics.timestamp_topic(s.fleet))
             await client.subscribe(topics.release_topic(s.fleet, s.device_class))
             await client.subscribe(topics.command_topic(s.fleet, s.device_id))
+            await self.report(Phase.IDLE)  # only now: "idle" means listening
             if self.state.pending is not None:
                 log.info("resuming the update interrupted in phase %s", self.state.pending.phase.value)
                 await self._evaluate(self.state.pending.envelope.encode(), resuming=True)

@@ -253,22 +253,29 @@ def root_publish(
 ) -> None:
     """Publish every root of the chain (retained) and a fresh timestamp made under the newest."""
     from services.messaging import MqttClient, MqttError
-    from services.release import publish_timestamp, publish_trust
+    from services.release import publish_release, publish_timestamp, publish_trust
 
     settings = _operator(config)
     operator = _home(settings, home)
 
-    async def go() -> None:
+    async def go() -> dict[str, bytes]:
         async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-root",
                               clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+            # In this order, which devices see in turn: the root that trusts the new keys, the
+            # releases re-signed with them, then a timestamp (which makes devices re-check releases).
             await publish_trust(client, operator)
+            resigned = operator.resign_latest_manifests()
+            for device_class, envelope in resigned.items():
+                await publish_release(client, settings.fleet, device_class, envelope)
             await publish_timestamp(client, operator, expires_in=timedelta(hours=settings.timestamp_expires_hours))
+            return resigned
 
     try:
-        asyncio.run(go())
+        resigned = asyncio.run(go())
     except (MqttError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    Console().print(f"published root chain up to v{operator.root().version} and a fresh timestamp")
+    Console().print(f"published root chain up to v{operator.root().version} and a fresh timestamp"
+                    + (f"; re-signed the latest release of {', '.join(resigned)} with the current release keys" if resigned else ""))
 
 
 # -- release --------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from schemas.models import (
 )
 from services.files import atomic_write
 from services.keys import SigningKey, sign_envelope
-from services.trust import RootUpdate, TrustedSet, TrustError, decode_envelope, payload_bytes, payload_digest
+from services.trust import (
+    RootUpdate, TrustedSet, TrustError, decode_envelope, payload_bytes, payload_digest, verify_role,
+)
 
 
 class ReleaseRecord(BaseModel):
@@ -231,6 +233,29 @@ class OperatorHome:
     def latest_manifest(self, device_class: str) -> bytes | None:
         path = self.release_dir(device_class) / "latest.json"
         return path.read_bytes() if path.exists() else None
+
+    def resign_latest_manifests(self) -> dict[str, bytes]:
+        """Re-sign each class's latest manifest whose signatures the current root no longer accepts.
+
+        After a release key rotation the payloads stay byte for byte the same (so timestamps that
+        name them stay valid); only the signatures change to the new keys.
+        """
+        root = self.root()
+        resigned: dict[str, bytes] = {}
+        for device_class in self.device_classes():
+            latest = self.latest_manifest(device_class)
+            if latest is None:
+                continue
+            envelope = decode_envelope(latest)
+            try:
+                verify_role(envelope, root, Role.RELEASE)
+                continue
+            except TrustError:
+                pass
+            fresh = sign_envelope(PayloadType.RELEASE, payload_bytes(envelope), self.signing_keys(Role.RELEASE)).canonical_bytes()
+            atomic_write(self.release_dir(device_class) / "latest.json", fresh)
+            resigned[device_class] = fresh
+        return resigned
 
     # -- timestamps -------------------------------------------------------------------------
 

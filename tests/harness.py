@@ -204,7 +204,7 @@ class Fleet:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
-                                cwd=self.root, timeout=120, stdin=subprocess.DEVNULL)
+                                cwd=self.root, timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "400"})
         if result.returncode != 0:
             raise AssertionError(f"edgeswarm {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
