@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +20,10 @@ from rich.table import Table
 from schemas.models import Role
 from services.settings import DeviceSettings, OperatorSettings, load_settings
 
-app = typer.Typer(help="edgeswarm: secure peer-to-peer software updates for edge fleets.", no_args_is_help=True)
+app = typer.Typer(
+    help="edgeswarm: secure peer-to-peer software updates for edge fleets.", no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold passphrases and keys
+)
 keys_app = typer.Typer(help="Signing keys and the fleet's root of trust.", no_args_is_help=True)
 device_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
@@ -554,7 +558,16 @@ def demo(
 
 
 def main() -> None:
-    app()
+    from services.keys import KeyLocked
+
+    try:
+        app()
+    except KeyLocked as exc:
+        err.print(f"[bold red]error:[/] {exc}; set ${PASSPHRASE_ENV} to the key files' passphrase")
+        sys.exit(2)
+    except PermissionError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
