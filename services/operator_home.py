@@ -230,6 +230,20 @@ class OperatorHome:
         base = self.path / "releases"
         return sorted(p.name for p in base.iterdir() if (p / "history.json").exists()) if base.exists() else []
 
+    @property
+    def swarm_key_file(self) -> Path:
+        return self.path / "swarm.key"
+
+    def class_key_file(self, device_class: str) -> Path:
+        return self.path / "class-keys" / f"{device_class}.key"
+
+    def class_key(self, device_class: str) -> bytes | None:
+        """The class's payload key when its releases are confidential, else None."""
+        from services.confidential import load_class_key
+
+        path = self.class_key_file(device_class)
+        return load_class_key(path) if path.exists() else None
+
     def latest_manifest(self, device_class: str) -> bytes | None:
         path = self.release_dir(device_class) / "latest.json"
         return path.read_bytes() if path.exists() else None

@@ -26,6 +26,8 @@ class DeviceSpec:
     install_target: str = DEFAULT_TARGET
     stall_timeout: float = 30.0
     retry_interval: float = 5.0
+    swarm_key_file: Path | None = None
+    class_key_file: Path | None = None
 
     @property
     def config_file(self) -> Path:
@@ -75,6 +77,12 @@ def provision(spec: DeviceSpec) -> Path:
     ]
     if spec.origin:
         lines.append(f"origin = {_toml_str(spec.origin)}")
+    for name, source in (("swarm_key_file", spec.swarm_key_file), ("class_key_file", spec.class_key_file)):
+        if source is not None:
+            copy = spec.base_dir / source.name
+            shutil.copyfile(source, copy)
+            copy.chmod(0o600)
+            lines.append(f"{name} = {_toml_str(str(copy))}")
     lines += ["", "[limits]", f"stall_timeout = {spec.stall_timeout}", f"retry_interval = {spec.retry_interval}", ""]
     spec.config_file.write_text("\n".join(lines))
     return spec.config_file

@@ -11,7 +11,8 @@ from pathlib import Path
 from packaging.version import Version
 
 from schemas import topics
-from schemas.models import Artifact, Delta, InstallSpec, PayloadType, ReleaseManifest, Role
+from schemas.models import Artifact, Delta, Encryption, InstallSpec, PayloadType, ReleaseManifest, Role
+from services.confidential import encrypt_file
 from services.content import ContentStore
 from services.delta import create_delta
 from services.files import atomic_write, sha256_file
@@ -57,7 +58,8 @@ class ReleasePipeline:
         stored = release_dir / "artifact"
         shutil.copyfile(artifact, stored)
         sha, size = sha256_file(stored), stored.stat().st_size
-        cid = await self.store.add(stored)
+        class_key = self.home.class_key(device_class)
+        shipped = await self._ship(stored, class_key)
         deltas: dict[str, Delta] = {}
         bases = [r for r in reversed(history.releases) if r.sha256 != sha][: self.delta_bases]
         for base in bases:
@@ -68,8 +70,9 @@ class ReleasePipeline:
                 log.info("delta from %s is not smaller than the artifact; devices on it take the full file", base.version)
                 patch.unlink()
                 continue
+            sent = await self._ship(patch, class_key)
             deltas[base.sha256] = Delta(
-                cid=await self.store.add(patch), sha256=sha256_file(patch), size=patch_size, base_version=base.version
+                cid=sent.cid, sha256=sent.sha256, size=sent.size, encryption=sent.encryption, base_version=base.version
             )
         now = datetime.now(UTC).replace(microsecond=0)
         manifest = ReleaseManifest(
@@ -79,7 +82,7 @@ class ReleasePipeline:
             sequence=(latest.sequence + 1) if latest else 1,
             issued=now,
             expires=now + timedelta(days=self.expires_days),
-            artifact=Artifact(cid=cid, sha256=sha, size=size),
+            artifact=shipped,
             deltas=deltas,
             install=InstallSpec(target=target),
             summary=summary,
@@ -88,11 +91,22 @@ class ReleasePipeline:
         if len(signers) < root.roles[Role.RELEASE].threshold:
             raise ReleaseError(f"only {len(signers)} release key(s) here, threshold is {root.roles[Role.RELEASE].threshold}")
         envelope = sign_envelope(PayloadType.RELEASE, manifest.canonical_bytes(), signers).canonical_bytes()
-        history.releases.append(ReleaseRecord(version=version, sequence=manifest.sequence, sha256=sha, size=size, cid=cid))
+        history.releases.append(ReleaseRecord(version=version, sequence=manifest.sequence, sha256=sha, size=size, cid=shipped.cid))
         self.home.save_history(device_class, history)
         atomic_write(release_dir / "manifest.json", envelope)
         atomic_write(self.home.release_dir(device_class) / "latest.json", envelope)
         return BuiltRelease(manifest, envelope)
+
+    async def _ship(self, path: Path, class_key: bytes | None) -> Artifact:
+        """Add `path` to the content store, sealed under the class key when the class has one."""
+        if class_key is None:
+            return Artifact(cid=await self.store.add(path), sha256=sha256_file(path), size=path.stat().st_size)
+        sealed_path = path.with_name(path.name + ".sealed")
+        sealed = encrypt_file(class_key, path, sealed_path)
+        return Artifact(
+            cid=await self.store.add(sealed_path), sha256=sha256_file(sealed_path), size=sealed_path.stat().st_size,
+            encryption=Encryption(plain_sha256=sealed.plain_sha256, plain_size=sealed.plain_size),
+        )
 
 
 async def publish_trust(client: MqttClient, home: OperatorHome) -> None:

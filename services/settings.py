@@ -35,6 +35,8 @@ class ContentSettings(BaseModel):
     origin: str | None = Field(None, description="the origin's multiaddr, to count bytes from origin vs peers")
     mdns: bool = False
     nat_port_map: bool = False
+    swarm_key_file: Path | None = Field(None, description="private IPFS swarm: only nodes with this key connect")
+    class_key_file: Path | None = Field(None, description="decrypts confidential payloads of this device's class")
 
 
 class Limits(BaseModel):

@@ -314,7 +314,7 @@ class TrustedSet:
             raise WrongTarget(f"manifest installs to {manifest.install.target}, device to {self.install_target}")
         if manifest.expires <= now:
             raise Expired(f"manifest sequence {manifest.sequence} expired at {manifest.expires.isoformat()}")
-        same_content = manifest.artifact.sha256 == current.installed_sha256
+        same_content = manifest.artifact.installed_sha256 == current.installed_sha256
         if manifest.sequence < current.last_sequence or (
             manifest.sequence == current.last_sequence and not same_content
         ):

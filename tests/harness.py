@@ -284,13 +284,15 @@ class Fleet:
     # -- devices -------------------------------------------------------------------------------
 
     def add_device(self, device_id: str, device_class: str, *, version: str = "1.0.0", start: bool = True,
-                   stall_timeout: float = 30.0, retry_interval: float = 2.0) -> Device:
+                   stall_timeout: float = 30.0, retry_interval: float = 2.0, swarm_key_file: Path | None = None,
+                   class_key_file: Path | None = None) -> Device:
         origin = self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
             device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
             swarm_port=free_port(), broker_host="127.0.0.1", broker_port=self.broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
             peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
+            swarm_key_file=swarm_key_file, class_key_file=class_key_file,
         )
         device = Device(spec, AgentProcess(provision(spec), spec.base_dir / "agent.log"))
         self.devices[device_id] = device
