@@ -128,7 +128,7 @@ class DeviceAgent:
             clean_session=False,
             will=Will(online, OFFLINE),
             birth=Will(online, ONLINE),
-            username=s.mqtt.username, password=s.mqtt.password, keepalive=s.mqtt.keepalive,
+            keepalive=s.mqtt.keepalive, **s.mqtt.client_options(),
         )
         async with EmbeddedKuboNode(node_config) as node, client:
             self.node, self.client = node, client

@@ -28,6 +28,10 @@ keys_app = typer.Typer(help="Signing keys and the fleet's root of trust.", no_ar
 device_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
 root_app = typer.Typer(help="Root metadata: show, sign offline, commit, publish.", no_args_is_help=True)
+pki_app = typer.Typer(help="The fleet's TLS certificates for the broker and its clients.", no_args_is_help=True)
+broker_app = typer.Typer(help="MQTT brokers: run the embedded one, configure Mosquitto.", no_args_is_help=True,
+                         invoke_without_command=True)
+app.add_typer(pki_app, name="pki")
 app.add_typer(keys_app, name="keys")
 app.add_typer(root_app, name="root")
 app.add_typer(device_app, name="device")
@@ -304,7 +308,7 @@ def root_publish(
 
     async def go() -> dict[str, bytes]:
         async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-root",
-                              clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+                              clean_session=True, **settings.mqtt.client_options()) as client:
             # In this order, which devices see in turn: the root that trusts the new keys, the
             # releases re-signed with them, then a timestamp (which makes devices re-check releases).
             await publish_trust(client, operator)
@@ -357,7 +361,7 @@ def release(
             await store.close()
         if publish:
             async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-release",
-                                  clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+                                  clean_session=True, **settings.mqtt.client_options()) as client:
                 await publish_trust(client, operator)
                 # The timestamp first: a device must never see a release no fresh timestamp names.
                 await publish_timestamp(client, operator, expires_in=timedelta(hours=settings.timestamp_expires_hours))
@@ -403,7 +407,7 @@ def timestamp_cmd(
 
     async def main(stop: asyncio.Event) -> None:
         async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-timestamp",
-                              clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+                              clean_session=True, **settings.mqtt.client_options()) as client:
             while True:
                 version = await publish_timestamp(client, operator, expires_in=lifetime)
                 err.print(f"published timestamp v{version}, expires in {lifetime}")
@@ -476,13 +480,19 @@ def origin(
     _run_until_signal(main)
 
 
-@app.command("broker")
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.callback()
 def broker(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 1883,
     verbose: bool = False,
 ) -> None:
-    """Run the embedded MQTT broker (amqtt) until interrupted."""
+    """Run the embedded MQTT broker (amqtt) until interrupted; `broker config` writes a Mosquitto setup."""
+    if ctx.invoked_subcommand is not None:
+        return
     from services.broker import EmbeddedBroker
 
     _logging(verbose)
@@ -493,6 +503,73 @@ def broker(
             await stop.wait()
 
     _run_until_signal(main)
+
+
+@broker_app.command("config")
+def broker_config(
+    out: Annotated[Path, typer.Option(help="directory for mosquitto.conf, passwd, acl, credentials/")],
+    fleet: Annotated[str, typer.Option(help="fleet name")],
+    device: Annotated[list[str], typer.Option(help="DEVICE_ID:CLASS, repeatable: who may connect, and what they read")] = [],  # noqa: B006
+    host: Annotated[str, typer.Option(help="listener address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="listener port")] = 8883,
+    pki: Annotated[Optional[Path], typer.Option(help="directory of `edgeswarm pki init` (TLS)")] = None,
+    mutual_tls: Annotated[bool, typer.Option("--mutual-tls", help="require client certificates (CN = username)")] = False,
+    owner: Annotated[Optional[str], typer.Option(help="chown the broker's files to this user (as root)")] = "mosquitto",
+) -> None:
+    """Write a locked-down Mosquitto configuration: TLS, per-device credentials and ACLs.
+
+    Run the broker with `mosquitto -c OUT/mosquitto.conf`; each principal's [mqtt] settings
+    (username, password, CA) are in OUT/credentials/<principal>.toml.
+    """
+    from services.mosquitto import BrokerPlan, DevicePrincipal, hand_over, write_config
+    from services.pki import Pki
+
+    principals = []
+    for entry in device:
+        device_id, sep, device_class = entry.partition(":")
+        if not sep:
+            _fail(f"--device {entry!r}: expected DEVICE_ID:CLASS")
+        principals.append(DevicePrincipal(device_id, device_class))
+    plan = BrokerPlan(fleet=fleet, directory=out.resolve(), host=host, port=port, devices=principals,
+                      tls=pki is not None, mutual_tls=mutual_tls)
+    if pki is not None:
+        bundle = Pki(pki.resolve())
+        plan.ca_file, plan.cert_file, plan.key_file = bundle.ca_cert, bundle.server_cert, bundle.server_key
+    try:
+        write_config(plan)
+    except ValueError as exc:
+        _fail(str(exc))
+    if owner and os.geteuid() == 0:
+        hand_over(plan.directory, owner)
+    Console().print(f"wrote {plan.config_file}; run: mosquitto -c {plan.config_file}")
+
+
+@pki_app.command("init")
+def pki_init(
+    out: Annotated[Path, typer.Option(help="directory for the CA and the broker's certificate")],
+    fleet: Annotated[str, typer.Option(help="fleet name (in the CA's name)")],
+    host: Annotated[list[str], typer.Option(help="broker host name or IP for its certificate; repeatable")] = ["localhost", "127.0.0.1"],  # noqa: B006
+) -> None:
+    """Create the fleet CA (EC P-256) and a certificate for the broker."""
+    from services.pki import Pki
+
+    try:
+        Pki(out).init(fleet, host)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    Console().print(f"CA {out / 'ca.crt'} and broker certificate for {', '.join(host)} written; keys are 0600")
+
+
+@pki_app.command("client")
+def pki_client(
+    name: Annotated[str, typer.Argument(help="device id or principal: becomes the certificate's CN (the MQTT username)")],
+    out: Annotated[Path, typer.Option(help="directory of `edgeswarm pki init`")],
+) -> None:
+    """Issue a client certificate for mutual TLS."""
+    from services.pki import Pki
+
+    cert, key = Pki(out).issue_client(name)
+    Console().print(f"{cert} and {key} written")
 
 
 @device_app.command("run")
@@ -528,7 +605,7 @@ def fleet_status(
 
     async def go() -> None:
         async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-status-{id(tracker)}",
-                              clean_session=True, username=settings.mqtt.username, password=settings.mqtt.password) as client:
+                              clean_session=True, **settings.mqtt.client_options()) as client:
             await tracker.subscribe(client)
             await tracker.follow(client, duration=wait)
 

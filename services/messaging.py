@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -57,6 +59,9 @@ class MqttClient:
         birth: Will | None = None,
         username: str | None = None,
         password: str | None = None,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
         keepalive: int = 15,
         connect_timeout: float = 15.0,
         max_queued: int = 10_000,
@@ -74,6 +79,12 @@ class MqttClient:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if username is not None:
             self._client.username_pw_set(username, password)
+        if ca_file is not None:
+            # Verifies the broker's certificate against the fleet CA and its host name.
+            self._client.tls_set(
+                ca_certs=str(ca_file), certfile=str(cert_file) if cert_file else None,
+                keyfile=str(key_file) if key_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         self._keepalive = keepalive
         self._birth = birth  # published on every (re)connect, e.g. "online" over a retained "offline" will
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,6 +105,7 @@ class MqttClient:
         assert self._loop is not None
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
+            self._loop.call_soon_threadsafe(self._refused.set)
             return
         for topic, qos in self._subscriptions.items():
             client.subscribe(topic, qos)
@@ -148,14 +160,17 @@ class MqttClient:
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._connected = asyncio.Event()
+        self._refused = asyncio.Event()
         self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
         self._client.loop_start()
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout=self.connect_timeout)
-        except TimeoutError:
-            self._client.loop_stop()
+        waiters = {asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._refused.wait())}
+        done, pending = await asyncio.wait(waiters, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if not self._connected.is_set():
+            await asyncio.to_thread(self._client.loop_stop)  # stop paho retrying credentials the broker refused
             why = self._connect_error or "no answer"
-            raise MqttError(f"could not connect to MQTT broker {self.host}:{self.port}: {why}") from None
+            raise MqttError(f"could not connect to MQTT broker {self.host}:{self.port}: {why}")
 
     async def disconnect(self) -> None:
         self._client.disconnect()

@@ -28,6 +28,7 @@ class DeviceSpec:
     retry_interval: float = 5.0
     swarm_key_file: Path | None = None
     class_key_file: Path | None = None
+    mqtt_settings: tuple[tuple[str, str], ...] = ()  # extra [mqtt] keys: username, password, ca_file, ...
 
     @property
     def config_file(self) -> Path:
@@ -70,6 +71,7 @@ def provision(spec: DeviceSpec) -> Path:
         "[mqtt]",
         f"host = {_toml_str(spec.broker_host)}",
         f"port = {spec.broker_port}",
+        *(f"{key} = {_toml_str(value)}" for key, value in spec.mqtt_settings),
         "",
         "[content]",
         f"swarm_port = {spec.swarm_port}",

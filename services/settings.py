@@ -25,6 +25,14 @@ class MqttSettings(BaseModel):
     username: str | None = None
     password: str | None = None
     keepalive: int = Field(15, ge=5, le=3600)
+    ca_file: Path | None = Field(None, description="TLS: the fleet CA that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="mutual TLS: this client's certificate")
+    key_file: Path | None = Field(None, description="mutual TLS: this client's private key")
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments for services.messaging.MqttClient."""
+        return {"username": self.username, "password": self.password, "ca_file": self.ca_file,
+                "cert_file": self.cert_file, "key_file": self.key_file}
 
 
 class ContentSettings(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from schemas import topics
+from schemas.canonical import MalformedDocument
 from schemas.models import DeviceState, PayloadType, ReleaseManifest, Role
 from services.content import HashOnlyStore
 from services.files import sha256_file
@@ -71,7 +73,7 @@ class ServiceProcess:
 class StateWatcher:
     """Latest retained state and online flag of every device, collected on paho's thread."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, auth: dict[str, str] | None = None) -> None:
         self.states: dict[str, DeviceState] = {}
         self.history: dict[str, list[DeviceState]] = {}
         self.online: dict[str, bytes] = {}
@@ -82,6 +84,9 @@ class StateWatcher:
             (topics.all_devices_wildcard(FLEET, "state"), 1), (topics.all_devices_wildcard(FLEET, "online"), 1)
         ])
         self.client.on_message = self._on_message
+        if auth:
+            self.client.username_pw_set(auth["username"], auth["password"])
+            self.client.tls_set(ca_certs=auth["ca_file"])
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -92,7 +97,10 @@ class StateWatcher:
         device, leaf = parsed
         with self._cond:
             if leaf == "state":
-                state = DeviceState.from_bytes(msg.payload, max_bytes=65536)
+                try:
+                    state = DeviceState.from_bytes(msg.payload, max_bytes=65536)
+                except (MalformedDocument, ValueError):
+                    return  # ACL probes publish markers on state topics
                 self.states[device] = state
                 self.history.setdefault(device, []).append(state)
             elif leaf == "online":
@@ -163,18 +171,35 @@ class Fleet:
 
     # -- infrastructure ------------------------------------------------------------------------
 
-    def start(self, *, with_origin: bool = True, init_args: tuple[str, ...] = ()) -> None:
+    def start(self, *, with_origin: bool = True, init_args: tuple[str, ...] = (),
+              mosquitto_devices: list[tuple[str, str]] | None = None) -> None:
+        """Start the embedded broker, or (with `mosquitto_devices`) a locked-down Mosquitto over TLS."""
         self.broker_port = free_port()
-        self.processes.append(ServiceProcess(["broker", "--port", str(self.broker_port)], self.root / "broker.log", self.root))
-        wait_port(self.broker_port)
+        operator_mqtt = ""
+        if mosquitto_devices is None:
+            self.processes.append(ServiceProcess(["broker", "--port", str(self.broker_port)], self.root / "broker.log", self.root))
+            wait_port(self.broker_port)
+            watcher_auth = None
+        else:
+            # Mosquitto drops to user `mosquitto`, which cannot traverse pytest's 0700 directories.
+            self.broker_dir = mosquitto_dir()
+            self.cli("pki", "init", "--out", str(self.root / "pki"), "--fleet", FLEET)
+            self.cli("broker", "config", "--out", str(self.broker_dir), "--fleet", FLEET, "--port", str(self.broker_port),
+                     "--pki", str(self.root / "pki"), *sum((["--device", f"{d}:{c}"] for d, c in mosquitto_devices), []))
+            self.mosquitto = MosquittoProcess(self.broker_dir / "mosquitto.conf", self.broker_port, self.root / "mosquitto.log")
+            self.mosquitto.start()
+            self.processes.append(self.mosquitto)  # type: ignore[arg-type]
+            release = credentials(self.broker_dir, "edgeswarm-release")
+            operator_mqtt = "".join(f'{k} = "{release[k]}"\n' for k in ("username", "password", "ca_file"))
+            watcher_auth = credentials(self.broker_dir, "edgeswarm-operator")
         self.operator_config = self.root / "operator.toml"
         self.origin_port = free_port()
         self.operator_config.write_text(
-            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n'
+            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n{operator_mqtt}'
             f"[content]\nswarm_port = {self.origin_port}\n"
         )
         self.cli("keys", "init", "--config", str(self.operator_config), *init_args)
-        self.watcher = StateWatcher(self.broker_port)
+        self.watcher = StateWatcher(self.broker_port, watcher_auth)
         if with_origin:
             self.start_origin()
 
@@ -216,6 +241,8 @@ class Fleet:
             self.watcher.close()
         for process in reversed(self.processes):
             process.stop()
+        if hasattr(self, "broker_dir"):
+            shutil.rmtree(self.broker_dir.parent, ignore_errors=True)
 
     # -- images and releases ---------------------------------------------------------------------
 
@@ -293,6 +320,9 @@ class Fleet:
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
             peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
             swarm_key_file=swarm_key_file, class_key_file=class_key_file,
+            mqtt_settings=tuple(
+                (k, v) for k, v in credentials(self.broker_dir, device_id).items() if k in ("username", "password", "ca_file")
+            ) if hasattr(self, "broker_dir") else (),
         )
         device = Device(spec, AgentProcess(provision(spec), spec.base_dir / "agent.log"))
         self.devices[device_id] = device
@@ -311,3 +341,51 @@ def _payload(envelope: bytes) -> bytes:
     import base64
 
     return base64.b64decode(json.loads(envelope)["payload"])
+
+
+class MosquittoProcess:
+    """A real Mosquitto (Debian's package) with a config from `edgeswarm broker config`."""
+
+    def __init__(self, config: Path, port: int, log_file: Path) -> None:
+        self.config, self.port, self.log_file = config, port, log_file
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen([binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def mosquitto_dir() -> Path:
+    """A fresh directory the `mosquitto` user can reach (its parent is /tmp); the caller removes it."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="edgeswarm-mosquitto-"))
+    path.chmod(0o755)
+    return path / "broker"
+
+
+def mosquitto_available() -> bool:
+    return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+
+
+def credentials(directory: Path, principal: str) -> dict[str, str]:
+    import tomllib
+
+    return tomllib.loads((directory / "credentials" / f"{principal}.toml").read_text())["mqtt"]

@@ -118,6 +118,7 @@ def test_an_encrypted_release_in_a_private_swarm_reaches_only_devices_holding_th
 
         stuck = fleet.watcher.wait("outsider", lambda s: s.reason_code == "slow_retrieval", timeout=60)
         assert stuck.installed_version == "1.0.0" and stuck.bytes_from_origin == 0
+        assert outsider.installed_sha256() != plain_v2
 
         # What the origin serves (and any peer caches) is ciphertext: no plaintext marker in it.
         marker = b'VERSION_ID="2.0.0"'
