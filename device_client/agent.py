@@ -17,20 +17,20 @@ from pathlib import Path
 
 import pydantic
 
-from device_client.installer import FileInstaller, sha256_file
+from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, StateStore
 from device_client.reporter import Reporter
 from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
-from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, Role
+from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, ReleaseManifest, Role
 from services.confidential import load_class_key
 from services.files import atomic_write
 from services.content import EmbeddedKuboNode, FetchError, FetchTooLarge, KuboConfig, load_swarm_key
 from services.messaging import Message, MqttClient, MqttError, Will, topic_matches
 from services.settings import DeviceSettings
 from services.traffic import Endpoint, TrafficMeter
-from services.trust import DeviceRecord, RootOutdated, TrustedSet, TrustError
+from services.trust import DeviceRecord, RootOutdated, TrustedSet, TrustError, decode_envelope, payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ class DeviceAgent:
         self.state_store = StateStore(self.state_dir / "state.json")
         self.root_path = self.state_dir / "root.json"
         self.timestamp_path = self.state_dir / "timestamp.json"
-        self.installer = FileInstaller(settings.install_path)
         self.state = self._load_state()
         self.trusted = self._load_trust()
         self.last_release: bytes | None = None
@@ -135,17 +134,20 @@ class DeviceAgent:
             self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class)
             meter = TrafficMeter(s.content.swarm_port)
             self.update_context = UpdateContext(
-                store=node, installer=self.installer, state_store=self.state_store, download_dir=download_dir,
+                store=node, target=s.install_path, state_store=self.state_store, download_dir=download_dir,
                 meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),
                 stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
                 class_key=load_class_key(s.content.class_key_file) if s.content.class_key_file else None,
+                install=s.install,
             )
             await client.subscribe(topics.root_wildcard(s.fleet))
             await client.subscribe(topics.timestamp_topic(s.fleet))
             await client.subscribe(topics.release_topic(s.fleet, s.device_class))
             await client.subscribe(topics.command_topic(s.fleet, s.device_id))
             await self.report(Phase.IDLE)  # only now: "idle" means listening
-            if self.state.pending is not None:
+            if self.state.pending is not None and self.state.pending.phase == Phase.CONFIRMING:
+                await self._roll_back_unconfirmed()
+            elif self.state.pending is not None:
                 log.info("resuming the update interrupted in phase %s", self.state.pending.phase.value)
                 await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
             stopper = asyncio.ensure_future(stop.wait())
@@ -268,6 +270,12 @@ class DeviceAgent:
                 self.state_store.save(self.state)
             await self.report(Phase.REFUSED, reason=str(exc), reason_code=exc.code)
             return
+        if manifest.sequence == self.state.rolled_back_sequence and manifest.artifact.installed_sha256 != self.state.installed_sha256:
+            last = self.reporter.last.phase if self.reporter.last else None
+            if last != Phase.ROLLED_BACK:
+                await self.report(Phase.ROLLED_BACK, reason=f"sequence {manifest.sequence} was rolled back here; "
+                                  "waiting for a newer release", reason_code="rolled_back", target_version=manifest.version)
+            return
         if manifest.artifact.installed_sha256 == self.state.installed_sha256:
             changed = manifest.sequence > self.state.last_sequence or self.state.pending is not None
             if changed:
@@ -317,6 +325,8 @@ class DeviceAgent:
     ) -> None:
         pending = self.state.pending
         attempts = (pending.attempts if pending else 0) + 1
+        if phase == Phase.ROLLED_BACK:
+            self.state.rolled_back_sequence = manifest.manifest.sequence
         if retry and attempts < self.settings.limits.max_attempts and pending is not None:
             self.state.pending = pending.model_copy(update={"attempts": attempts})
             self._retry_at = time.monotonic() + self.settings.limits.retry_interval
@@ -328,6 +338,24 @@ class DeviceAgent:
             phase, target_version=manifest.manifest.version, reason=reason, reason_code=code,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
         )
+
+    async def _roll_back_unconfirmed(self) -> None:
+        """The agent restarted while a new version awaited its health check: go back to the old one."""
+        pending = self.state.pending
+        assert pending is not None
+        # The manifest was verified before it was installed; only its install spec is needed now.
+        manifest = ReleaseManifest.model_validate_json(payload_bytes(decode_envelope(pending.envelope.encode())))
+        installer = installer_for(manifest.install, self.settings.install_path,
+                                  command_timeout=self.settings.install.command_timeout)
+        reason = f"restarted before {manifest.version} was confirmed healthy; rolled back to {self.state.installed_version}"
+        try:
+            await asyncio.to_thread(installer.rollback)
+        except (InstallError, OSError) as exc:
+            reason += f" (rollback reported: {exc})"
+        self.state.pending = None
+        self.state.rolled_back_sequence = manifest.sequence
+        self.state_store.save(self.state)
+        await self.report(Phase.ROLLED_BACK, reason=reason, reason_code="unconfirmed_restart", target_version=manifest.version)
 
     # -- commands ---------------------------------------------------------------------------
 

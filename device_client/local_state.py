@@ -25,6 +25,7 @@ class LocalState(BaseModel):
     installed_sha256: str
     last_sequence: int = 0
     timestamp_version: int = 0  # floor for timestamps: never lowered, except by a key revocation in root
+    rolled_back_sequence: int = 0  # a release that failed its install or health check is not retried by itself
     pending: PendingUpdate | None = None
 
 

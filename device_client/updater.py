@@ -17,15 +17,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_client.installer import FileInstaller, sha256_file
+from device_client.health import wait_healthy
+from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, PendingUpdate, StateStore
 from schemas.models import Artifact, Delta, Phase, ReleaseManifest
 from services.confidential import DecryptError, decrypt_file
 from services.content import ContentStore, FetchError
 from services.delta import BadPatch, apply_delta
+from services.settings import InstallSettings
 from services.traffic import Endpoint, TrafficMeter, received_since
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class ManifestAndRaw:
 @dataclass
 class UpdateContext:
     store: ContentStore
-    installer: FileInstaller
+    target: Path
     state_store: StateStore
     download_dir: Path
     meter: TrafficMeter | None
@@ -64,6 +66,7 @@ class UpdateContext:
     stall_timeout: float
     fetch_deadline: float
     class_key: bytes | None = None
+    install: InstallSettings = field(default_factory=InstallSettings)
 
 
 Report = Callable[..., Awaitable[object]]
@@ -82,15 +85,29 @@ class Updater:
         """Install `manifest`; returns the new state, or raises with the installed file untouched."""
         m = manifest.manifest
         started = time.monotonic()
-        target = self.ctx.installer.target
+        if m.install.handler not in self.ctx.install.allowed_handlers:
+            raise UpdateFailed("handler_not_allowed", f"install handler {m.install.handler!r} is not allowed on this device",
+                               Phase.REFUSED)
+        target = self.ctx.target
         if target.exists() and sha256_file(target) == m.artifact.installed_sha256:
             # A cut after the rename but before the state was saved: the install already happened.
             log.info("target already holds %s; committing", m.version)
             return self._commit(m)
         new_file = await self._obtain(manifest, state)
+        installer = installer_for(m.install, target, command_timeout=self.ctx.install.command_timeout)
         self._persist(state, manifest, Phase.INSTALLING)
         await self.report(phase=Phase.INSTALLING, target_version=m.version, progress=95)
-        await asyncio.to_thread(self.ctx.installer.install, new_file)
+        try:
+            await asyncio.to_thread(installer.install, new_file)
+        except InstallError as exc:
+            await asyncio.to_thread(_roll_back_after_failed_install, installer)
+            raise UpdateFailed(exc.code, str(exc), Phase.ROLLED_BACK) from None
+        self._persist(state, manifest, Phase.CONFIRMING)
+        await self.report(phase=Phase.CONFIRMING, target_version=m.version, progress=97)
+        healthy, why = await wait_healthy(self.ctx.install)
+        if not healthy:
+            await asyncio.to_thread(installer.rollback)
+            raise UpdateFailed("health_check_failed", why, Phase.ROLLED_BACK)
         committed = self._commit(m)
         for leftover in self.ctx.download_dir.iterdir():
             leftover.unlink(missing_ok=True)
@@ -106,9 +123,7 @@ class Updater:
                 patch = await self._fetch_verified(manifest, state, delta, "delta")
                 self._persist(state, manifest, Phase.PATCHING)
                 await self.report(phase=Phase.PATCHING, target_version=m.version, progress=85)
-                await asyncio.to_thread(
-                    apply_delta, self.ctx.installer.target, patch, result, expected_size=m.artifact.installed_size
-                )
+                await asyncio.to_thread(apply_delta, self.ctx.target, patch, result, expected_size=m.artifact.installed_size)
                 if sha256_file(result) == m.artifact.installed_sha256:
                     self.used_delta = True
                     return result
@@ -191,3 +206,14 @@ class Updater:
         )
         self.ctx.state_store.save(new)
         return new
+
+
+def _roll_back_after_failed_install(installer: object) -> None:
+    """A failed install may have changed nothing (a file or A/B install fails before switching)."""
+    from device_client.installer import CommandInstaller
+
+    if isinstance(installer, CommandInstaller):
+        try:
+            installer.rollback()
+        except InstallError as exc:
+            log.error("rollback after a failed install also failed: %s", exc)

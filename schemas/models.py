@@ -11,7 +11,7 @@ import enum
 from typing import Annotated, Literal
 
 from packaging.version import InvalidVersion, Version
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from typing import Self
 
@@ -126,9 +126,30 @@ class Delta(WireModel):
     encryption: Encryption | None = None
 
 
+CommandArg = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+
+
 class InstallSpec(WireModel):
-    handler: Literal["file"] = "file"
+    """How the device installs the artifact; chosen per class by whoever signs the manifest.
+
+    `file` replaces `target` atomically; `ab` writes the inactive of two slots and switches
+    `target` (a symlink) to it; `command` runs `command` as an argument vector, never through a
+    shell, with `{artifact}` and `{target}` substituted, and `rollback` if it or the health check
+    fails.
+    """
+
+    handler: Literal["file", "ab", "command"] = "file"
     target: TargetPath
+    command: Annotated[list[CommandArg], Field(min_length=1, max_length=64)] | None = None
+    rollback: Annotated[list[CommandArg], Field(min_length=1, max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _command_only_for_command_handler(self) -> InstallSpec:
+        if (self.handler == "command") != (self.command is not None):
+            raise ValueError("`command` is required by the command handler and allowed for no other")
+        if self.rollback is not None and self.handler != "command":
+            raise ValueError("`rollback` belongs to the command handler")
+        return self
 
 
 class ReleaseManifest(WireModel):
@@ -203,6 +224,8 @@ class Phase(str, enum.Enum):
     FAILED = "failed"
     REFUSED = "refused"
     FROZEN = "frozen"  # no fresh timestamp: the device cannot tell whether it is being held back
+    CONFIRMING = "confirming"  # installed, waiting for the health check before committing
+    ROLLED_BACK = "rolled_back"  # the install or its health check failed; the previous version runs
 
 
 class DeviceState(WireModel):

@@ -338,6 +338,9 @@ def release(
     home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
     target: Annotated[str, typer.Option(help="absolute path the device installs to")] = "/opt/edgeswarm/firmware.img",
     summary: Annotated[str, typer.Option(help="release notes shown to operators")] = "",
+    handler: Annotated[str, typer.Option(help="install handler: file, ab (two slots) or command")] = "file",
+    command: Annotated[Optional[str], typer.Option(help="command handler: program and arguments, e.g. 'dpkg -i {artifact}' (split like a shell, never run by one)")] = None,
+    rollback_command: Annotated[Optional[str], typer.Option(help="command handler: run when the install or its health check fails")] = None,
     publish: Annotated[bool, typer.Option(help="publish the signed manifest to the broker (retained)")] = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -354,9 +357,21 @@ def release(
     store = HashOnlyStore(operator.path / "cid-scratch", operator.seed_dir)
     pipeline = ReleasePipeline(operator, store, delta_bases=settings.delta_bases, expires_days=settings.release_expires_days)
 
+    import shlex
+
+    import pydantic
+
+    from schemas.models import InstallSpec
+
+    try:
+        install = InstallSpec(handler=handler, target=target, command=shlex.split(command) if command else None,  # type: ignore[arg-type]
+                              rollback=shlex.split(rollback_command) if rollback_command else None)
+    except pydantic.ValidationError as exc:
+        _fail(f"install spec: {exc.errors()[0]['msg']}")
+
     async def go() -> None:
         try:
-            built = await pipeline.build(device_class, version, file, target=target, summary=summary)
+            built = await pipeline.build(device_class, version, file, target=target, summary=summary, install=install)
         finally:
             await store.close()
         if publish:

@@ -29,6 +29,7 @@ class DeviceSpec:
     swarm_key_file: Path | None = None
     class_key_file: Path | None = None
     mqtt_settings: tuple[tuple[str, str], ...] = ()  # extra [mqtt] keys: username, password, ca_file, ...
+    extra_toml: str = ""  # further sections, e.g. "[install]\nallowed_handlers = [...]"
 
     @property
     def config_file(self) -> Path:
@@ -86,5 +87,7 @@ def provision(spec: DeviceSpec) -> Path:
             copy.chmod(0o600)
             lines.append(f"{name} = {_toml_str(str(copy))}")
     lines += ["", "[limits]", f"stall_timeout = {spec.stall_timeout}", f"retry_interval = {spec.retry_interval}", ""]
+    if spec.extra_toml:
+        lines += [spec.extra_toml, ""]
     spec.config_file.write_text("\n".join(lines))
     return spec.config_file

@@ -45,7 +45,8 @@ class ReleasePipeline:
         self.expires_days = expires_days
 
     async def build(
-        self, device_class: str, version: str, artifact: Path, *, target: str, summary: str = ""
+        self, device_class: str, version: str, artifact: Path, *, target: str, summary: str = "",
+        install: InstallSpec | None = None,
     ) -> BuiltRelease:
         topics.check_identifier(device_class, "device class")
         root = self.home.root()
@@ -84,7 +85,7 @@ class ReleasePipeline:
             expires=now + timedelta(days=self.expires_days),
             artifact=shipped,
             deltas=deltas,
-            install=InstallSpec(target=target),
+            install=install or InstallSpec(target=target),
             summary=summary,
         )
         signers = self.home.signing_keys(Role.RELEASE)

@@ -56,6 +56,18 @@ class Limits(BaseModel):
     freeze_grace: float = Field(10.0, gt=0, description="report frozen if no fresh timestamp this long after start (s)")
 
 
+class InstallSettings(BaseModel):
+    allowed_handlers: list[Literal["file", "ab", "command"]] = Field(
+        default_factory=lambda: ["file", "ab"],
+        description="install handlers this device accepts; `command` runs programs named by the manifest",
+    )
+    health_command: list[str] | None = Field(None, description="argv run after installing; exit 0 = healthy")
+    health_url: str | None = Field(None, description="HTTP URL probed after installing; 2xx = healthy")
+    health_timeout: float = Field(10.0, gt=0, description="one health check attempt (s)")
+    confirm_deadline: float = Field(60.0, gt=0, description="healthy within this long, or roll back (s)")
+    command_timeout: float = Field(600.0, gt=0, description="the command handler's programs (s)")
+
+
 class _Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(
@@ -85,6 +97,7 @@ class DeviceSettings(_Settings):
     mqtt: MqttSettings = MqttSettings()
     content: ContentSettings = ContentSettings()
     limits: Limits = Limits()
+    install: InstallSettings = InstallSettings()
 
     @property
     def install_path(self) -> Path:

@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from schemas import topics
 from schemas.canonical import MalformedDocument
-from schemas.models import DeviceState, PayloadType, ReleaseManifest, Role
+from schemas.models import DeviceState, InstallSpec, PayloadType, ReleaseManifest, Role
 from services.content import HashOnlyStore
 from services.files import sha256_file
 from services.keys import SigningKey, sign_envelope
@@ -263,14 +263,22 @@ class Fleet:
             _payload(self.home.latest_manifest(device_class) or b""), max_bytes=1 << 20
         )
 
-    def build_only(self, device_class: str, version: str) -> BuiltRelease:
+    def release_with(self, device_class: str, version: str, install: InstallSpec) -> BuiltRelease:
+        """Build a release with this install spec, then publish its timestamp and the release."""
+        built = self.build_only(device_class, version, install=install)
+        self.publish_timestamp()
+        self.publish_release(device_class, built.envelope)
+        return built
+
+    def build_only(self, device_class: str, version: str, install: InstallSpec | None = None) -> BuiltRelease:
         """Build and sign a release without publishing it (the test decides what reaches the broker)."""
         store = HashOnlyStore(self.home.path / "cid-scratch", self.home.seed_dir)
         pipeline = ReleasePipeline(self.home, store)
 
         async def build() -> BuiltRelease:
             try:
-                return await pipeline.build(device_class, version, self.image(device_class, version), target="/opt/edgeswarm/firmware.img")
+                return await pipeline.build(device_class, version, self.image(device_class, version),
+                                            target="/opt/edgeswarm/firmware.img", install=install)
             finally:
                 await store.close()
 
@@ -312,14 +320,14 @@ class Fleet:
 
     def add_device(self, device_id: str, device_class: str, *, version: str = "1.0.0", start: bool = True,
                    stall_timeout: float = 30.0, retry_interval: float = 2.0, swarm_key_file: Path | None = None,
-                   class_key_file: Path | None = None) -> Device:
+                   class_key_file: Path | None = None, extra_toml: str = "") -> Device:
         origin = self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
             device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
             swarm_port=free_port(), broker_host="127.0.0.1", broker_port=self.broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
             peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
-            swarm_key_file=swarm_key_file, class_key_file=class_key_file,
+            swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,
             mqtt_settings=tuple(
                 (k, v) for k, v in credentials(self.broker_dir, device_id).items() if k in ("username", "password", "ca_file")
             ) if hasattr(self, "broker_dir") else (),
