@@ -530,6 +530,9 @@ def broker_config(
     pki: Annotated[Optional[Path], typer.Option(help="directory of `edgeswarm pki init` (TLS)")] = None,
     mutual_tls: Annotated[bool, typer.Option("--mutual-tls", help="require client certificates (CN = username)")] = False,
     owner: Annotated[Optional[str], typer.Option(help="chown the broker's files to this user (as root)")] = "mosquitto",
+    bridge_site: Annotated[list[str], typer.Option(help="central broker: let this site's broker bridge in; repeatable")] = [],  # noqa: B006
+    bridge_to: Annotated[Optional[str], typer.Option(help="site broker: bridge to the central broker at HOST:PORT")] = None,
+    bridge_credentials: Annotated[Optional[Path], typer.Option(help="site broker: the central's credentials/edgeswarm-bridge-<site>.toml")] = None,
 ) -> None:
     """Write a locked-down Mosquitto configuration: TLS, per-device credentials and ACLs.
 
@@ -546,7 +549,19 @@ def broker_config(
             _fail(f"--device {entry!r}: expected DEVICE_ID:CLASS")
         principals.append(DevicePrincipal(device_id, device_class))
     plan = BrokerPlan(fleet=fleet, directory=out.resolve(), host=host, port=port, devices=principals,
-                      tls=pki is not None, mutual_tls=mutual_tls)
+                      tls=pki is not None, mutual_tls=mutual_tls, bridge_sites=list(bridge_site))
+    if bridge_to is not None:
+        import tomllib
+
+        from services.mosquitto import Bridge
+
+        if bridge_credentials is None:
+            _fail("--bridge-to needs --bridge-credentials (from the central broker's credentials/ directory)")
+        remote = tomllib.loads(bridge_credentials.read_text())["mqtt"]
+        central_host, _, central_port = bridge_to.rpartition(":")
+        plan.bridge = Bridge(name=remote["username"].removeprefix("edgeswarm-bridge-"), host=central_host,
+                             port=int(central_port), username=remote["username"], password=remote["password"],
+                             ca_file=Path(remote["ca_file"]) if remote.get("ca_file") else None)
     if pki is not None:
         bundle = Pki(pki.resolve())
         plan.ca_file, plan.cert_file, plan.key_file = bundle.ca_cert, bundle.server_cert, bundle.server_key

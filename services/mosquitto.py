@@ -8,6 +8,11 @@ publish silently and never delivers a denied subscription):
 | device `<id>` (class C) | its own `devices/<id>/state`, `online`, `peer` | `trust/root/+`, `timestamp`, `releases/C`, its own `devices/<id>/cmd` |
 | `edgeswarm-release` | `trust/root/+`, `timestamp`, `releases/+` | `devices/+/state`, `devices/+/online` |
 | `edgeswarm-operator` | `devices/+/cmd`, `ops/#`, `homeassistant/#` | `devices/#`, `ops/#`, `releases/+`, `timestamp` |
+| `edgeswarm-bridge-<site>` | `devices/+/state`, `online`, `peer` (the site's devices) | `trust/root/+`, `timestamp`, `releases/+`, `devices/+/cmd` |
+
+Two tiers: a site broker bridges to the central one. Releases, roots, timestamps and commands flow
+in (central -> site); device reports flow out. The central broker cannot tell which site device
+sent a report: the site broker's ACL is what binds a report to its device.
 
 Retained release metadata must survive a crash: persistence saves after every change.
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 from schemas import topics
 
 RELEASE_PRINCIPAL = "edgeswarm-release"
+BRIDGE_LOCAL_PRINCIPAL = "edgeswarm-bridge-local"
 OPERATOR_PRINCIPAL = "edgeswarm-operator"
 
 
@@ -40,6 +46,31 @@ class DevicePrincipal:
     device_class: str
 
 
+@dataclass(frozen=True)
+class Bridge:
+    """This broker dials a central broker and relays the fleet's topics in their directions."""
+
+    name: str
+    host: str
+    port: int
+    username: str
+    password: str
+    ca_file: Path | None = None
+
+
+def bridge_topics(fleet: str) -> list[tuple[str, str]]:
+    root = f"{topics.ROOT}/{topics.check_identifier(fleet, 'fleet')}"
+    return [
+        (f"{root}/trust/root/+", "in"),
+        (f"{root}/timestamp", "in"),
+        (f"{root}/releases/+", "in"),
+        (f"{root}/devices/+/cmd", "in"),
+        (f"{root}/devices/+/state", "out"),
+        (f"{root}/devices/+/online", "out"),
+        (f"{root}/devices/+/peer", "out"),
+    ]
+
+
 @dataclass
 class BrokerPlan:
     fleet: str
@@ -52,6 +83,8 @@ class BrokerPlan:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    bridge_sites: list[str] = field(default_factory=list)  # site brokers allowed to bridge to this one
+    bridge: Bridge | None = None  # this (site) broker bridges to a central one
 
     @property
     def config_file(self) -> Path:
@@ -84,6 +117,17 @@ def _acl(plan: BrokerPlan) -> str:
         "topic write homeassistant/#",
         "",
     ]
+    for site in plan.bridge_sites:
+        lines += [f"user {bridge_principal(site)}"]
+        for topic, direction in bridge_topics(f):
+            lines.append(f"topic {'read' if direction == 'in' else 'write'} {topic}")
+        lines.append("")
+    if plan.bridge is not None:
+        # The bridge's local end publishes what comes in and reads what goes out, under the site's ACL.
+        lines += [f"user {BRIDGE_LOCAL_PRINCIPAL}"]
+        for topic, direction in bridge_topics(f):
+            lines.append(f"topic {'write' if direction == 'in' else 'read'} {topic}")
+        lines.append("")
     for device in plan.devices:
         topics.check_identifier(device.device_id, "device")
         lines += [
@@ -109,7 +153,8 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
     (d / "data").mkdir(parents=True, exist_ok=True)
     (d / "credentials").mkdir(exist_ok=True)
     os.chmod(d / "credentials", 0o700)
-    principals = [RELEASE_PRINCIPAL, OPERATOR_PRINCIPAL, *(dev.device_id for dev in plan.devices)]
+    principals = [RELEASE_PRINCIPAL, OPERATOR_PRINCIPAL, *(bridge_principal(s) for s in plan.bridge_sites),
+                  *([BRIDGE_LOCAL_PRINCIPAL] if plan.bridge else []), *(dev.device_id for dev in plan.devices)]
     passwords = {p: secrets.token_urlsafe(24) for p in principals}
     _write(d / "passwd", "".join(f"{p}:{password_hash(pw)}\n" for p, pw in passwords.items()), 0o640)
     _write(d / "acl", _acl(plan), 0o640)
@@ -144,13 +189,38 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
                  "tls_version tlsv1.2"]
         if plan.mutual_tls:
             conf += ["require_certificate true", "use_identity_as_username true"]
-    _write(plan.config_file, "\n".join(conf) + "\n", 0o644)
+    if plan.bridge is not None:
+        b = plan.bridge
+        conf += [
+            "",
+            f"connection {b.name}",
+            f"address {b.host}:{b.port}",
+            f"remote_clientid edgeswarm-bridge-{b.name}",
+            f"remote_username {b.username}",
+            f"remote_password {b.password}",
+            f"local_username {BRIDGE_LOCAL_PRINCIPAL}",
+            f"local_password {passwords[BRIDGE_LOCAL_PRINCIPAL]}",
+            "cleansession false",  # the central broker queues what arrives while the site is cut off
+            "restart_timeout 2 30",
+            "bridge_protocol_version mqttv311",
+            "try_private true",  # Mosquitto-to-Mosquitto: keeps the retain flag on what crosses the bridge
+            *([f"bridge_cafile {d / 'tls' / 'bridge-ca.crt'}"] if b.ca_file else []),
+            *(f"topic {topic} {direction} 1" for topic, direction in bridge_topics(plan.fleet)),
+        ]
+        if b.ca_file:
+            (d / "tls").mkdir(exist_ok=True)
+            _write(d / "tls" / "bridge-ca.crt", b.ca_file.read_text(), 0o644)
+    _write(plan.config_file, "\n".join(conf) + "\n", 0o640 if plan.bridge else 0o644)
     for principal, password in passwords.items():
         body = ["[mqtt]", f'host = "{plan.host}"', f"port = {plan.port}", f'username = "{principal}"', f'password = "{password}"']
         if plan.tls:
             body.append(f'ca_file = "{plan.ca_file}"')
         _write(plan.credentials_file(principal), "\n".join(body) + "\n", 0o600)
     return passwords
+
+
+def bridge_principal(site: str) -> str:
+    return f"edgeswarm-bridge-{topics.check_identifier(site, 'site')}"
 
 
 def _write(path: Path, text: str, mode: int) -> None:

@@ -172,7 +172,7 @@ class Fleet:
     # -- infrastructure ------------------------------------------------------------------------
 
     def start(self, *, with_origin: bool = True, init_args: tuple[str, ...] = (),
-              mosquitto_devices: list[tuple[str, str]] | None = None) -> None:
+              mosquitto_devices: list[tuple[str, str]] | None = None, broker_args: tuple[str, ...] = ()) -> None:
         """Start the embedded broker, or (with `mosquitto_devices`) a locked-down Mosquitto over TLS."""
         self.broker_port = free_port()
         operator_mqtt = ""
@@ -185,7 +185,8 @@ class Fleet:
             self.broker_dir = mosquitto_dir()
             self.cli("pki", "init", "--out", str(self.root / "pki"), "--fleet", FLEET)
             self.cli("broker", "config", "--out", str(self.broker_dir), "--fleet", FLEET, "--port", str(self.broker_port),
-                     "--pki", str(self.root / "pki"), *sum((["--device", f"{d}:{c}"] for d, c in mosquitto_devices), []))
+                     "--pki", str(self.root / "pki"), *sum((["--device", f"{d}:{c}"] for d, c in mosquitto_devices), []),
+                     *broker_args)
             self.mosquitto = MosquittoProcess(self.broker_dir / "mosquitto.conf", self.broker_port, self.root / "mosquitto.log")
             self.mosquitto.start()
             self.processes.append(self.mosquitto)  # type: ignore[arg-type]
@@ -320,17 +321,20 @@ class Fleet:
 
     def add_device(self, device_id: str, device_class: str, *, version: str = "1.0.0", start: bool = True,
                    stall_timeout: float = 30.0, retry_interval: float = 2.0, swarm_key_file: Path | None = None,
-                   class_key_file: Path | None = None, extra_toml: str = "") -> Device:
+                   class_key_file: Path | None = None, extra_toml: str = "",
+                   broker: tuple[int, Path] | None = None) -> Device:
+        """`broker`: (port, broker config directory) of another broker than the fleet's own."""
+        broker_port, creds_dir = broker or (self.broker_port, getattr(self, "broker_dir", None))
         origin = self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
             device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
-            swarm_port=free_port(), broker_host="127.0.0.1", broker_port=self.broker_port,
+            swarm_port=free_port(), broker_host="127.0.0.1", broker_port=broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
             peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
             swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,
             mqtt_settings=tuple(
-                (k, v) for k, v in credentials(self.broker_dir, device_id).items() if k in ("username", "password", "ca_file")
-            ) if hasattr(self, "broker_dir") else (),
+                (k, v) for k, v in credentials(creds_dir, device_id).items() if k in ("username", "password", "ca_file")
+            ) if creds_dir is not None else (),
         )
         device = Device(spec, AgentProcess(provision(spec), spec.base_dir / "agent.log"))
         self.devices[device_id] = device

@@ -188,3 +188,32 @@ def test_the_update_flows_over_tls_and_survives_a_broker_crash_mid_rollout(locke
                 return seen
 
     assert {topics.release_topic(FLEET, IPC), topics.timestamp_topic(FLEET), topics.root_topic(FLEET, 1)} <= asyncio.run(retained())
+
+
+def test_a_site_broker_bridged_to_the_central_one_delivers_central_releases_to_its_devices(tmp_path: Path) -> None:
+    from services.ports import free_port
+
+    fleet = Fleet(tmp_path)
+    site_dir = mosquitto_dir()
+    site = None
+    try:
+        fleet.start(mosquitto_devices=[], broker_args=("--bridge-site", "plant-7"))
+        site_port = free_port()
+        fleet.cli("broker", "config", "--out", str(site_dir), "--fleet", FLEET, "--port", str(site_port),
+                  "--pki", str(tmp_path / "pki"), "--device", f"site-dev:{IPC}",
+                  "--bridge-to", f"127.0.0.1:{fleet.broker_port}",
+                  "--bridge-credentials", str(fleet.broker_dir / "credentials" / "edgeswarm-bridge-plant-7.toml"))
+        site = MosquittoProcess(site_dir / "mosquitto.conf", site_port, tmp_path / "site-mosquitto.log")
+        site.start()
+        fleet.release(IPC, "1.0.0")  # published on the central broker only
+        device = fleet.add_device("site-dev", IPC, broker=(site_port, site_dir))
+        # The device's reports cross the bridge: the watcher is on the central broker.
+        fleet.watcher.wait("site-dev", lambda s: s.phase == Phase.IDLE and s.last_sequence == 1, timeout=60)
+        v2 = fleet.release(IPC, "2.0.0")
+        state = fleet.watcher.wait("site-dev", lambda s: s.phase == Phase.DONE, timeout=90)
+        assert state.installed_version == "2.0.0" and device.installed_sha256() == v2.artifact.sha256
+    finally:
+        fleet.stop()
+        if site is not None:
+            site.stop()
+        shutil.rmtree(site_dir.parent, ignore_errors=True)
