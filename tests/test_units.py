@@ -193,3 +193,20 @@ def test_the_example_settings_files_load() -> None:
     assert device.device_class == "gateway-armv7" and device.limits.max_message_bytes == 65536
     operator = load_settings(OperatorSettings, config / "operator.example.toml")
     assert operator.fleet == "plant-7" and operator.delta_bases == 3
+
+
+def test_the_systemd_units_are_valid() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    units = sorted((Path(__file__).parent.parent / "config" / "systemd").glob("*.service"))
+    assert len(units) == 4
+    for unit in units:
+        result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
+        problems = [line for line in (result.stdout + result.stderr).splitlines()
+                    if line.strip() and "is not executable" not in line and "No such file" not in line]
+        assert not problems, f"{unit.name}: {problems}"
+        text = unit.read_text()
+        assert "NoNewPrivileges=true" in text and "ProtectSystem=strict" in text
