@@ -26,7 +26,7 @@ from schemas.canonical import MalformedDocument
 from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, ReleaseManifest, Role
 from services.confidential import load_class_key
 from services.files import atomic_write
-from services.content import EmbeddedKuboNode, FetchError, FetchTooLarge, KuboConfig, load_swarm_key
+from services.content import FetchError, FetchTooLarge, KuboConfig, load_swarm_key, open_store
 from services.messaging import Message, MqttClient, MqttError, Will, topic_matches
 from services.settings import DeviceSettings
 from services.traffic import Endpoint, TrafficMeter
@@ -129,10 +129,10 @@ class DeviceAgent:
             birth=Will(online, ONLINE),
             keepalive=s.mqtt.keepalive, **s.mqtt.client_options(),
         )
-        async with EmbeddedKuboNode(node_config) as node, client:
+        async with open_store(s.content.backend, kubo=node_config, rpc_api=s.content.rpc_api) as node, client:
             self.node, self.client = node, client
             self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class)
-            meter = TrafficMeter(s.content.swarm_port)
+            meter = TrafficMeter(s.content.swarm_port)  # for a daemon, its own port: counts are then the daemon's
             self.update_context = UpdateContext(
                 store=node, target=s.install_path, state_store=self.state_store, download_dir=download_dir,
                 meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),

@@ -354,7 +354,12 @@ def release(
 
     settings = _operator(config)
     operator = _home(settings, home)
-    store = HashOnlyStore(operator.path / "cid-scratch", operator.seed_dir)
+    if settings.content.backend == "kubo-rpc":
+        from services.content_rpc import KuboRpcStore
+
+        store = KuboRpcStore(settings.content.rpc_api)  # the daemon keeps serving: no seed directory needed
+    else:
+        store = HashOnlyStore(operator.path / "cid-scratch", operator.seed_dir)
     pipeline = ReleasePipeline(operator, store, delta_bases=settings.delta_bases, expires_days=settings.release_expires_days)
 
     import shlex
@@ -370,10 +375,8 @@ def release(
         _fail(f"install spec: {exc.errors()[0]['msg']}")
 
     async def go() -> None:
-        try:
+        async with store:
             built = await pipeline.build(device_class, version, file, target=target, summary=summary, install=install)
-        finally:
-            await store.close()
         if publish:
             async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-release",
                                   clean_session=True, **settings.mqtt.client_options()) as client:

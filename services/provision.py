@@ -30,6 +30,7 @@ class DeviceSpec:
     class_key_file: Path | None = None
     mqtt_settings: tuple[tuple[str, str], ...] = ()  # extra [mqtt] keys: username, password, ca_file, ...
     extra_toml: str = ""  # further sections, e.g. "[install]\nallowed_handlers = [...]"
+    content_settings: tuple[tuple[str, str], ...] = ()  # extra [content] keys, e.g. backend, rpc_api
 
     @property
     def config_file(self) -> Path:
@@ -77,6 +78,7 @@ def provision(spec: DeviceSpec) -> Path:
         "[content]",
         f"swarm_port = {spec.swarm_port}",
         "peers = [" + ", ".join(_toml_str(p) for p in spec.peers) + "]",
+        *(f"{key} = {_toml_str(value)}" for key, value in spec.content_settings),
     ]
     if spec.origin:
         lines.append(f"origin = {_toml_str(spec.origin)}")

@@ -36,7 +36,8 @@ class MqttSettings(BaseModel):
 
 
 class ContentSettings(BaseModel):
-    backend: Literal["embedded"] = "embedded"
+    backend: Literal["embedded", "kubo-rpc"] = "embedded"
+    rpc_api: str = Field("/ip4/127.0.0.1/tcp/5001/http", description="kubo-rpc: the daemon's RPC API multiaddr")
     listen_host: str = "127.0.0.1"
     swarm_port: int = Field(4001, ge=1, le=65535)
     peers: list[str] = Field(default_factory=list, description="multiaddrs (with /p2p/<id>) dialed at start")

@@ -322,16 +322,18 @@ class Fleet:
     def add_device(self, device_id: str, device_class: str, *, version: str = "1.0.0", start: bool = True,
                    stall_timeout: float = 30.0, retry_interval: float = 2.0, swarm_key_file: Path | None = None,
                    class_key_file: Path | None = None, extra_toml: str = "",
-                   broker: tuple[int, Path] | None = None) -> Device:
+                   broker: tuple[int, Path] | None = None, content_settings: tuple[tuple[str, str], ...] = (),
+                   origin: str | None = None) -> Device:
         """`broker`: (port, broker config directory) of another broker than the fleet's own."""
         broker_port, creds_dir = broker or (self.broker_port, getattr(self, "broker_dir", None))
-        origin = self.origin_addr or self.origin_multiaddr_from_repo()
+        origin = origin or self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
             device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
             swarm_port=free_port(), broker_host="127.0.0.1", broker_port=broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
             peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
             swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,
+            content_settings=content_settings,
             mqtt_settings=tuple(
                 (k, v) for k, v in credentials(creds_dir, device_id).items() if k in ("username", "password", "ca_file")
             ) if creds_dir is not None else (),
