@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from services.files import sha256_file
 from services.keys import SigningKey, sign_envelope
 from services.operator_home import OperatorHome
 from services.ports import free_port
-from services.processes import AgentProcess
+from services.processes import AgentProcess, terminate
 from services.provision import DeviceSpec, provision
 from services.release import BuiltRelease, ReleasePipeline
 from services.sample_images import build_image
@@ -61,13 +60,7 @@ class ServiceProcess:
             )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 class StateWatcher:
@@ -372,13 +365,7 @@ class MosquittoProcess:
         wait_port(self.port)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

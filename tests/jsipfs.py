@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
+from services.processes import terminate
 from tests.harness import wait_port
 
 JS_IPFS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeswarm" / "js-ipfs"
@@ -52,10 +52,4 @@ class JsIpfsDaemon:
         wait_port(self.api_port, timeout=90)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout=15)
