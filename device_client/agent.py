@@ -30,7 +30,9 @@ from services.content import FetchError, FetchTooLarge, KuboConfig, load_swarm_k
 from services.messaging import Message, MqttClient, MqttError, Will, topic_matches
 from services.settings import DeviceSettings
 from services.traffic import Endpoint, TrafficMeter
-from services.trust import DeviceRecord, RootOutdated, TrustedSet, TrustError, decode_envelope, payload_bytes
+from services.trust import (
+    DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError, decode_envelope, payload_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class DeviceAgent:
         self._retry_at: float | None = None
         self._freeze_check_at: float | None = time.monotonic() + settings.limits.freeze_grace
         self.frozen = False
+        self._release_awaits_timestamp = False  # the last release was refused only for want of a fresh timestamp
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -239,8 +242,8 @@ class DeviceAgent:
         self.state.timestamp_version = timestamp.version
         self.state_store.save(self.state)
         self.frozen = False
-        if self.last_release is not None and self.state.pending is None:
-            await self._evaluate(self.last_release)  # a release held back for want of a timestamp
+        if self.last_release is not None and self.state.pending is None and self._release_awaits_timestamp:
+            await self._evaluate(self.last_release)  # held back for want of a timestamp: maybe this one names it
         elif self.reporter.last is not None and self.reporter.last.phase == Phase.FROZEN:
             await self.report(Phase.IDLE)
 
@@ -265,11 +268,13 @@ class DeviceAgent:
         try:
             manifest = self.trusted.verify_release(raw, record, datetime.now(UTC))
         except TrustError as exc:
+            self._release_awaits_timestamp = isinstance(exc, (FreezeDetected, TimestampMismatch))
             if resuming:
                 self.state.pending = None
                 self.state_store.save(self.state)
             await self.report(Phase.REFUSED, reason=str(exc), reason_code=exc.code)
             return
+        self._release_awaits_timestamp = False
         if manifest.sequence == self.state.rolled_back_sequence and manifest.artifact.installed_sha256 != self.state.installed_sha256:
             last = self.reporter.last.phase if self.reporter.last else None
             if last != Phase.ROLLED_BACK:

@@ -673,6 +673,78 @@ def fleet_status(
         console.print(table)
 
 
+@fleet_app.command("serve")
+def fleet_serve(
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Keep the fleet in <home>/fleet.sqlite: every device's latest state and its update attempts."""
+    from services.fleet import FleetTracker
+    from services.fleet_store import FleetStore
+    from services.messaging import MqttClient
+
+    settings = _operator(config)
+    operator = _home(settings, home)
+    _logging(verbose)
+    store = FleetStore(operator.path / "fleet.sqlite")
+    tracker = FleetTracker(settings.fleet)
+
+    async def main(stop: asyncio.Event) -> None:
+        # A persistent session: reports sent while this service was down are queued for it.
+        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-fleet-service",
+                              clean_session=False, **settings.mqtt.client_options()) as client:
+            await tracker.subscribe(client)
+            err.print(f"recording fleet {settings.fleet} in {operator.path / 'fleet.sqlite'}")
+            await tracker.persist(client, store, stop)
+
+    try:
+        _run_until_signal(main)
+    finally:
+        store.close()
+
+
+@fleet_app.command("show")
+def fleet_show(
+    device: Annotated[str, typer.Argument(help="device id")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One device: its latest state and every update attempt (recorded by `edgeswarm fleet serve`)."""
+    from dataclasses import asdict
+
+    from services.fleet_store import FleetStore
+
+    operator = _home(_operator(config), home)
+    path = operator.path / "fleet.sqlite"
+    if not path.exists():
+        _fail(f"{path} does not exist: run `edgeswarm fleet serve` to record the fleet")
+    store = FleetStore(path)
+    rows = [r for r in store.devices() if r.device == device]
+    if not rows:
+        _fail(f"no device {device!r} has reported")
+    attempts = store.attempts(device)
+    store.close()
+    if as_json:
+        print(json.dumps({"device": asdict(rows[0]), "attempts": [asdict(a) for a in attempts]}))
+        return
+    row = rows[0]
+    console = Console()
+    console.print(f"[bold]{row.device}[/] ({row.device_class}): {row.installed_version}, {row.phase} "
+                  f"{row.progress or 0}%, {'online' if row.online else 'offline'}, last seen {row.last_seen}")
+    if row.last_error:
+        console.print(f"last error: {row.last_error}")
+    table = Table(title="update attempts")
+    for column in ("target", "started", "finished", "outcome", "delta", "from origin", "from peers", "ms", "reason"):
+        table.add_column(column)
+    for a in attempts:
+        table.add_row(a.target_version, a.started, a.finished or "", a.outcome or "in progress",
+                      {True: "yes", False: "no", None: ""}[a.used_delta], str(a.bytes_from_origin or ""),
+                      str(a.bytes_from_peers or ""), str(a.millis or ""), (a.reason or "")[:60])
+    console.print(table)
+
+
 # -- demo -------------------------------------------------------------------------------------------
 
 

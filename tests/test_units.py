@@ -210,3 +210,33 @@ def test_the_systemd_units_are_valid() -> None:
         assert not problems, f"{unit.name}: {problems}"
         text = unit.read_text()
         assert "NoNewPrivileges=true" in text and "ProtectSystem=strict" in text
+
+
+def test_the_fleet_store_opens_and_closes_attempts_and_ignores_replayed_reports(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.models import DeviceState, Phase
+    from services.fleet_store import FleetStore
+
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def report(seconds: int, phase: Phase, **fields: object) -> bool:
+        return store.record_state(DeviceState(
+            device="d1", fleet="f1", device_class="ipc", installed_version=str(fields.pop("installed", "1.0.0")),
+            installed_sha256="1" * 64, phase=phase, timestamp=t0 + timedelta(seconds=seconds), **fields))
+
+    assert report(0, Phase.IDLE)
+    assert report(1, Phase.DOWNLOADING, target_version="2.0.0")
+    assert report(2, Phase.PATCHING, target_version="2.0.0")
+    assert report(3, Phase.DONE, target_version="2.0.0", installed="2.0.0", used_delta=True, update_millis=900)
+    assert not report(3, Phase.DONE, target_version="2.0.0", installed="2.0.0")  # the retained copy, again
+    assert report(4, Phase.REFUSED, target_version="3.0.0", reason="bad bytes", reason_code="hash_mismatch")
+    attempts = store.attempts("d1")
+    assert [(a.target_version, a.outcome) for a in attempts] == [("2.0.0", "done"), ("3.0.0", "refused")]
+    assert attempts[0].used_delta is True and attempts[0].millis == 900
+    (row,) = store.devices()
+    assert row.installed_version == "2.0.0" and row.last_error == "hash_mismatch: bad bytes"
+    store.close()
+    reopened = FleetStore(tmp_path / "fleet.sqlite")
+    assert len(reopened.attempts("d1")) == 2

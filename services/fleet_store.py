@@ -1,0 +1,152 @@
+"""The fleet in SQLite: latest state per device and the history of update attempts; survives restarts.
+
+An attempt opens when a device starts working on a target version (downloading, verifying,
+patching, installing, confirming) and closes when it reports done, failed, refused or
+rolled_back for that version. A refusal before any download is a closed attempt of its own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from schemas.models import DeviceState, Phase
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    device_class TEXT,
+    installed_version TEXT,
+    installed_sha256 TEXT,
+    phase TEXT,
+    progress INTEGER,
+    target_version TEXT,
+    online INTEGER,
+    last_seen TEXT,
+    last_error TEXT,
+    state_at TEXT,
+    state_json TEXT
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    target_version TEXT NOT NULL,
+    started TEXT NOT NULL,
+    finished TEXT,
+    outcome TEXT,
+    reason TEXT,
+    used_delta INTEGER,
+    bytes_from_origin INTEGER,
+    bytes_from_peers INTEGER,
+    millis INTEGER
+);
+CREATE INDEX IF NOT EXISTS attempts_by_device ON attempts(device, id);
+"""
+
+WORKING = {Phase.DOWNLOADING, Phase.VERIFYING, Phase.PATCHING, Phase.INSTALLING, Phase.CONFIRMING}
+ENDED = {Phase.DONE: "done", Phase.FAILED: "failed", Phase.REFUSED: "refused", Phase.ROLLED_BACK: "rolled_back"}
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device: str
+    device_class: str | None
+    installed_version: str | None
+    phase: str | None
+    progress: int | None
+    target_version: str | None
+    online: bool | None
+    last_seen: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    target_version: str
+    started: str
+    finished: str | None
+    outcome: str | None
+    reason: str | None
+    used_delta: bool | None
+    bytes_from_origin: int | None
+    bytes_from_peers: int | None
+    millis: int | None
+
+
+class FleetStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)  # autocommit; each record() is one transaction
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record_state(self, state: DeviceState) -> bool:
+        """Record a report; False when it is not newer than the last one (a retained copy, replayed)."""
+        seen = state.timestamp.astimezone(UTC).isoformat()
+        last = self._db.execute("SELECT state_at FROM devices WHERE device=?", (state.device,)).fetchone()
+        if last is not None and last[0] is not None and seen <= last[0]:
+            return False
+        error = f"{state.reason_code}: {state.reason}" if state.phase in (Phase.FAILED, Phase.REFUSED, Phase.ROLLED_BACK) else None
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                """INSERT INTO devices (device, device_class, installed_version, installed_sha256, phase, progress,
+                       target_version, last_seen, last_error, state_at, state_json)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(device) DO UPDATE SET device_class=excluded.device_class,
+                       installed_version=excluded.installed_version, installed_sha256=excluded.installed_sha256,
+                       phase=excluded.phase, progress=excluded.progress, target_version=excluded.target_version,
+                       last_seen=excluded.last_seen, last_error=COALESCE(excluded.last_error, devices.last_error),
+                       state_at=excluded.state_at, state_json=excluded.state_json""",
+                (state.device, state.device_class, state.installed_version, state.installed_sha256, state.phase.value,
+                 state.progress, state.target_version, seen, error, seen, state.model_dump_json()),
+            )
+            if state.target_version is None:
+                return True
+            open_attempt = self._db.execute(
+                "SELECT id FROM attempts WHERE device=? AND target_version=? AND finished IS NULL ORDER BY id DESC LIMIT 1",
+                (state.device, state.target_version),
+            ).fetchone()
+            if state.phase in WORKING and open_attempt is None:
+                self._db.execute("INSERT INTO attempts (device, target_version, started) VALUES (?, ?, ?)",
+                                 (state.device, state.target_version, seen))
+            elif state.phase in ENDED:
+                if open_attempt is None:
+                    self._db.execute("INSERT INTO attempts (device, target_version, started) VALUES (?, ?, ?)",
+                                     (state.device, state.target_version, seen))
+                    open_attempt = self._db.execute("SELECT last_insert_rowid()").fetchone()
+                self._db.execute(
+                    """UPDATE attempts SET finished=?, outcome=?, reason=?, used_delta=?, bytes_from_origin=?,
+                           bytes_from_peers=?, millis=? WHERE id=?""",
+                    (seen, ENDED[state.phase], state.reason, state.used_delta, state.bytes_from_origin,
+                     state.bytes_from_peers, state.update_millis, open_attempt[0]),
+                )
+        return True
+
+    def record_online(self, device: str, online: bool, seen: datetime) -> None:
+        with self._db:
+            self._db.execute(
+                """INSERT INTO devices (device, online, last_seen) VALUES (?, ?, ?)
+                   ON CONFLICT(device) DO UPDATE SET online=excluded.online,
+                       last_seen=CASE WHEN excluded.online THEN excluded.last_seen ELSE devices.last_seen END""",
+                (device, int(online), seen.isoformat()),
+            )
+
+    def devices(self) -> list[DeviceRow]:
+        rows = self._db.execute(
+            """SELECT device, device_class, installed_version, phase, progress, target_version, online, last_seen,
+                      last_error FROM devices ORDER BY device_class, device"""
+        ).fetchall()
+        return [DeviceRow(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] is None else bool(r[6]), r[7], r[8]) for r in rows]
+
+    def attempts(self, device: str) -> list[Attempt]:
+        rows = self._db.execute(
+            """SELECT target_version, started, finished, outcome, reason, used_delta, bytes_from_origin,
+                      bytes_from_peers, millis FROM attempts WHERE device=? ORDER BY id""", (device,)
+        ).fetchall()
+        return [Attempt(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else bool(r[5]), r[6], r[7], r[8]) for r in rows]
