@@ -231,7 +231,7 @@ def test_the_fleet_store_opens_and_closes_attempts_and_ignores_replayed_reports(
     assert report(2, Phase.PATCHING, target_version="2.0.0")
     assert report(3, Phase.DONE, target_version="2.0.0", installed="2.0.0", used_delta=True, update_millis=900)
     assert not report(3, Phase.DONE, target_version="2.0.0", installed="2.0.0")  # the retained copy, again
-    assert report(4, Phase.REFUSED, target_version="3.0.0", reason="bad bytes", reason_code="hash_mismatch")
+    assert report(4, Phase.REFUSED, target_version="3.0.0", installed="2.0.0", reason="bad bytes", reason_code="hash_mismatch")
     attempts = store.attempts("d1")
     assert [(a.target_version, a.outcome) for a in attempts] == [("2.0.0", "done"), ("3.0.0", "refused")]
     assert attempts[0].used_delta is True and attempts[0].millis == 900
