@@ -161,7 +161,7 @@ class DeviceAgent:
                     getter = asyncio.ensure_future(client.next_message())
                     done, _ = await asyncio.wait({getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
-                        await self._dispatch(getter.result())
+                        await self._dispatch_guarded(getter.result())
                         continue
                     getter.cancel()
                     if stop.is_set():
@@ -177,6 +177,14 @@ class DeviceAgent:
                     await client.publish(online, OFFLINE, retain=True, timeout=2)
                 except MqttError as exc:
                     log.info("could not publish offline (%s); the broker's last will says it instead", exc)
+
+    async def _dispatch_guarded(self, message: Message) -> None:
+        """A bug met while handling one message must not take a remote device offline for good."""
+        try:
+            await self._dispatch(message)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback and reported, then the agent goes on
+            log.exception("internal error while handling %s", message.topic)
+            await self.report(Phase.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}", reason_code="internal_error")
 
     async def _dispatch(self, message: Message) -> None:
         s = self.settings

@@ -39,6 +39,8 @@ class Reporter:
         self._progress_task = asyncio.ensure_future(self._publish(**fields))
 
     async def _publish(self, *, phase: Phase, installed_version: str, installed_sha256: str, **fields: Any) -> DeviceState:
+        if isinstance(fields.get("reason"), str) and len(fields["reason"]) > 1000:
+            fields["reason"] = fields["reason"][:999] + "…"  # the wire contract caps reasons at 1024 characters
         state = DeviceState(
             **self._base,
             phase=phase,

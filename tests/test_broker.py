@@ -47,3 +47,22 @@ def test_a_client_that_dies_gets_its_last_will_published() -> None:
                 return (await watcher.next_message(10)).payload
 
     assert asyncio.run(scenario()) == b"offline"
+
+
+def test_a_very_long_reason_is_truncated_to_fit_the_wire_contract() -> None:
+    from device_client.reporter import Reporter
+    from schemas.models import DeviceState, Phase
+
+    async def scenario() -> DeviceState:
+        port = free_port()
+        async with EmbeddedBroker("127.0.0.1", port):
+            async with MqttClient("127.0.0.1", port, "dev", clean_session=True) as device, \
+                    MqttClient("127.0.0.1", port, "watcher", clean_session=True) as watcher:
+                await watcher.subscribe("edgeswarm/f1/devices/d1/state")
+                reporter = Reporter(device, fleet="f1", device="d1", device_class="ipc")
+                await reporter.report(phase=Phase.FAILED, installed_version="1.0.0", installed_sha256="1" * 64,
+                                      reason="x" * 5000, reason_code="internal_error")
+                return DeviceState.from_bytes((await watcher.next_message(5)).payload, max_bytes=65536)
+
+    state = asyncio.run(scenario())
+    assert state.phase == Phase.FAILED and state.reason is not None and len(state.reason) <= 1000
