@@ -62,7 +62,3 @@ def device_from_topic(fleet: str, topic: str) -> tuple[str, str] | None:
     if not IDENTIFIER.fullmatch(parts[3]):
         return None
     return parts[3], parts[4]
-
-
-def ha_discovery_topic(prefix: str, fleet: str, device: str) -> str:
-    return f"{prefix}/update/{check_identifier(fleet, 'fleet')}_{check_identifier(device, 'device')}/config"

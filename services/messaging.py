@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def topic_matches(pattern: str, topic: str) -> bool:
 
 
 class MqttClient:
-    """`async with MqttClient(host, port, client_id) as client:`; messages arrive on `client.messages()`."""
+    """`async with MqttClient(host, port, client_id) as client:`; `await client.next_message()` for each message."""
 
     def __init__(
         self,
@@ -183,10 +182,6 @@ class MqttClient:
         if sock is not None:
             sock.close()
 
-    async def wait_connected(self) -> None:
-        assert self._connected is not None
-        await self._connected.wait()
-
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 15.0) -> None:
         assert self._loop is not None
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -218,10 +213,6 @@ class MqttClient:
         except TimeoutError:
             self._pending.pop(mid, None)
             raise MqttError(f"subscription to {topic} not acknowledged within {timeout:.0f} s") from None
-
-    async def messages(self) -> AsyncIterator[Message]:
-        while True:
-            yield await self._queue.get()
 
     async def next_message(self, timeout: float | None = None) -> Message:
         return await asyncio.wait_for(self._queue.get(), timeout)

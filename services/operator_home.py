@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -301,7 +300,3 @@ class OperatorHome:
         envelope = sign_envelope(PayloadType.TIMESTAMP, metadata.canonical_bytes(), signers).canonical_bytes()
         atomic_write(self.timestamp_file, envelope)
         return metadata, envelope
-
-
-def describe_root(root: RootMetadata) -> dict[str, object]:
-    return json.loads(root.model_dump_json())

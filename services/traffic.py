@@ -81,7 +81,3 @@ def received_since(
         if delta > 0:
             per_remote[now.remote] = per_remote.get(now.remote, 0) + delta
     return per_remote
-
-
-def sent_total(snapshot: dict[tuple[Endpoint, Endpoint], SocketCounters]) -> int:
-    return sum(s.bytes_sent for s in snapshot.values())

@@ -202,7 +202,7 @@ def test_the_systemd_units_are_valid() -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     units = sorted((Path(__file__).parent.parent / "config" / "systemd").glob("*.service"))
-    assert len(units) == 4
+    assert len(units) == 5
     for unit in units:
         result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
         problems = [line for line in (result.stdout + result.stderr).splitlines()
