@@ -29,9 +29,9 @@ RECIPES: dict[str, dict[str, ImageRecipe]] = {
         "3.0.0": ImageRecipe("ipc-x86_64", ("nacl", "paho", "bsdiff4", "rich", "markdown_it", "typer", "mdurl")),
     },
     "gateway-armv7": {
-        "1.0.0": ImageRecipe("gateway-armv7", ("pydantic_core", "websockets", "click")),
-        "2.0.0": ImageRecipe("gateway-armv7", ("pydantic_core", "websockets", "click", "amqtt")),
-        "3.0.0": ImageRecipe("gateway-armv7", ("pydantic_core", "websockets", "click", "amqtt", "dacite")),
+        "1.0.0": ImageRecipe("gateway-armv7", ("pydantic_core", "packaging", "ipfshttpclient")),
+        "2.0.0": ImageRecipe("gateway-armv7", ("pydantic_core", "packaging", "ipfshttpclient", "amqtt")),
+        "3.0.0": ImageRecipe("gateway-armv7", ("pydantic_core", "packaging", "ipfshttpclient", "amqtt", "pydantic_settings")),
     },
 }
 

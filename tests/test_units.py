@@ -240,3 +240,19 @@ def test_the_fleet_store_opens_and_closes_attempts_and_ignores_replayed_reports(
     store.close()
     reopened = FleetStore(tmp_path / "fleet.sqlite")
     assert len(reopened.attempts("d1")) == 2
+
+
+def test_demo_images_use_only_packages_edgeswarm_installs() -> None:
+    from importlib.metadata import requires
+
+    from services.sample_images import RECIPES
+
+    declared = {r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("-", "_")
+                for r in requires("edgeswarm") or [] if "extra ==" not in r}
+    # import name -> the declared distribution that guarantees it
+    provided_by = {"nacl": "pynacl", "paho": "paho_mqtt", "pydantic_core": "pydantic", "markdown_it": "rich",
+                   "mdurl": "rich", "pydantic_settings": "pydantic_settings"}
+    for versions in RECIPES.values():
+        for recipe in versions.values():
+            for package in recipe.packages:
+                assert provided_by.get(package, package) in declared, f"{package} is not guaranteed by edgeswarm's dependencies"
