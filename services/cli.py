@@ -617,12 +617,33 @@ def device_run(
     # The one edge from services to device_client: the command line is where the parts are composed.
     from device_client.agent import DeviceAgent
     from services.content import prepare_process_dir
+    from services.processes import PARENT_ENV
 
     settings = load_settings(DeviceSettings, config)
     _logging(verbose)
     prepare_process_dir(settings.state_dir)
     agent = DeviceAgent(settings)
-    _run_until_signal(agent.run)
+
+    async def main(stop: asyncio.Event) -> None:
+        parent = os.environ.get(PARENT_ENV)
+        watcher = asyncio.ensure_future(_stop_when_orphaned(int(parent), stop)) if parent else None
+        try:
+            await agent.run(stop)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    _run_until_signal(main)
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Started by a demo or test that died without stopping us (e.g. SIGKILL): stop cleanly too."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            logging.warning("parent process %d is gone; stopping", parent)
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
 
 
 # -- fleet ------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 
+PARENT_ENV = "EDGESWARM_PARENT_PID"
+
+
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | None:
     """SIGTERM, wait up to `timeout`, then SIGKILL: every process we start is stopped by its PID."""
     if proc is None:
@@ -35,6 +38,7 @@ class AgentProcess:
     def start(self) -> None:
         env = dict(os.environ)
         env.update(self.env or {})
+        env[PARENT_ENV] = str(os.getpid())  # the agent stops itself if this process dies, even by SIGKILL
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "device", "run", "--config", str(self.config)],

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,3 +84,35 @@ def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
     assert proc.returncode != 0, output
     assert not any(_alive(pid) for pid in pids), f"device agents left running: {pids}"
     assert not workdir.exists(), f"{workdir} left behind"
+
+
+def test_agents_stop_by_themselves_when_the_demo_is_killed_outright() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "demo", "--devices", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL,
+    )
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while not pids and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if match := re.search(r"PIDs ([\d, ]+)\)", line):
+                pids = [int(p) for p in match.group(1).split(",")]
+        assert pids
+        proc.kill()  # SIGKILL: the demo's own clean-up cannot run
+        proc.wait()
+        end = time.monotonic() + 20
+        while any(_alive(pid) for pid in pids) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), f"orphaned agents still running: {pids}"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        for leftover in Path(tempfile.gettempdir()).glob("edgeswarm-demo-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
