@@ -51,7 +51,8 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
-def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
+def start_demo_until_agents_run() -> tuple[subprocess.Popen[str], list[int], Path | None, str]:
+    """Start `edgeswarm demo --devices 2`; return it once it has printed its agents' PIDs."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "demo", "--devices", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL,
@@ -59,18 +60,23 @@ def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
     output = ""
     pids: list[int] = []
     workdir = None
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while not pids and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output += line
+        if match := re.search(r"work directory (\S+)", line):
+            workdir = Path(match.group(1))
+        if match := re.search(r"PIDs ([\d, ]+)\)", line):
+            pids = [int(p) for p in match.group(1).split(",")]
+    return proc, pids, workdir, output
+
+
+def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
+    proc, pids, workdir, output = start_demo_until_agents_run()
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        while not pids and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output += line
-            if match := re.search(r"work directory (\S+)", line):
-                workdir = Path(match.group(1))
-            if match := re.search(r"PIDs ([\d, ]+)\)", line):
-                pids = [int(p) for p in match.group(1).split(",")]
         assert pids and workdir is not None, output
         assert all(_alive(pid) for pid in pids)
         time.sleep(1.0)
@@ -87,21 +93,9 @@ def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
 
 
 def test_agents_stop_by_themselves_when_the_demo_is_killed_outright() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "demo", "--devices", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL,
-    )
-    pids: list[int] = []
+    proc, pids, _, output = start_demo_until_agents_run()
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        while not pids and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if match := re.search(r"PIDs ([\d, ]+)\)", line):
-                pids = [int(p) for p in match.group(1).split(",")]
-        assert pids
+        assert pids, output
         proc.kill()  # SIGKILL: the demo's own clean-up cannot run
         proc.wait()
         end = time.monotonic() + 20
