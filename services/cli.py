@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from schemas.models import Role
+from services.cli_delta import delta_app
 from services.settings import DeviceSettings, OperatorSettings, load_settings
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(root_app, name="root")
 app.add_typer(device_app, name="device")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(delta_app, name="delta")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="settings file (TOML)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of tables")]

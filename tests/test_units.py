@@ -1,10 +1,9 @@
-"""Small pure parts: canonical JSON, keys on disk, patch headers, topics, settings, installer, traffic."""
+"""Small pure parts: canonical JSON, keys on disk, topics, settings, installer, traffic."""
 
 from __future__ import annotations
 
 import os
 import stat
-import struct
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from schemas import export, topics
 from schemas.canonical import MalformedDocument, canonical_json, strict_loads
 from schemas.models import PayloadType
-from services.delta import BadPatch, apply_delta, create_delta, patch_header
 from services.keys import SigningKey, sign_envelope, verify_signature
 from services.settings import DeviceSettings, load_settings
 from services.traffic import parse_ss, received_since
@@ -68,57 +66,6 @@ def test_a_signature_does_not_verify_for_another_payload_type() -> None:
     assert verify_signature(key.public_key(), signature, PayloadType.RELEASE.value, b"{}")
     assert not verify_signature(key.public_key(), signature, PayloadType.ROOT.value, b"{}")
     assert sign_envelope(PayloadType.RELEASE, b"{}", [key]).signatures[0] == signature
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> tuple[Path, Path, Path]:
-    old, new, patch = tmp_path / "old", tmp_path / "new", tmp_path / "patch"
-    base = bytes(range(256)) * 400
-    old.write_bytes(base)
-    new.write_bytes(base[:50_000] + b"edgeswarm" * 100 + base[50_000:])
-    create_delta(old, new, patch)
-    return old, new, patch
-
-
-def test_a_delta_applies_to_exactly_the_new_file(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    old, new, patch = pair
-    out = tmp_path / "out"
-    apply_delta(old, patch, out, expected_size=new.stat().st_size)
-    assert out.read_bytes() == new.read_bytes()
-
-
-def test_a_patch_promising_another_size_is_refused_before_allocation(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    old, new, patch = pair
-    raw = bytearray(patch.read_bytes())
-    raw[24:32] = struct.pack("<Q", 1 << 40)  # a hostile header asking for a terabyte
-    patch.write_bytes(bytes(raw))
-    with pytest.raises(BadPatch, match="promises"):
-        apply_delta(old, patch, tmp_path / "out", expected_size=new.stat().st_size)
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("damage", ["magic", "truncated", "negative", "lengths", "body"])
-def test_damaged_patches_are_refused_with_a_clear_error(pair: tuple[Path, Path, Path], tmp_path: Path, damage: str) -> None:
-    old, new, patch = pair
-    raw = bytearray(patch.read_bytes())
-    if damage == "magic":
-        raw[:8] = b"NOTBSDIF"
-    elif damage == "truncated":
-        raw = raw[:20]
-    elif damage == "negative":
-        raw[8:16] = struct.pack("<Q", (1 << 63) | 5)
-    elif damage == "lengths":
-        raw[8:16] = struct.pack("<Q", len(raw) * 2)
-    else:
-        raw = raw[:40] + bytes(len(raw) - 40)
-    patch.write_bytes(bytes(raw))
-    with pytest.raises(BadPatch):
-        apply_delta(old, patch, tmp_path / "out", expected_size=new.stat().st_size)
-
-
-def test_patch_header_reads_the_new_size(pair: tuple[Path, Path, Path]) -> None:
-    _, new, patch = pair
-    assert patch_header(patch)[2] == new.stat().st_size
 
 
 def test_topics_are_built_from_checked_identifiers() -> None:
