@@ -122,7 +122,7 @@ class Delta(WireModel):
     sha256: Sha256Hex
     size: Annotated[int, Field(ge=0, le=MAX_SIZE)]
     base_version: VersionStr
-    format: Literal["bsdiff4"] = "bsdiff4"
+    format: Literal["esdelta1"] = "esdelta1"  # schemas/patch.py; devices refuse formats they cannot apply
     encryption: Encryption | None = None
 
 

@@ -383,9 +383,14 @@ def release(
     except pydantic.ValidationError as exc:
         _fail(f"install spec: {exc.errors()[0]['msg']}")
 
+    fleet_versions = _fleet_versions(operator.path / "fleet.sqlite", device_class)
+    if fleet_versions:
+        err.print(f"delta bases from fleet tracking: {dict(fleet_versions)}")
+
     async def go() -> None:
         async with store:
-            built = await pipeline.build(device_class, version, file, target=target, summary=summary, install=install)
+            built = await pipeline.build(device_class, version, file, target=target, summary=summary, install=install,
+                                         fleet_versions=fleet_versions)
         if publish:
             async with _operator_client(settings, "release") as client:
                 await publish_trust(client, operator)
@@ -406,6 +411,22 @@ def release(
         asyncio.run(go())
     except (ReleaseError, FileNotFoundError, ValueError, MqttError) as exc:
         _fail(str(exc))
+
+
+def _fleet_versions(path: Path, device_class: str) -> dict[str, int]:
+    """How many tracked devices of the class run each version (empty without `fleet serve`)."""
+    if not path.exists():
+        return {}
+    from collections import Counter
+
+    from services.fleet_store import FleetStore
+
+    store = FleetStore(path)
+    try:
+        return dict(Counter(d.installed_version for d in store.devices()
+                            if d.device_class == device_class and d.installed_version))
+    finally:
+        store.close()
 
 
 @app.command("timestamp")

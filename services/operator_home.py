@@ -3,7 +3,7 @@
     <home>/keys/<role>-<keyid8>.key    private keys, 0600
     <home>/roots/<version>.json        every signed root, in order
     <home>/root.json                   the current signed root (what devices are provisioned with)
-    <home>/releases/<class>/history.json, <version>/artifact, <version>/delta-from-<base>.bsdiff4
+    <home>/releases/<class>/history.json, <version>/artifact, <version>/delta-from-<base>.esd
     <home>/seed/<cid>                  files for a long-running `edgeswarm origin` to serve
 """
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import zstandard
 from packaging.version import Version
 
 from schemas import topics
@@ -25,6 +29,41 @@ log = logging.getLogger(__name__)
 
 class ReleaseError(Exception):
     pass
+
+
+MIN_DELTA_SAVING = 0.2  # a delta must be this much smaller than the compressed full artifact
+
+
+def choose_bases(releases: Sequence[ReleaseRecord], fleet_versions: Mapping[str, int] | None, new_sha256: str, k: int) -> list[ReleaseRecord]:
+    """The K released versions to make deltas from: those most devices run, else the latest ones."""
+    candidates = [r for r in releases if r.sha256 != new_sha256]
+    running = [r for r in candidates if fleet_versions and fleet_versions.get(r.version, 0) > 0]
+    if running:
+        assert fleet_versions is not None
+        return sorted(running, key=lambda r: (-fleet_versions[r.version], -r.sequence))[:k]
+    return candidates[::-1][:k]
+
+
+def compressed_size(path: Path) -> int:
+    """What the full artifact would cost compressed (zstd level 9 with long matching: close to xz -6, fast)."""
+    params = zstandard.ZstdCompressionParameters.from_level(9, enable_ldm=True, window_log=27)
+    counter = _CountingSink()
+    with open(path, "rb") as source, zstandard.ZstdCompressor(compression_params=params).stream_writer(counter, closefd=False) as sink:
+        while block := source.read(1 << 20):
+            sink.write(block)
+    return counter.count
+
+
+class _CountingSink(io.RawIOBase):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self.count += len(data)
+        return len(data)
 
 
 @dataclass(frozen=True)
@@ -46,8 +85,10 @@ class ReleasePipeline:
 
     async def build(
         self, device_class: str, version: str, artifact: Path, *, target: str, summary: str = "",
-        install: InstallSpec | None = None,
+        install: InstallSpec | None = None, fleet_versions: Mapping[str, int] | None = None,
     ) -> BuiltRelease:
+        """Sign and store a release; `fleet_versions` (version -> devices running it, from fleet
+        tracking) picks the delta bases, else the last releases are used."""
         topics.check_identifier(device_class, "device class")
         root = self.home.root()
         history = self.home.history(device_class)
@@ -62,13 +103,16 @@ class ReleasePipeline:
         class_key = self.home.class_key(device_class)
         shipped = await self._ship(stored, class_key)
         deltas: dict[str, Delta] = {}
-        bases = [r for r in reversed(history.releases) if r.sha256 != sha][: self.delta_bases]
+        bases = choose_bases(history.releases, fleet_versions, sha, self.delta_bases)
+        worth = int(compressed_size(stored) * (1 - MIN_DELTA_SAVING)) if bases else 0
         for base in bases:
             base_file = self.home.release_dir(device_class) / base.version / "artifact"
-            patch = release_dir / f"delta-from-{base.version}.bsdiff4"
-            patch_size = create_delta(base_file, stored, patch)
-            if patch_size >= size:
-                log.info("delta from %s is not smaller than the artifact; devices on it take the full file", base.version)
+            patch = release_dir / f"delta-from-{base.version}.esd"
+            patch_size = await asyncio.to_thread(create_delta, base_file, stored, patch)
+            if patch_size > worth:
+                log.info("delta from %s (%d bytes) is not %d%% smaller than the compressed artifact (%d bytes); "
+                         "devices on it take the full file", base.version, patch_size, MIN_DELTA_SAVING * 100,
+                         worth / (1 - MIN_DELTA_SAVING))
                 patch.unlink()
                 continue
             sent = await self._ship(patch, class_key)

@@ -8,6 +8,7 @@ hostile stream that asks for more. zstd decoding is capped the same way by max_w
 from __future__ import annotations
 
 import lzma
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import zstandard
@@ -16,6 +17,8 @@ Compression = Literal["lzma", "zstd"]
 MAX_DICT = 8 << 20
 DECODER_MEMORY = 32 << 20
 ZSTD_LEVEL = 19
+SPLIT_ABOVE = 1 << 20
+MAX_STREAMS = 2
 
 
 class CorruptStream(ValueError):
@@ -29,11 +32,43 @@ def _lzma_filters(size: int) -> list[dict]:
     return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}]
 
 
-def compress(data: bytes, compression: Compression) -> bytes:
+def compress(data: bytes, compression: Compression, *, split: bool = True) -> bytes:
+    """`split`: two concatenated xz streams compressed on both cores, half the time for ~1% in
+    size; creation turns it off while a diff runs beside it, to stay under its memory budget."""
     if compression == "lzma":
-        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=_lzma_filters(len(data)))
+        halves = [data] if len(data) < SPLIT_ABOVE or not split else [data[: len(data) // 2], data[len(data) // 2 :]]
+        with ThreadPoolExecutor(len(halves)) as pool:
+            return b"".join(pool.map(_xz, halves))
     params = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, source_size=len(data), window_log=23)
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
+
+
+def _xz(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=_lzma_filters(len(data)))
+
+
+def _xz_parts(packed: bytes, sizes: tuple[int, ...]) -> tuple[list[bytes], bool]:
+    """Cut concatenated xz streams into parts; (parts, whether the input ended exactly at a stream end)."""
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=DECODER_MEMORY)
+    pending, streams, parts = packed, 1, []
+    for size in sizes:
+        chunks, need = [], size
+        while need:
+            if decoder.eof:
+                pending = decoder.unused_data
+                if not pending or streams >= MAX_STREAMS:
+                    break
+                decoder, streams = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=DECODER_MEMORY), streams + 1
+            out = decoder.decompress(pending, max_length=need)
+            pending = b""
+            if not out and (decoder.needs_input or not decoder.eof):
+                break  # truncated: no more output will come
+            chunks.append(out)
+            need -= len(out)
+        parts.append(b"".join(chunks))
+    # more output, or a stream that has not ended, means the stream holds more than promised
+    surplus = decoder.decompress(pending, max_length=1) if not decoder.eof else b""
+    return parts, decoder.eof and not decoder.unused_data and not surplus
 
 
 def decompress(packed: bytes, compression: Compression, sizes: tuple[int, ...]) -> list[bytes]:
@@ -44,15 +79,7 @@ def decompress(packed: bytes, compression: Compression, sizes: tuple[int, ...]) 
     expected = sum(sizes)
     try:
         if compression == "lzma":
-            decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=DECODER_MEMORY)
-            parts, pending = [], packed
-            for size in sizes:
-                parts.append(decoder.decompress(pending, max_length=size) if size and not decoder.eof else b"")
-                pending = pending if not size else b""
-            if pending:  # every part was empty: the stream must still be a complete, empty one
-                parts.append(decoder.decompress(pending, max_length=1))
-            surplus = decoder.decompress(b"", max_length=1) if not decoder.eof else b""
-            complete = decoder.eof and not decoder.unused_data and not surplus
+            parts, complete = _xz_parts(packed, sizes)
         else:
             _check_zstd_frame(packed, expected)
             reader = zstandard.ZstdDecompressor(max_window_size=MAX_DICT * 2).stream_reader(packed, read_across_frames=False)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 256 << 10
 DEFAULT_SEGMENT = 8 << 20
-DEFAULT_OLD_BUDGET = 16 << 20
+DEFAULT_OLD_BUDGET = 12 << 20
 MIN_VOTES = 2
 
 Progress = Callable[[int, int], None]
@@ -172,7 +172,8 @@ def _write_patch(
             # compressing segment i (lzma and zstd release the GIL) overlaps with diffing segment i+1
             if pending is not None:
                 _write_segment(pending.result(), out, segments)
-            pending = pool.submit(_pack_segment, streams, data, start, options.compression)
+            last = start == starts[-1]  # nothing left to diff beside it: compress on both cores
+            pending = pool.submit(_pack_segment, streams, data, start, options.compression, last)
             done += len(data)
             if progress:
                 progress(done, new_size)
@@ -215,8 +216,8 @@ def _diff(old_window: bytes, data: bytes, extents: list[Extent]) -> _Streams:
     return _Streams(control, diff, extra, extents)
 
 
-def _pack_segment(streams: _Streams, data: bytes, start: int, compression: Compression) -> tuple[Segment, bytes]:
-    packed = compress(streams.control + streams.diff + streams.extra, compression)
+def _pack_segment(streams: _Streams, data: bytes, start: int, compression: Compression, split: bool) -> tuple[Segment, bytes]:
+    packed = compress(streams.control + streams.diff + streams.extra, compression, split=split)
     segment = Segment(
         new_offset=start,
         new_size=len(data),
