@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from schemas.canonical import MalformedDocument
 from schemas.patch import MAGIC, MAX_HEADER_BYTES, PatchHeader, Segment
 from services.delta.codec import CorruptStream, decompress
+from services.files import atomic_write, sha256_file
 
 Progress = Callable[[int, int], None]
 StepHook = Callable[[str, int], None]
@@ -68,22 +69,11 @@ def patch_info(patch: Path) -> PatchHeader:
         return read_header(handle, patch.stat().st_size)[0]
 
 
-def sha256_of(path: Path, limit: int | None = None) -> str:
-    digest = hashlib.sha256()
-    remaining = limit
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20 if remaining is None else min(1 << 20, remaining)):
-            digest.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return digest.hexdigest()
-
-
 def _check_old(header: PatchHeader, old: Path) -> None:
     size = old.stat().st_size
     if size != header.old_size:
         raise BadPatch(f"the patch is for a {header.old_size}-byte file, this one has {size} bytes")
-    if sha256_of(old) != header.old_sha256:
+    if sha256_file(old) != header.old_sha256:
         raise BadPatch(f"the patch is for the file with sha256 {header.old_sha256[:16]}..., not this one")
 
 
@@ -156,7 +146,7 @@ def apply_patch(old: Path, patch: Path, out: Path, *, expected_size: int | None 
                     if progress:
                         progress(done, header.new_size)
                 result.truncate(header.new_size)
-            if sha256_of(part) != header.new_sha256:
+            if sha256_file(part) != header.new_sha256:
                 raise BadPatch("the rebuilt file does not have the sha256 the patch promises")
             os.replace(part, out)
         finally:
@@ -191,22 +181,8 @@ class Journal:
             raise BadPatch(f"in-place journal {cls.path(target)} is unreadable ({exc}); the target may be half-patched") from None
 
     def save(self, target: Path) -> None:
-        path = self.path(target)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as handle:
-            json.dump({"patch_sha256": self.patch_sha256, "next": self.next, "staged": self.staged}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        record = {"patch_sha256": self.patch_sha256, "next": self.next, "staged": self.staged}
+        atomic_write(self.path(target), json.dumps(record).encode())
 
 
 def _write_durably(handle: BinaryIO, offset: int, data: bytes, step: StepHook | None, index: int) -> None:
@@ -229,7 +205,7 @@ def apply_in_place(target: Path, patch: Path, *, progress: Progress | None = Non
     the intact old file.
     `step(name, segment)` is called at every point a crash could matter (used by tests).
     """
-    patch_sha256 = sha256_of(patch)
+    patch_sha256 = sha256_file(patch)
     journal = Journal.load(target)
     if journal is not None and journal.patch_sha256 != patch_sha256:
         raise BadPatch(f"{Journal.path(target)} belongs to another patch; finish that one first (its sha256 is {journal.patch_sha256[:16]}...)")
@@ -274,7 +250,7 @@ def apply_in_place(target: Path, patch: Path, *, progress: Progress | None = Non
             file.truncate(header.new_size)
             file.flush()
             os.fsync(file.fileno())
-    if sha256_of(target) != header.new_sha256:
+    if sha256_file(target) != header.new_sha256:
         raise BadPatch("the file patched in place does not have the sha256 the patch promises")
     stage.unlink(missing_ok=True)
     Journal.path(target).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from schemas.canonical import canonical_json
 from schemas.patch import MAGIC, MAX_CONTROL_BYTES, MAX_SEGMENT_NEW, MAX_SEGMENT_OLD, Extent, PatchHeader, Segment
 from services.delta.anchors import OldIndex
 from services.delta.codec import Compression, compress
+from services.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,6 @@ class CreateOptions:
             raise ValueError(f"segment size must be 1..{MAX_SEGMENT_NEW}")
         if not 0 < self.old_budget <= MAX_SEGMENT_OLD:
             raise ValueError(f"old window budget must be 1..{MAX_SEGMENT_OLD}")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _blocks_to_extents(blocks: list[int], lo: int, hi: int) -> list[Extent]:
@@ -129,7 +122,7 @@ def create_patch(old: Path, new: Path, patch: Path, options: CreateOptions = Cre
     fools any cheap guess), so in-place creation pays twice the time to ship the smaller patch.
     """
     index = OldIndex.of_file(old)
-    hashes = (_sha256_file(old), _sha256_file(new))
+    hashes = (sha256_file(old), sha256_file(new))
     if not options.in_place:
         return _write_patch(old, new, patch, options, index, hashes, "forward", progress)
     candidates = []
