@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated tool names to leave out (e.g. detools for speed)")
     parser.add_argument("--pairs", default="", help="comma-separated words: only pairs whose name contains one (e.g. rootfs)")
     parser.add_argument("--timeout", type=float, default=TOOL_TIMEOUT, help="seconds before a tool's run is given up")
+    parser.add_argument("--save", type=Path, help="also write the figures as JSON to this file (kept up to date after each pair)")
     args = parser.parse_args()
     for binary, package in (("xdelta3", "xdelta3"), ("zstd", "zstd"), ("xz", "xz-utils"), ("/usr/bin/time", "time")):
         if not shutil.which(binary) and os.geteuid() == 0:
@@ -325,6 +326,8 @@ def main() -> None:
             results.append(bench_pair(name, old, new, Path(tmp), skip, args.timeout))
             if not args.json:
                 print_table(results[-1])
+            if args.save:
+                args.save.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
 

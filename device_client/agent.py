@@ -30,6 +30,7 @@ from services.settings import DeviceSettings
 from services.traffic import Endpoint, TrafficMeter
 from services.trust import (
     DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError, decode_envelope, payload_bytes,
+    rollout_admits,
 )
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,12 @@ class DeviceAgent:
             if changed or last not in (Phase.IDLE, Phase.DONE):
                 await self.report(Phase.IDLE)  # keep a retained DONE report (and its figures) in place
             return
+        if self.state.pending is None and not rollout_admits(manifest, self.settings.device_id, self.state.approved_sequence):
+            last = self.reporter.last
+            if last is None or last.phase != Phase.WAITING or last.target_version != manifest.version:
+                await self.report(Phase.WAITING, target_version=manifest.version, reason_code="awaiting_rollout",
+                                  reason=f"{manifest.version} is rolled out in waves: waiting for an install command")
+            return
         await self._install(ManifestAndRaw(manifest, raw))
 
     async def _install(self, manifest: ManifestAndRaw) -> None:
@@ -338,7 +345,9 @@ class DeviceAgent:
         attempts = (pending.attempts if pending else 0) + 1
         if phase == Phase.ROLLED_BACK:
             self.state.rolled_back_sequence = manifest.manifest.sequence
-        if retry and attempts < self.settings.limits.max_attempts and pending is not None:
+        retrying = retry and attempts < self.settings.limits.max_attempts and pending is not None
+        if retrying:
+            assert pending is not None
             self.state.pending = pending.model_copy(update={"attempts": attempts})
             self._retry_at = time.monotonic() + self.settings.limits.retry_interval
             reason = f"{reason}; retry {attempts + 1} of {self.settings.limits.max_attempts} in {self.settings.limits.retry_interval:.0f} s"
@@ -348,6 +357,7 @@ class DeviceAgent:
         await self.report(
             phase, target_version=manifest.manifest.version, reason=reason, reason_code=code,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
+            retrying=retrying or None,
         )
 
     async def _roll_back_unconfirmed(self) -> None:
@@ -376,7 +386,13 @@ class DeviceAgent:
         except (MalformedDocument, pydantic.ValidationError) as exc:
             await self.report(Phase.REFUSED, reason=f"bad command: {exc}"[:1000], reason_code="malformed_command")
             return
-        if command.command == CommandName.CHECK and self.last_release is not None:
+        if command.command == CommandName.INSTALL and command.sequence is not None:
+            # Only an admission: the release itself must still arrive signed and verify like any other.
+            self.state.approved_sequence = command.sequence
+            self.state_store.save(self.state)
+            if self.last_release is not None and self.state.pending is None:
+                await self._evaluate(self.last_release)
+        elif command.command == CommandName.CHECK and self.last_release is not None:
             await self._evaluate(self.last_release)
         else:
             await self.report(self.reporter.last.phase if self.reporter.last else Phase.IDLE)

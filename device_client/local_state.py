@@ -26,6 +26,7 @@ class LocalState(BaseModel):
     last_sequence: int = 0
     timestamp_version: int = 0  # floor for timestamps: never lowered, except by a key revocation in root
     rolled_back_sequence: int = 0  # a release that failed its install or health check is not retried by itself
+    approved_sequence: int = 0  # a staged release this device was told to install (an install command)
     pending: PendingUpdate | None = None
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.models import DeviceCommand, DeviceState, ReleaseManifest, RootMetadata, SignedEnvelope, TimestampMetadata
+from schemas.ops import ControlRollout, DeviceRequest, OpsResult, RolloutStatus, StartRollout
 
 MODELS: dict[str, type[BaseModel]] = {
     "root": RootMetadata,
@@ -17,6 +18,11 @@ MODELS: dict[str, type[BaseModel]] = {
     "signed-envelope": SignedEnvelope,
     "device-state": DeviceState,
     "device-command": DeviceCommand,
+    "ops-rollout-start": StartRollout,
+    "ops-rollout-control": ControlRollout,
+    "ops-device-request": DeviceRequest,
+    "ops-result": OpsResult,
+    "ops-rollout-status": RolloutStatus,
 }
 OUT_DIR = Path(__file__).parent / "json"
 

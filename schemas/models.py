@@ -152,6 +152,20 @@ class InstallSpec(WireModel):
         return self
 
 
+class RolloutRule(WireModel):
+    """Signed with the release: which devices install it at once, and that the others wait.
+
+    A device's bucket is a deterministic function of `salt` and its id (services.trust.rollout_bucket,
+    0-9999). Devices whose bucket is below `canary_percent` x 100 install at once; every other
+    device reports `waiting` until it receives an install command naming this release's sequence.
+    The rollout service sends those commands wave by wave; a forged or replayed command can only
+    make a device install a release that this signature already covers.
+    """
+
+    canary_percent: Annotated[int, Field(ge=0, le=100)] = 0
+    salt: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+
+
 class ReleaseManifest(WireModel):
     type: Literal["release"] = "release"
     fleet: Identifier
@@ -164,6 +178,8 @@ class ReleaseManifest(WireModel):
     deltas: Annotated[dict[Sha256Hex, Delta], Field(max_length=16)] = {}
     install: InstallSpec
     summary: ShortText = ""
+    release_url: Annotated[str, StringConstraints(max_length=512, pattern=r"^https?://[^\s]+$")] | None = None
+    rollout: RolloutRule | None = None  # absent: every device of the class installs as soon as it verifies
 
 
 class ReleasePointer(WireModel):
@@ -226,6 +242,7 @@ class Phase(str, enum.Enum):
     FROZEN = "frozen"  # no fresh timestamp: the device cannot tell whether it is being held back
     CONFIRMING = "confirming"  # installed, waiting for the health check before committing
     ROLLED_BACK = "rolled_back"  # the install or its health check failed; the previous version runs
+    WAITING = "waiting"  # a verified release is held back by its rollout rule until an install command
 
 
 class DeviceState(WireModel):
@@ -246,17 +263,26 @@ class DeviceState(WireModel):
     update_millis: Annotated[int, Field(ge=0)] | None = None
     reason: ShortText | None = None
     reason_code: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,64}$")] | None = None
+    retrying: bool | None = None  # failed, and the device will try the same release again by itself
     timestamp: AwareDatetime
 
 
 class CommandName(str, enum.Enum):
     CHECK = "check"  # re-evaluate the retained release now
     REPORT = "report"  # publish the current state again
+    INSTALL = "install"  # a staged release's rollout reached this device: install `sequence` if it verifies
 
 
 class DeviceCommand(WireModel):
     command: CommandName
     request_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    sequence: Sequence | None = None  # install: the release sequence the rollout admits
+
+    @model_validator(mode="after")
+    def _install_names_a_sequence(self) -> DeviceCommand:
+        if (self.command == CommandName.INSTALL) != (self.sequence is not None):
+            raise ValueError("`sequence` is required by the install command and allowed for no other")
+        return self
 
 
 ONLINE = b"online"

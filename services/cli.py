@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -14,12 +13,16 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from schemas.models import Role
+from services.cli_common import (
+    PASSPHRASE_ENV, ConfigOption, JsonOption, err, fail, operator_client, operator_home, operator_settings,
+    run_until_signal, setup_logging,
+)
 from services.cli_delta import delta_app
-from services.settings import DeviceSettings, OperatorSettings, load_settings
+from services.cli_rollout import rollout_app
+from services.settings import DeviceSettings, load_settings
 
 app = typer.Typer(
     help="edgeswarm: secure peer-to-peer software updates for edge fleets.", no_args_is_help=True,
@@ -38,51 +41,13 @@ app.add_typer(root_app, name="root")
 app.add_typer(device_app, name="device")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(delta_app, name="delta")
+app.add_typer(rollout_app, name="rollout")
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="settings file (TOML)")]
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of tables")]
-
-err = Console(stderr=True)
-
-
-def _logging(verbose: bool, console: Console | None = None) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    console = console or err
-    if console.is_terminal:
-        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
-        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    else:
-        # Log files and journald get one plain line per event, never wrapped.
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("amqtt", "transitions", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _operator(config: Path | None) -> OperatorSettings:
-    return load_settings(OperatorSettings, config)
-
-
-PASSPHRASE_ENV = "EDGESWARM_KEY_PASSPHRASE"
-
-
-def _home(settings: OperatorSettings, home: Path | None):  # noqa: ANN202
-    """The operator home; sealed key files are opened with $EDGESWARM_KEY_PASSPHRASE."""
-    from services.operator_home import OperatorHome
-
-    return OperatorHome(home or settings.home, passphrase=os.environ.get(PASSPHRASE_ENV))
-
-
-def _operator_client(settings: OperatorSettings, role: str, *, persistent: bool = False):  # noqa: ANN202
-    """The operator side's MQTT connection, named after what it does (one client id per role)."""
-    from services.messaging import MqttClient
-
-    return MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-{role}",
-                      clean_session=not persistent, **settings.mqtt.client_options())
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+_logging = setup_logging
+_operator = operator_settings
+_home = operator_home
+_operator_client = operator_client
+_fail = fail
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -351,11 +316,16 @@ def release(
     command: Annotated[Optional[str], typer.Option(help="command handler: program and arguments, e.g. 'dpkg -i {artifact}' (split like a shell, never run by one)")] = None,
     rollback_command: Annotated[Optional[str], typer.Option(help="command handler: run when the install or its health check fails")] = None,
     publish: Annotated[bool, typer.Option(help="publish the signed manifest to the broker (retained)")] = True,
+    staged: Annotated[bool, typer.Option(help="devices wait for `edgeswarm rollout start` (or an install command) instead of installing at once")] = False,
+    canary_percent: Annotated[int, typer.Option(min=0, max=100, help="with --staged: this share of the class installs at once (signed rule)")] = 0,
+    url: Annotated[Optional[str], typer.Option(help="release notes URL shown by Home Assistant")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Sign a release: full artifact plus deltas from previous versions, published retained over MQTT.
 
-    The files are placed in <home>/seed for `edgeswarm origin` to serve over IPFS.
+    The files are placed in <home>/seed for `edgeswarm origin` to serve over IPFS. With --staged
+    the manifest carries a signed rollout rule: only the canary share installs by itself, the rest
+    of the class waits for its wave of `edgeswarm rollout start`.
     """
     from services.content import HashOnlyStore
     from services.messaging import MqttError
@@ -383,6 +353,13 @@ def release(
     except pydantic.ValidationError as exc:
         _fail(f"install spec: {exc.errors()[0]['msg']}")
 
+    if canary_percent and not staged:
+        _fail("--canary-percent only means something with --staged")
+    import secrets
+
+    from schemas.models import RolloutRule
+
+    rollout = RolloutRule(canary_percent=canary_percent, salt=secrets.token_hex(8)) if staged else None
     fleet_versions = _fleet_versions(operator.path / "fleet.sqlite", device_class)
     if fleet_versions:
         err.print(f"delta bases from fleet tracking: {dict(fleet_versions)}")
@@ -390,7 +367,7 @@ def release(
     async def go() -> None:
         async with store:
             built = await pipeline.build(device_class, version, file, target=target, summary=summary, install=install,
-                                         fleet_versions=fleet_versions)
+                                         fleet_versions=fleet_versions, rollout=rollout, release_url=url)
         if publish:
             async with _operator_client(settings, "release") as client:
                 await publish_trust(client, operator)
@@ -401,7 +378,7 @@ def release(
         if as_json:
             print(json.dumps({"device_class": device_class, "version": m.version, "sequence": m.sequence,
                               "artifact": m.artifact.model_dump(), "deltas": {k: v.model_dump() for k, v in m.deltas.items()},
-                              "published": publish}))
+                              "rollout": m.rollout.model_dump() if m.rollout else None, "published": publish}))
         else:
             Console().print(f"released {device_class} {m.version} (sequence {m.sequence}): artifact {m.artifact.size} bytes "
                             f"{m.artifact.cid}; {len(m.deltas)} delta(s) "
@@ -411,6 +388,8 @@ def release(
         asyncio.run(go())
     except (ReleaseError, FileNotFoundError, ValueError, MqttError) as exc:
         _fail(str(exc))
+    except pydantic.ValidationError as exc:
+        _fail(f"release: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
 
 
 def _fleet_versions(path: Path, device_class: str) -> dict[str, int]:
@@ -474,15 +453,7 @@ def timestamp_cmd(
 # -- origin, broker, device -------------------------------------------------------------------------
 
 
-def _run_until_signal(main) -> None:  # noqa: ANN001
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
-
-    asyncio.run(runner())
+_run_until_signal = run_until_signal
 
 
 @app.command("origin")
@@ -725,29 +696,96 @@ def fleet_status(
 def fleet_serve(
     config: ConfigOption = None,
     home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    homeassistant: Annotated[Optional[bool], typer.Option("--homeassistant/--no-homeassistant", help="publish Home Assistant MQTT discovery (default from settings)")] = None,
+    discovery_prefix: Annotated[Optional[str], typer.Option(help="Home Assistant's discovery prefix (default from settings: homeassistant)")] = None,
     verbose: bool = False,
 ) -> None:
-    """Keep the fleet in <home>/fleet.sqlite: every device's latest state and its update attempts."""
-    from services.fleet import FleetTracker
+    """Run the fleet service: tracking, staged rollouts, operator requests, Home Assistant.
+
+    Records the fleet in <home>/fleet.sqlite, runs staged rollouts, answers operator requests on
+    edgeswarm/<fleet>/ops/ and (with --homeassistant) shows every device in Home Assistant as an
+    update entity.
+    """
+    from importlib.metadata import version as package_version
+
+    from schemas import topics
+    from services.fleet_service import FleetService, OpsTokens
     from services.fleet_store import FleetStore
+    from services.homeassistant import HomeAssistantBridge
 
     settings = _operator(config)
     operator = _home(settings, home)
     _logging(verbose)
+    tokens = OpsTokens.load_or_create(operator.path / "tokens")
+    bridge = None
+    if homeassistant if homeassistant is not None else settings.homeassistant.enabled:
+        try:
+            bridge = HomeAssistantBridge(settings.fleet, discovery_prefix or settings.homeassistant.discovery_prefix,
+                                         tokens.homeassistant, origin_version=package_version("edgeswarm"))
+        except ValueError as exc:
+            _fail(str(exc))
     store = FleetStore(operator.path / "fleet.sqlite")
-    tracker = FleetTracker(settings.fleet)
+    service = FleetService(settings.fleet, store, tokens, bridge=bridge)
 
     async def main(stop: asyncio.Event) -> None:
         # A persistent session: reports sent while this service was down are queued for it.
         async with _operator_client(settings, "fleet-service", persistent=True) as client:
-            await tracker.subscribe(client)
-            err.print(f"recording fleet {settings.fleet} in {operator.path / 'fleet.sqlite'}")
-            await tracker.persist(client, store, stop)
+            err.print(f"fleet service for {settings.fleet}: recording in {operator.path / 'fleet.sqlite'}, "
+                      f"operator requests on {topics.ops_wildcard(settings.fleet)}"
+                      + (f", Home Assistant discovery under {bridge.prefix}/" if bridge else ""))
+            await service.run(client, stop)
 
     try:
         _run_until_signal(main)
     finally:
         store.close()
+
+
+def _device_request(action: str, device: str, config: Path | None, home: Path | None, as_json: bool) -> None:
+    from schemas import topics
+    from schemas.ops import DeviceRequest
+    from services.cli_rollout import operator_token, report, send
+
+    settings = _operator(config)
+    try:
+        topic = topics.ops_device_topic(settings.fleet, device, action)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    report(send(settings, topic, DeviceRequest(token=operator_token(settings, home))), as_json)
+
+
+@fleet_app.command("install")
+def fleet_install(
+    device: Annotated[str, typer.Argument(help="device id")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Install its class's latest release on one device now (refused while that rollout is paused or aborted)."""
+    _device_request("install", device, config, home, as_json)
+
+
+@fleet_app.command("check")
+def fleet_check(
+    device: Annotated[str, typer.Argument(help="device id")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Ask one device to evaluate its class's release again and report."""
+    _device_request("check", device, config, home, as_json)
+
+
+@fleet_app.command("retire")
+def fleet_retire(
+    device: Annotated[str, typer.Argument(help="device id")],
+    config: ConfigOption = None,
+    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Forget a decommissioned device: its retained reports and its Home Assistant entity are removed."""
+    _device_request("retire", device, config, home, as_json)
 
 
 @fleet_app.command("show")

@@ -15,18 +15,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from schemas.patch import PatchHeader
+from services.cli_common import JsonOption, err, fail
 from services.delta import BadPatch, apply_in_place, apply_patch, patch_info
 
 delta_app = typer.Typer(help="Binary deltas: create, apply (also in place), inspect.", no_args_is_help=True)
-err = Console(stderr=True)
 out = Console()
-
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of tables")]
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
+_fail = fail
 
 
 @contextmanager

@@ -43,6 +43,10 @@ class FleetTracker:
         if parsed is None:
             return False
         device, leaf = parsed
+        if not message.payload and leaf in ("state", "online"):
+            self.devices.pop(device, None)  # a retained message cleared: the device was retired
+            self.changed.set()
+            return True
         view = self.devices.setdefault(device, DeviceView(device))
         if leaf == "online":
             view.online = message.payload == b"online"

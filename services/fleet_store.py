@@ -43,6 +43,11 @@ CREATE TABLE IF NOT EXISTS attempts (
     millis INTEGER
 );
 CREATE INDEX IF NOT EXISTS attempts_by_device ON attempts(device, id);
+CREATE TABLE IF NOT EXISTS rollouts (
+    device_class TEXT PRIMARY KEY,
+    rollout_json TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
 """
 
 WORKING = {Phase.DOWNLOADING, Phase.VERIFYING, Phase.PATCHING, Phase.INSTALLING, Phase.CONFIRMING}
@@ -136,6 +141,23 @@ class FleetStore:
                        last_seen=CASE WHEN excluded.online THEN excluded.last_seen ELSE devices.last_seen END""",
                 (device, int(online), seen.isoformat()),
             )
+
+    def retire(self, device: str) -> bool:
+        """Forget a decommissioned device (its attempts stay, for the record); False if unknown."""
+        with self._db:
+            return self._db.execute("DELETE FROM devices WHERE device=?", (device,)).rowcount > 0
+
+    def save_rollout(self, device_class: str, rollout_json: str) -> None:
+        with self._db:
+            self._db.execute(
+                """INSERT INTO rollouts (device_class, rollout_json, updated) VALUES (?, ?, ?)
+                   ON CONFLICT(device_class) DO UPDATE SET rollout_json=excluded.rollout_json, updated=excluded.updated""",
+                (device_class, rollout_json, datetime.now(UTC).isoformat()),
+            )
+
+    def rollouts(self) -> dict[str, str]:
+        """device class -> the JSON of its latest rollout."""
+        return dict(self._db.execute("SELECT device_class, rollout_json FROM rollouts").fetchall())
 
     def devices(self) -> list[DeviceRow]:
         rows = self._db.execute(

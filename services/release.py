@@ -15,7 +15,7 @@ import zstandard
 from packaging.version import Version
 
 from schemas import topics
-from schemas.models import Artifact, Delta, Encryption, InstallSpec, PayloadType, ReleaseManifest, Role
+from schemas.models import Artifact, Delta, Encryption, InstallSpec, PayloadType, ReleaseManifest, Role, RolloutRule
 from services.confidential import encrypt_file
 from services.content import ContentStore
 from services.delta import create_delta
@@ -86,6 +86,7 @@ class ReleasePipeline:
     async def build(
         self, device_class: str, version: str, artifact: Path, *, target: str, summary: str = "",
         install: InstallSpec | None = None, fleet_versions: Mapping[str, int] | None = None,
+        rollout: RolloutRule | None = None, release_url: str | None = None,
     ) -> BuiltRelease:
         """Sign and store a release; `fleet_versions` (version -> devices running it, from fleet
         tracking) picks the delta bases, else the last releases are used."""
@@ -131,6 +132,8 @@ class ReleasePipeline:
             deltas=deltas,
             install=install or InstallSpec(target=target),
             summary=summary,
+            release_url=release_url,
+            rollout=rollout,
         )
         signers = self.home.signing_keys(Role.RELEASE)
         if len(signers) < root.roles[Role.RELEASE].threshold:

@@ -69,6 +69,11 @@ class InstallSettings(BaseModel):
     command_timeout: float = Field(600.0, gt=0, description="the command handler's programs (s)")
 
 
+class HomeAssistantSettings(BaseModel):
+    enabled: bool = Field(False, description="publish MQTT discovery so every device is a Home Assistant update entity")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$")
+
+
 class _Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(
@@ -115,6 +120,7 @@ class OperatorSettings(_Settings):
     release_expires_days: int = Field(30, ge=1)
     delta_bases: int = Field(3, ge=0, le=16, description="make deltas from this many previous versions")
     timestamp_expires_hours: float = Field(4.0, gt=0, description="lifetime of each signed timestamp")
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
 
 
 S = TypeVar("S", bound=_Settings)

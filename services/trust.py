@@ -332,3 +332,27 @@ class TrustedSet:
                 f"timestamp v{timestamp.version} names {named} for {self.device_class}, not this sequence {manifest.sequence}"
             )
         return manifest
+
+
+# -- staged rollouts ------------------------------------------------------------------------------
+
+BUCKETS = 10_000
+
+
+def rollout_bucket(salt: str, device: str) -> int:
+    """A device's place (0-9999) in every rollout of a release: the same on the device and the service.
+
+    A new salt per release reshuffles who goes first, so the same devices are not always the canaries.
+    """
+    digest = hashlib.sha256(f"edgeswarm-rollout:{salt}:{device}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def rollout_admits(manifest: ReleaseManifest, device: str, approved_sequence: int) -> bool:
+    """May `device` install this verified release now? By the signed canary rule, or an install command."""
+    rule = manifest.rollout
+    if rule is None:
+        return True
+    if rollout_bucket(rule.salt, device) < rule.canary_percent * (BUCKETS // 100):
+        return True
+    return approved_sequence == manifest.sequence
