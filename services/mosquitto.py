@@ -7,7 +7,9 @@ publish silently and never delivers a denied subscription):
 |---|---|---|
 | device `<id>` (class C) | its own `devices/<id>/state`, `online`, `peer` | `trust/root/+`, `timestamp`, `releases/C`, its own `devices/<id>/cmd` |
 | `edgeswarm-release` | `trust/root/+`, `timestamp`, `releases/+` | `devices/+/state`, `devices/+/online` |
-| `edgeswarm-operator` | `devices/+/cmd`, `ops/#`, `homeassistant/#` | `devices/#`, `ops/#`, `releases/+`, `timestamp` |
+| `edgeswarm-operator` (fleet service) | `devices/+/cmd`, `ops/#`, `ha/#`, `homeassistant/#`; `devices/+/state`, `online` (to clear a retired device) | `devices/#`, `ops/#`, `releases/+`, `timestamp` |
+| `edgeswarm-homeassistant` | `ops/device/+/install`, `ops/device/+/check`, `homeassistant/status` | `homeassistant/#`, `ha/#`, `devices/+/online`, `ops/rollout/+/status` |
+| `edgeswarm-nodered` | `ops/rollout/+` (start, pause, resume, abort) | `ops/results`, `ops/rollout/+/status`, `devices/+/state` |
 | `edgeswarm-bridge-<site>` | `devices/+/state`, `online`, `peer` (the site's devices) | `trust/root/+`, `timestamp`, `releases/+`, `devices/+/cmd` |
 
 Two tiers: a site broker bridges to the central one. Releases, roots, timestamps and commands flow
@@ -31,6 +33,8 @@ from schemas import topics
 RELEASE_PRINCIPAL = "edgeswarm-release"
 BRIDGE_LOCAL_PRINCIPAL = "edgeswarm-bridge-local"
 OPERATOR_PRINCIPAL = "edgeswarm-operator"
+HOMEASSISTANT_PRINCIPAL = "edgeswarm-homeassistant"
+NODERED_PRINCIPAL = "edgeswarm-nodered"
 
 
 def password_hash(password: str, *, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -114,7 +118,25 @@ def _acl(plan: BrokerPlan) -> str:
         f"topic readwrite {root}/ops/#",
         f"topic read {root}/releases/+",
         f"topic read {root}/timestamp",
-        "topic write homeassistant/#",
+        f"topic write {root}/ha/#",
+        f"topic write {root}/devices/+/state",
+        f"topic write {root}/devices/+/online",
+        "topic readwrite homeassistant/#",
+        "",
+        f"user {HOMEASSISTANT_PRINCIPAL}",
+        "topic read homeassistant/#",
+        "topic write homeassistant/status",
+        f"topic read {root}/ha/#",
+        f"topic read {root}/devices/+/online",
+        f"topic read {root}/ops/rollout/+/status",
+        f"topic write {root}/ops/device/+/install",
+        f"topic write {root}/ops/device/+/check",
+        "",
+        f"user {NODERED_PRINCIPAL}",
+        f"topic write {root}/ops/rollout/+",
+        f"topic read {root}/ops/rollout/+/status",
+        f"topic read {root}/ops/results",
+        f"topic read {root}/devices/+/state",
         "",
     ]
     for site in plan.bridge_sites:
@@ -153,7 +175,7 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
     (d / "data").mkdir(parents=True, exist_ok=True)
     (d / "credentials").mkdir(exist_ok=True)
     os.chmod(d / "credentials", 0o700)
-    principals = [RELEASE_PRINCIPAL, OPERATOR_PRINCIPAL, *(bridge_principal(s) for s in plan.bridge_sites),
+    principals = [RELEASE_PRINCIPAL, OPERATOR_PRINCIPAL, HOMEASSISTANT_PRINCIPAL, NODERED_PRINCIPAL, *(bridge_principal(s) for s in plan.bridge_sites),
                   *([BRIDGE_LOCAL_PRINCIPAL] if plan.bridge else []), *(dev.device_id for dev in plan.devices)]
     passwords = {p: secrets.token_urlsafe(24) for p in principals}
     _write(d / "passwd", "".join(f"{p}:{password_hash(pw)}\n" for p, pw in passwords.items()), 0o640)

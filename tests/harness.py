@@ -79,7 +79,8 @@ class StateWatcher:
         self.client.on_message = self._on_message
         if auth:
             self.client.username_pw_set(auth["username"], auth["password"])
-            self.client.tls_set(ca_certs=auth["ca_file"])
+            if "ca_file" in auth:
+                self.client.tls_set(ca_certs=auth["ca_file"])
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -165,8 +166,9 @@ class Fleet:
     # -- infrastructure ------------------------------------------------------------------------
 
     def start(self, *, with_origin: bool = True, init_args: tuple[str, ...] = (),
-              mosquitto_devices: list[tuple[str, str]] | None = None, broker_args: tuple[str, ...] = ()) -> None:
-        """Start the embedded broker, or (with `mosquitto_devices`) a locked-down Mosquitto over TLS."""
+              mosquitto_devices: list[tuple[str, str]] | None = None, broker_args: tuple[str, ...] = (),
+              broker_tls: bool = True) -> None:
+        """Start the embedded broker, or (with `mosquitto_devices`) a locked-down Mosquitto, over TLS by default."""
         self.broker_port = free_port()
         operator_mqtt = ""
         if mosquitto_devices is None:
@@ -176,15 +178,16 @@ class Fleet:
         else:
             # Mosquitto drops to user `mosquitto`, which cannot traverse pytest's 0700 directories.
             self.broker_dir = mosquitto_dir()
-            self.cli("pki", "init", "--out", str(self.root / "pki"), "--fleet", FLEET)
+            if broker_tls:
+                self.cli("pki", "init", "--out", str(self.root / "pki"), "--fleet", FLEET)
             self.cli("broker", "config", "--out", str(self.broker_dir), "--fleet", FLEET, "--port", str(self.broker_port),
-                     "--pki", str(self.root / "pki"), *sum((["--device", f"{d}:{c}"] for d, c in mosquitto_devices), []),
+                     *(("--pki", str(self.root / "pki")) if broker_tls else ()), *sum((["--device", f"{d}:{c}"] for d, c in mosquitto_devices), []),
                      *broker_args)
             self.mosquitto = MosquittoProcess(self.broker_dir / "mosquitto.conf", self.broker_port, self.root / "mosquitto.log")
             self.mosquitto.start()
             self.processes.append(self.mosquitto)  # type: ignore[arg-type]
             release = credentials(self.broker_dir, "edgeswarm-release")
-            operator_mqtt = "".join(f'{k} = "{release[k]}"\n' for k in ("username", "password", "ca_file"))
+            operator_mqtt = "".join(f'{k} = "{release[k]}"\n' for k in ("username", "password", "ca_file") if k in release)
             watcher_auth = credentials(self.broker_dir, "edgeswarm-operator")
         self.operator_config = self.root / "operator.toml"
         self.origin_port = free_port()

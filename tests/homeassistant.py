@@ -62,8 +62,10 @@ def ensure_installed(log=print) -> Path:
     constraints = CACHE / "package_constraints.txt"
     with zipfile.ZipFile(wheel) as zf:
         constraints.write_bytes(zf.read("homeassistant/package_constraints.txt"))
-    # The mqtt integration's own requirement is installed now so that later boots can use --skip-pip.
-    subprocess.run(pip + ["-c", str(constraints), str(wheel), "josepy<2", "paho-mqtt==2.1.0"], check=True)
+    # What the boot needs (the frontend) and the mqtt integration's own requirement are installed now,
+    # so that every boot can use --skip-pip (Home Assistant would otherwise pip-install at start-up).
+    subprocess.run(pip + ["-c", str(constraints), str(wheel), "josepy<2", "paho-mqtt==2.1.0", "home-assistant-frontend"],
+                   check=True)
     marker.write_text(VERSION)
     return HASS
 
@@ -103,7 +105,10 @@ class HomeAssistant:
                                      headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as response:
             raw = response.read()
-        return json.loads(raw) if raw else None
+            is_json = response.headers.get_content_type() == "application/json"
+        if not raw:
+            return None
+        return json.loads(raw) if is_json else raw.decode()  # /api/template answers text
 
     def state(self, entity_id: str) -> dict | None:
         try:

@@ -80,6 +80,26 @@ def test_a_device_may_publish_only_its_own_topics(locked: Fleet, topic: str, obs
     assert asyncio.run(delivered(locked, "dev-a", topic, observer, observe)) is allowed
 
 
+@pytest.mark.parametrize(
+    ("publisher", "topic", "allowed"),
+    [
+        ("edgeswarm-homeassistant", f"{ROOT}/ops/device/dev-a/install", True),
+        ("edgeswarm-homeassistant", f"{ROOT}/ops/device/dev-a/retire", False),
+        ("edgeswarm-homeassistant", f"{ROOT}/ops/rollout/start", False),
+        ("edgeswarm-homeassistant", f"{ROOT}/devices/dev-a/cmd", False),
+        ("edgeswarm-nodered", f"{ROOT}/ops/rollout/start", True),
+        ("edgeswarm-nodered", f"{ROOT}/ops/device/dev-a/retire", False),
+        ("edgeswarm-nodered", f"{ROOT}/devices/dev-a/cmd", False),
+    ],
+    ids=["ha-install", "ha-retire", "ha-rollout", "ha-device-cmd", "nodered-rollout", "nodered-retire", "nodered-device-cmd"],
+)
+def test_home_assistant_and_node_red_publish_only_their_operator_requests(
+    locked: Fleet, publisher: str, topic: str, allowed: bool
+) -> None:
+    observe = f"{ROOT}/devices/+/cmd" if "/devices/" in topic else f"{ROOT}/ops/#"
+    assert asyncio.run(delivered(locked, publisher, topic, "edgeswarm-operator", observe)) is allowed
+
+
 def test_a_device_reads_its_class_release_but_not_other_classes_devices_or_fleets(locked: Fleet) -> None:
     passwd = locked.broker_dir / "passwd"
     acl = locked.broker_dir / "acl"
