@@ -91,6 +91,8 @@ class FleetService:
         await self.tracker.subscribe(client)
         await client.subscribe(topics.releases_wildcard(self.fleet))
         await client.subscribe(topics.ops_wildcard(self.fleet))
+        if self.bridge is not None:
+            await client.subscribe(self.bridge.status_topic)
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
@@ -119,6 +121,13 @@ class FleetService:
             return
         if topics.topic_matches_release(self.fleet, message.topic):
             self._on_release(message.payload)
+            return
+        if self.bridge is not None and message.topic == self.bridge.status_topic:
+            if message.payload == b"online":
+                # Home Assistant (re)started: send every entity again in case its broker lost them.
+                self._published.clear()
+                self._status_seen.clear()
+                self._dirty |= set(self.tracker.devices)
             return
         parsed = topics.parse_ops_topic(self.fleet, message.topic)
         if parsed is not None and not message.retain:

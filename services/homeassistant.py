@@ -31,6 +31,7 @@ class HomeAssistantBridge:
         self.install_token = install_token
         self.origin_version = origin_version
         topics.ha_discovery_topic(prefix, "update", fleet, "probe")  # refuses a bad prefix now, not later
+        self.status_topic = f"{prefix}/status"  # Home Assistant's birth message: "online" after every start
 
     def _unique(self, name: str) -> str:
         return f"edgeswarm_{self.fleet}_{name}".replace("-", "_")

@@ -210,7 +210,9 @@ def _diff(old_window: bytes, data: bytes, extents: list[Extent]) -> _Streams:
 
 
 def _pack_segment(streams: _Streams, data: bytes, start: int, compression: Compression, split: bool) -> tuple[Segment, bytes]:
-    packed = compress(streams.control + streams.diff + streams.extra, compression, split=split)
+    # The last segment's compression cannot hide behind a diff: both cores, and less effort.
+    packed = compress(streams.control + streams.diff + streams.extra, compression, split=split,
+                      effort="fast" if split else "max")
     segment = Segment(
         new_offset=start,
         new_size=len(data),
