@@ -1,0 +1,102 @@
+"""The network-namespace NAT lab behaves like the NATs devices sit behind (issue #7, testbed).
+
+Each assertion is a property later peer-to-peer tests rely on: plain MASQUERADE keeps one external
+port per socket (so peers can reach back through it), --random-fully picks a new one per
+destination (symmetric), nothing gets in unasked, UPnP/NAT-PMP mappings (miniupnpd, external
+address learnt from coturn over STUN) let the WAN in, neighbours behind one router talk over the
+LAN, links are shaped, and nothing of the lab survives it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import netlab
+from tests.netlab import NatLab
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(netlab.available() is not None, reason=f"NAT lab unavailable: {netlab.available()}"),
+]
+PROBE = [sys.executable, "-m", "tests.netlab_probe"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def probe(ns: netlab.Namespace, *args: str, check: bool = True) -> str:
+    return ns.run(*PROBE, *args, check=check).stdout.strip()
+
+
+def serve(lab: NatLab, ns: netlab.Namespace, ip: str, port: int) -> None:
+    lab.popen(ns, [*PROBE, "serve", ip, str(port)], f"serve-{ns.name}-{port}.log", cwd=REPO)
+
+
+def wait_listening(ns: netlab.Namespace, port: int) -> None:
+    end = time.monotonic() + 10
+    while f":{port} " not in ns.run("ss", "-ltn", check=False).stdout:
+        if time.monotonic() > end:
+            raise AssertionError(f"nothing listens on {port} in {ns.name}")
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(netlab.upnp_available() is not None, reason=f"{netlab.upnp_available()}")
+def test_nat_kinds_mappings_lan_shaping_and_teardown(tmp_path: Path) -> None:
+    with NatLab(tmp_path / "lab") as lab:
+        origin, other = lab.add_wan_host("origin"), lab.add_wan_host("other")
+        lab.start_stun(origin)
+        upnp, plain, symmetric = lab.add_router("upnp"), lab.add_router("masquerade"), lab.add_router("symmetric")
+        inner = lab.add_router("masquerade", behind=plain)
+        mapped, neighbour = lab.add_device(upnp, "du1"), lab.add_device(upnp, "du2")
+        behind_plain, behind_symmetric, behind_two = (lab.add_device(plain, "dm"), lab.add_device(symmetric, "ds"),
+                                                      lab.add_device(inner, "dd"))
+        lab.start_upnp(upnp)
+        for host in (origin, other):
+            serve(lab, host, host.ip, 7000)
+            wait_listening(host, 7000)
+        names = tuple(lab.namespaces)
+
+        def seen_by_both(device: netlab.Namespace) -> list[str]:
+            return [probe(device, "whoami", host.ip, "7000", "40000") for host in (origin, other)]
+
+        # Endpoint-independent mapping: one external address:port for the socket, whoever it talks to.
+        first, second = seen_by_both(behind_plain)
+        assert first == second and first.startswith(f"{plain.ip}:")
+        # Symmetric: a new external port per destination.
+        first, second = seen_by_both(behind_symmetric)
+        assert first.split(":")[0] == second.split(":")[0] == symmetric.ip and first != second
+        # Double NAT: the world sees the outer router.
+        assert probe(behind_two, "whoami", origin.ip, "7000").startswith(f"{plain.ip}:")
+
+        # Nothing gets in unasked: no route to private LANs, and the router forwards nothing.
+        serve(lab, behind_plain, "0.0.0.0", 7100)
+        wait_listening(behind_plain, 7100)
+        assert origin.run(*PROBE, "whoami", plain.ip, "7100", check=False).returncode != 0
+        assert origin.run(*PROBE, "whoami", behind_plain.ip, "7100", check=False).returncode != 0
+
+        # NAT-PMP (miniupnpd): the external address it learnt over STUN, and a mapping that lets the WAN in.
+        serve(lab, mapped, "0.0.0.0", 41000)
+        wait_listening(mapped, 41000)
+        external = ""
+        for _ in range(50):  # miniupnpd needs its STUN round before it maps anything
+            result = mapped.run(*PROBE, "natpmp", upnp.lan_ip, "41000", check=False)
+            if result.returncode == 0:
+                external = result.stdout.strip()
+                break
+            time.sleep(0.2)
+        assert external == f"{upnp.ip} 41000"
+        assert probe(origin, "whoami", upnp.ip, "41000").startswith(f"{origin.ip}:")
+        assert probe(behind_symmetric, "whoami", upnp.ip, "41000").startswith(f"{symmetric.ip}:")
+
+        # Neighbours behind one router meet on the LAN, unNATed.
+        assert probe(neighbour, "whoami", mapped.ip, "41000").startswith(f"{neighbour.ip}:")
+
+        # Shaping: 20 Mbit/s on a device's uplink. A lower bound only: a busy machine is slower, never faster.
+        lab.shape(behind_plain, rate_mbit=20)
+        lab.popen(origin, [*PROBE, "sink", origin.ip, "7200"], "sink.log", cwd=REPO)
+        wait_listening(origin, 7200)
+        seconds = float(probe(behind_plain, "send", origin.ip, "7200", str(5_000_000)))
+        assert seconds >= 0.8 * 5_000_000 * 8 / 20e6
+    assert not set(names) & set(netlab.leftover_namespaces())
