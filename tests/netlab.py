@@ -245,35 +245,45 @@ class NatLab:
     # -- teardown ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
+        """Stop every process started in the lab, then delete every namespace; never raises."""
+        try:
+            for process in reversed(self.processes):
+                _signal(process, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            for process in self.processes:
                 try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-        deadline = time.monotonic() + 10
-        for process in self.processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        for name in reversed(self.namespaces):
-            # Deleting a namespace kills its veths (and their peers) with it.
-            _run("ip", "netns", "pids", name, check=False)
-            for pid in _run("ip", "netns", "pids", name, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _run("ip", "netns", "delete", name, check=False)
-        self.namespaces.clear()
+                    process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal(process, signal.SIGKILL)
+                    process.wait()
+        finally:
+            for name in reversed(self.namespaces):
+                # Whatever still runs inside (a child that escaped its group) goes with the namespace.
+                for pid in _run("ip", "netns", "pids", name, check=False).stdout.split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except (ProcessLookupError, ValueError):
+                        pass
+                _run("ip", "netns", "delete", name, check=False)  # its veths, and their peers, go with it
+            self.namespaces.clear()
 
     def __enter__(self) -> NatLab:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _signal(process: subprocess.Popen[bytes], sig: int) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, sig)  # popen() starts every process as its own group leader
+    except (ProcessLookupError, PermissionError):
+        try:
+            process.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
 
 def leftover_namespaces() -> list[str]:

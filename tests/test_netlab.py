@@ -100,3 +100,69 @@ def test_nat_kinds_mappings_lan_shaping_and_teardown(tmp_path: Path) -> None:
         seconds = float(probe(behind_plain, "send", origin.ip, "7200", str(5_000_000)))
         assert seconds >= 0.8 * 5_000_000 * 8 / 20e6
     assert not set(names) & set(netlab.leftover_namespaces())
+
+
+def _first_json(log: Path, timeout: float = 60.0) -> dict:
+    import json
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in (log.read_text() if log.exists() else "").splitlines():
+            if line.startswith("{"):
+                return json.loads(line)
+        time.sleep(0.2)
+    raise AssertionError(f"no JSON line in {log}: {log.read_text()[-2000:] if log.exists() else ''}")
+
+
+@pytest.mark.skipif(netlab.upnp_available() is not None, reason=f"{netlab.upnp_available()}")
+def test_embedded_kubo_crosses_nats_through_a_upnp_mapping_and_shares_on_the_lan(tmp_path: Path) -> None:
+    """The paths issue #7 builds on, with the embedded Kubo (v0.22): a device behind a UPnP router
+    gets a port mapping by itself (Swarm.DisableNatPortMap false); devices behind plain and symmetric
+    NATs fetch from it once they know the mapped address (what an MQTT rendezvous hands out), and a
+    neighbour on its LAN finds it by mDNS. The origin never has the file: every byte comes from the peer."""
+    import json
+    import os
+    import re
+
+    node = [sys.executable, "-m", "tests.netlab_node"]
+    env = {"PYTHONPATH": str(REPO)}
+    with NatLab(tmp_path / "lab") as lab:
+        origin = lab.add_wan_host("origin")
+        lab.start_stun(origin)
+        upnp, plain, symmetric = lab.add_router("upnp"), lab.add_router("masquerade"), lab.add_router("symmetric")
+        seeder, neighbour = lab.add_device(upnp, "seed"), lab.add_device(upnp, "lan")
+        behind_plain, behind_symmetric = lab.add_device(plain, "dm"), lab.add_device(symmetric, "ds")
+        lab.start_upnp(upnp)
+        blob = tmp_path / "blob"
+        blob.write_bytes(os.urandom(4 << 20))
+        lab.popen(origin, [*node, "--repo", str(tmp_path / "origin" / "ipfs"), "--listen", origin.ip], "origin-node.log",
+                  env=env)
+        bootstrap = _first_json(lab.workdir / "origin-node.log")["multiaddr"]
+        lab.popen(seeder, [*node, "--repo", str(tmp_path / "seed" / "ipfs"), "--port", "4101", "--peer", bootstrap,
+                           "--nat-port-map", "--mdns", "--add", str(blob)], "seed-node.log", env=env)
+        seed = _first_json(lab.workdir / "seed-node.log")
+        mapping = None
+        end = time.monotonic() + 30
+        while mapping is None and time.monotonic() < end:
+            found = re.findall(r"AddPortMapping: ext port (\d+) to (\S+):4101", (lab.workdir / "miniupnpd-1.log").read_text())
+            mapping = found[-1] if found else None
+            time.sleep(0.3)
+        assert mapping is not None and mapping[1] == seeder.ip, "Kubo asked miniupnpd for no mapping"
+        reachable = f"/ip4/{upnp.ip}/tcp/{mapping[0]}/p2p/{seed['peer_id']}"
+
+        def fetch(device: netlab.Namespace, name: str, *peers: str) -> dict:
+            args = [*node, "--repo", str(tmp_path / name / "ipfs"), "--port", "4201", "--mdns", "--fetch", seed["cid"],
+                    "--out", str(tmp_path / f"{name}.out"), "--deadline", "60"]
+            for peer in peers:
+                args += ["--peer", peer]
+            result = device.run(*args, check=False)
+            lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+            assert result.returncode == 0 and "fetched" in lines[-1], result.stdout[-2000:]
+            assert (tmp_path / f"{name}.out").read_bytes() == blob.read_bytes()
+            return lines[-1]
+
+        lan = fetch(neighbour, "lan", bootstrap)  # no address given: mDNS finds the seeder on the LAN
+        assert any(seeder.ip in p for p in lan["peers"]), lan
+        for device, name in ((behind_plain, "dm"), (behind_symmetric, "ds")):
+            crossed = fetch(device, name, bootstrap, reachable)
+            assert any(f"/ip4/{upnp.ip}/tcp/{mapping[0]}" in p for p in crossed["peers"]), crossed
