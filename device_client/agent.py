@@ -17,6 +17,7 @@ import pydantic
 
 from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, StateStore
+from device_client.rendezvous import Rendezvous, local_address
 from device_client.reporter import Reporter
 from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, Updater
 from schemas import topics
@@ -29,9 +30,10 @@ from services.messaging import Message, MqttClient, MqttError, Will, topic_match
 from services.settings import DeviceSettings
 from services.traffic import Endpoint, TrafficMeter
 from services.trust import (
-    DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError, decode_envelope, payload_bytes,
-    rollout_admits,
+    BUCKETS, DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError, decode_envelope,
+    payload_bytes, rollout_admits, rollout_bucket,
 )
+from services import natpmp
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class DeviceAgent:
     def __init__(self, settings: DeviceSettings) -> None:
         self.settings = settings
         self.state_dir = settings.state_dir
+        self.rendezvous: Rendezvous | None = None
         self.state_store = StateStore(self.state_dir / "state.json")
         self.root_path = self.state_dir / "root.json"
         self.timestamp_path = self.state_dir / "timestamp.json"
@@ -114,13 +117,17 @@ class DeviceAgent:
         stop = stop or asyncio.Event()
         download_dir = self.state_dir / "downloads"
         download_dir.mkdir(exist_ok=True)
+        mapped = await self._map_swarm_port() if s.content.nat_pmp else None
         node_config = KuboConfig(
             repo=self.state_dir / "ipfs",
             listen_host=s.content.listen_host,
             swarm_port=s.content.swarm_port,
-            peers=list(s.content.peers),
+            # With a grace period the origin is dialed only when peers do not deliver (Updater).
+            peers=[p for p in s.content.peers if s.content.origin_grace is None or p != s.content.origin],
             mdns=s.content.mdns,
             nat_port_map=s.content.nat_port_map,
+            announce=[mapped] if mapped else [],
+            routing=s.content.routing,
             swarm_key=load_swarm_key(s.content.swarm_key_file) if s.content.swarm_key_file else None,
         )
         online = topics.online_topic(s.fleet, s.device_id)
@@ -141,11 +148,18 @@ class DeviceAgent:
                 stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
                 class_key=load_class_key(s.content.class_key_file) if s.content.class_key_file else None,
                 install=s.install,
+                origin_peer=s.content.origin if s.content.origin_grace is not None else None,
+                origin_grace=self._origin_grace(),
             )
             await client.subscribe(topics.root_wildcard(s.fleet))
             await client.subscribe(topics.timestamp_topic(s.fleet))
             await client.subscribe(topics.release_topic(s.fleet, s.device_class))
             await client.subscribe(topics.command_topic(s.fleet, s.device_id))
+            renewer = asyncio.ensure_future(self._keep_mapping()) if mapped else None
+            if s.content.rendezvous:
+                self.rendezvous = Rendezvous(client, node, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
+                                             max_message_bytes=s.limits.max_message_bytes)
+                await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
             await self.report(Phase.IDLE)  # only now: "idle" means listening
             if self.state.pending is not None and self.state.pending.phase == Phase.CONFIRMING:
                 await self._roll_back_unconfirmed()
@@ -172,6 +186,10 @@ class DeviceAgent:
                             await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
             finally:
                 stopper.cancel()
+                if self.rendezvous is not None:
+                    self.rendezvous.close()
+                if renewer is not None:
+                    renewer.cancel()
                 try:
                     await client.publish(online, OFFLINE, retain=True, timeout=2)
                 except MqttError as exc:
@@ -187,6 +205,8 @@ class DeviceAgent:
 
     async def _dispatch(self, message: Message) -> None:
         s = self.settings
+        if self.rendezvous is not None and self.rendezvous.handles(message):
+            return
         if topic_matches(topics.release_topic(s.fleet, s.device_class), message.topic):
             self.last_release = message.payload
             await self._evaluate(message.payload)
@@ -198,6 +218,43 @@ class DeviceAgent:
             await self._on_command(message.payload)
         else:
             log.debug("ignoring message on %s", message.topic)
+
+    # -- peer-to-peer -----------------------------------------------------------------------
+
+    async def _map_swarm_port(self) -> str | None:
+        """/ip4/<external>/tcp/<port> the router mapped to our swarm port, or None (no NAT-PMP there)."""
+        router = natpmp.gateway()
+        if router is None:
+            return None
+        try:
+            mapping = await natpmp.map_tcp(router, self.settings.content.swarm_port)
+        except natpmp.NatPmpError as exc:
+            log.info("no port mapping: %s", exc)
+            return None
+        log.info("router %s maps %s:%d to our swarm port", router, mapping.external_ip, mapping.external_port)
+        return f"/ip4/{mapping.external_ip}/tcp/{mapping.external_port}"
+
+    async def _keep_mapping(self, lifetime: int = 3600) -> None:
+        """Routers forget mappings when their lease ends: renew at half-time."""
+        while True:
+            await asyncio.sleep(lifetime / 2)
+            await self._map_swarm_port()
+
+    def _dialable(self, peer_id: str, mapped: str | None) -> list[str]:
+        """Our node's addresses for the rendezvous: the router's mapping first, then the LAN address."""
+        s = self.settings
+        host = s.content.listen_host
+        if host in ("0.0.0.0", "::"):
+            host = local_address(s.mqtt.host)
+        return [f"{a}/p2p/{peer_id}" for a in ([mapped] if mapped else []) + [f"/ip4/{host}/tcp/{s.content.swarm_port}"]]
+
+    def _origin_grace(self) -> float | None:
+        """This device's grace before it dials the origin: 1-4x the setting, spread by device id, so
+        that one device reaches the origin first and the others get its blocks instead."""
+        grace = self.settings.content.origin_grace
+        if grace is None:
+            return None
+        return grace * (1 + 3 * rollout_bucket("origin-grace", self.settings.device_id) / BUCKETS)
 
     # -- trust ------------------------------------------------------------------------------
 
@@ -335,6 +392,7 @@ class DeviceAgent:
         await self.report(
             Phase.DONE, target_version=m.version, progress=100, used_delta=updater.used_delta,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
+            bytes_from_lan_peers=updater.traffic.from_lan_peers,
             update_millis=updater.elapsed_ms,
         )
 
@@ -357,6 +415,7 @@ class DeviceAgent:
         await self.report(
             phase, target_version=manifest.manifest.version, reason=reason, reason_code=code,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
+            bytes_from_lan_peers=updater.traffic.from_lan_peers,
             retrying=retrying or None,
         )
 

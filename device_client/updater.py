@@ -28,7 +28,7 @@ from services.confidential import DecryptError, decrypt_file
 from services.content import ContentStore, FetchError
 from services.delta import BadPatch, apply_delta
 from services.settings import InstallSettings
-from services.traffic import Endpoint, TrafficMeter, received_since
+from services.traffic import Endpoint, TrafficMeter, on_link, received_since
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class UpdateFailed(Exception):
 class Traffic:
     from_origin: int = 0
     from_peers: int = 0
+    from_lan_peers: int = 0  # part of from_peers
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class UpdateContext:
     fetch_deadline: float
     class_key: bytes | None = None
     install: InstallSettings = field(default_factory=InstallSettings)
+    origin_peer: str | None = None  # dialed only after `origin_grace` s without progress from peers
+    origin_grace: float | None = None
 
 
 Report = Callable[..., Awaitable[object]]
@@ -172,17 +175,36 @@ class Updater:
         await self.report(phase=Phase.DOWNLOADING, target_version=manifest.manifest.version, progress=0)
         before = self.ctx.meter.snapshot() if self.ctx.meter else {}
 
+        last_growth = [time.monotonic(), -1]
+
         def progress(done: int) -> None:
+            if done > last_growth[1]:
+                last_growth[:] = [time.monotonic(), done]
             if self.progress is not None:
                 self.progress(int(80 * min(done, item.size) / max(item.size, 1)))
 
+        watchdog = asyncio.ensure_future(self._dial_origin_when_stalled(last_growth))
         try:
             await self.ctx.store.fetch(
                 item.cid, dest, max_bytes=item.size, stall_timeout=self.ctx.stall_timeout,
                 deadline=self.ctx.fetch_deadline, progress=progress,
             )
         finally:
+            watchdog.cancel()
             self._count_traffic(before)
+
+    async def _dial_origin_when_stalled(self, last_growth: list) -> None:  # noqa: ANN001
+        """Peers first: the origin is dialed only once they delivered nothing for the grace period, and
+        again after every further grace period without progress (a busy origin refuses some dials)."""
+        if self.ctx.origin_peer is None or self.ctx.origin_grace is None:
+            return
+        while True:
+            while time.monotonic() - last_growth[0] < self.ctx.origin_grace:
+                await asyncio.sleep(0.1)
+            log.info("no progress from peers for %.1f s: dialing the origin", self.ctx.origin_grace)
+            if not await self.ctx.store.connect(self.ctx.origin_peer):
+                log.info("the origin did not take the connection (busy?); asking again later")
+            last_growth[0] = time.monotonic()
 
     def _count_traffic(self, before: dict) -> None:
         if self.ctx.meter is None:
@@ -192,6 +214,8 @@ class Updater:
                 self.traffic.from_origin += received
             else:
                 self.traffic.from_peers += received
+                if on_link(remote[0]):
+                    self.traffic.from_lan_peers += received
 
     def _persist(self, state: LocalState, manifest: ManifestAndRaw, phase: Phase) -> None:
         attempts = state.pending.attempts if state.pending else 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.models import DeviceCommand, DeviceState, ReleaseManifest, RootMetadata, SignedEnvelope, TimestampMetadata
+from schemas.models import DeviceCommand, DeviceState, PeerAnnouncement, ReleaseManifest, RootMetadata, SignedEnvelope, TimestampMetadata
 from schemas.ops import ControlRollout, DeviceRequest, OpsResult, RolloutStatus, StartRollout
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -18,6 +18,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "signed-envelope": SignedEnvelope,
     "device-state": DeviceState,
     "device-command": DeviceCommand,
+    "peer-announcement": PeerAnnouncement,
     "ops-rollout-start": StartRollout,
     "ops-rollout-control": ControlRollout,
     "ops-device-request": DeviceRequest,

@@ -259,11 +259,29 @@ class DeviceState(WireModel):
     progress: Annotated[int, Field(ge=0, le=100)] = 0
     bytes_from_peers: Annotated[int, Field(ge=0)] = 0
     bytes_from_origin: Annotated[int, Field(ge=0)] = 0
+    bytes_from_lan_peers: Annotated[int, Field(ge=0)] = 0  # the part of bytes_from_peers from this device's own LAN
     used_delta: bool | None = None
     update_millis: Annotated[int, Field(ge=0)] | None = None
     reason: ShortText | None = None
     reason_code: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,64}$")] | None = None
     retrying: bool | None = None  # failed, and the device will try the same release again by itself
+    timestamp: AwareDatetime
+
+
+Multiaddr = Annotated[str, StringConstraints(max_length=256, pattern=r"^/ip[46]/[0-9a-fA-F.:]+/tcp/[0-9]{1,5}/p2p/[A-Za-z0-9]{32,128}$")]
+
+
+class PeerAnnouncement(WireModel):
+    """Retained on a device's `peer` topic: where its IPFS node can be dialed (the MQTT rendezvous).
+
+    Only a hint for finding bytes faster; everything fetched is still checked against the signed
+    manifest, so a lying announcement costs a failed dial, nothing more.
+    """
+
+    device: Identifier
+    device_class: Identifier
+    peer_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{32,128}$")]
+    addrs: Annotated[list[Multiaddr], Field(min_length=1, max_length=8)]
     timestamp: AwareDatetime
 
 

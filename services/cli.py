@@ -474,7 +474,8 @@ def origin(
         swarm_key_file = settings.content.swarm_key_file or operator.swarm_key_file
         cfg = KuboConfig(repo=operator.path / "origin" / "ipfs", listen_host=settings.content.listen_host,
                          swarm_port=settings.content.swarm_port, peers=list(settings.content.peers),
-                         swarm_key=load_swarm_key(swarm_key_file) if swarm_key_file.exists() else None)
+                         swarm_key=load_swarm_key(swarm_key_file) if swarm_key_file.exists() else None,
+                         routing=settings.content.routing, max_connections=settings.content.max_connections)
         async with EmbeddedKuboNode(cfg) as node:
             err.print(f"origin node {node.multiaddr}")
             # Devices list this address as a peer; scripts and tests read it from here.

@@ -84,6 +84,8 @@ class KuboConfig:
     announce: list[str] = field(default_factory=list)
     listen: bool = True  # False: no swarm listener at all (a node that only computes CIDs)
     swarm_key: str | None = None  # hex; a private network (Kubo pnet): only nodes with the same key connect
+    routing: str = "dht"  # Kubo's Routing.Type; "none": no DHT, peers come only from config and the MQTT rendezvous
+    max_connections: int | None = None  # an origin that serves only this many peers at once, never dials, announces nothing
 
 
 class EmbeddedKuboNode:
@@ -120,6 +122,21 @@ class EmbeddedKuboNode:
         cfg["Addresses"]["Announce"] = list(self.config.announce)
         cfg["Discovery"]["MDNS"]["Enabled"] = self.config.mdns
         cfg["Swarm"]["DisableNatPortMap"] = not self.config.nat_port_map
+        cfg.setdefault("Routing", {})["Type"] = self.config.routing
+        limits = self.config.repo / "libp2p-resource-limit-overrides.json"
+        if self.config.max_connections is not None:
+            # Kubo wants the resource manager's limit above the connection manager's high water mark;
+            # the connection manager trims back to n after 2 s, so a starved device gets a turn. No
+            # outbound connections: measured in the NAT lab, an origin that may dial out connects to the
+            # devices it learns of within ~40 ms of the first one dialing it and serves them all.
+            n = self.config.max_connections
+            cfg["Swarm"]["ConnMgr"] = {"Type": "basic", "LowWater": n, "HighWater": n, "GracePeriod": "2s"}
+            limits.write_text(json.dumps({"System": {"Conns": n + 1, "ConnsInbound": n + 1, "ConnsOutbound": 0}}))
+            # Nor does it tell its addresses to anyone: devices that learnt them from a peer dialed it by
+            # themselves (measured: every device of the lab within 40 ms). Devices know it from settings.
+            cfg["Addresses"]["NoAnnounce"] = ["/ip4/0.0.0.0/ipcidr/0", "/ip6/::/ipcidr/0"]
+        else:
+            limits.unlink(missing_ok=True)
         path.write_text(json.dumps(cfg, indent=2))
         key_file = self.config.repo / "swarm.key"
         if self.config.swarm_key is not None:

@@ -5,7 +5,7 @@ publish silently and never delivers a denied subscription):
 
 | principal | publish | subscribe |
 |---|---|---|
-| device `<id>` (class C) | its own `devices/<id>/state`, `online`, `peer` | `trust/root/+`, `timestamp`, `releases/C`, its own `devices/<id>/cmd` |
+| device `<id>` (class C) | its own `devices/<id>/state`, `online`, `peer` | `trust/root/+`, `timestamp`, `releases/C`, its own `devices/<id>/cmd`, every `devices/+/peer` |
 | `edgeswarm-release` | `trust/root/+`, `timestamp`, `releases/+` | `devices/+/state`, `devices/+/online` |
 | `edgeswarm-operator` (fleet service) | `devices/+/cmd`, `ops/#`, `ha/#`, `homeassistant/#`; `devices/+/state`, `online` (to clear a retired device) | `devices/#`, `ops/#`, `releases/+`, `timestamp` |
 | `edgeswarm-homeassistant` | `ops/device/+/install`, `ops/device/+/check`, `homeassistant/status` | `homeassistant/#`, `ha/#`, `devices/+/online`, `ops/rollout/+/status` |
@@ -158,6 +158,7 @@ def _acl(plan: BrokerPlan) -> str:
             f"topic read {root}/timestamp",
             f"topic read {topics.release_topic(f, device.device_class)}",
             f"topic read {topics.command_topic(f, device.device_id)}",
+            f"topic read {topics.all_devices_wildcard(f, 'peer')}",  # the rendezvous: where peers can be dialed
             f"topic write {topics.state_topic(f, device.device_id)}",
             f"topic write {topics.online_topic(f, device.device_id)}",
             f"topic write {topics.device_topic(f, device.device_id, 'peer')}",

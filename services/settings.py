@@ -46,6 +46,18 @@ class ContentSettings(BaseModel):
     nat_port_map: bool = False
     swarm_key_file: Path | None = Field(None, description="private IPFS swarm: only nodes with this key connect")
     class_key_file: Path | None = Field(None, description="decrypts confidential payloads of this device's class")
+    nat_pmp: bool = Field(False, description="ask the router (NAT-PMP) to map swarm_port and announce the mapping")
+    rendezvous: bool = Field(False, description="publish this node's addresses on MQTT; dial peers of the class that publish theirs")
+    max_connections: int | None = Field(
+        None, ge=1, description="origin: serve at most this many peers at once (plus one), never dial out and "
+        "announce no address, so devices take blocks from each other and the origin sends each about once; "
+        "devices must list the origin in `peers`/`origin`. Unset: an ordinary node")
+    routing: Literal["dht", "dhtclient", "none"] = Field(
+        "dht", description="Kubo's content routing; 'none' with rendezvous + origin_grace: a DHT would find "
+        "the origin by itself and undo peers-first")
+    origin_grace: float | None = Field(
+        None, ge=0, description="dial the origin only after this many seconds without progress from peers "
+        "(spread per device up to 4x more); unset: dial it at start")
 
 
 class Limits(BaseModel):

@@ -81,3 +81,12 @@ def received_since(
         if delta > 0:
             per_remote[now.remote] = per_remote.get(now.remote, 0) + delta
     return per_remote
+
+
+def on_link(address: str) -> bool:
+    """Is `address` on one of this host's own networks (a LAN neighbour), not behind a router?"""
+    try:
+        route = subprocess.run(["ip", "route", "get", address], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return route.returncode == 0 and " via " not in route.stdout and " dev lo " not in route.stdout

@@ -98,6 +98,7 @@ class NatLab:
         self.routers: list[Router] = []
         self.hosts: list[Namespace] = []
         self._links = 0
+        self._outer_ends: dict[str, str] = {}  # inner namespace -> its veth's other end (on the bridge side)
         self.wan = self._namespace("wan")
         self.wan.run("ip", "link", "add", "br0", "type", "bridge")
         self.wan.run("ip", "link", "set", "br0", "up")
@@ -123,6 +124,11 @@ class NatLab:
         inner.run("ip", "link", "set", inner_if, "up")
         outer.run("ip", "link", "set", b, "master", bridge)
         outer.run("ip", "link", "set", b, "up")
+        self._outer_ends[inner.name] = b
+
+    def lan_port(self, device: Namespace) -> str:
+        """The router-side end of a device's link: shape it to limit what the device receives."""
+        return self._outer_ends[device.name]
 
     def add_wan_host(self, role: str) -> Namespace:
         host = self._namespace(role)

@@ -1,0 +1,93 @@
+"""The MQTT rendezvous: devices tell each other where their IPFS nodes can be dialed.
+
+Each device publishes, retained on its own `peer` topic, its node's addresses: the external one
+its router mapped (NAT-PMP) and its LAN one. Every device of the same class dials the peers it
+hears about, so a device behind any NAT reaches peers behind UPnP routers (through their mappings)
+and neighbours on its own LAN without waiting for a DHT. Dials run in the background: the agent's
+loop never waits for a slow or unreachable address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from datetime import UTC, datetime
+
+import pydantic
+
+from schemas import topics
+from schemas.canonical import MalformedDocument
+from schemas.models import PeerAnnouncement
+from services.content import ContentStore
+from services.messaging import Message, MqttClient
+
+log = logging.getLogger(__name__)
+MAX_PEERS = 32  # enough to swarm; a fleet of thousands must not make every device dial every other
+
+
+def local_address(towards: str) -> str:
+    """The address this host uses to reach `towards` (its LAN address behind a NAT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((towards, 9))  # UDP connect sends nothing; it only picks the route
+        return str(sock.getsockname()[0])
+
+
+class Rendezvous:
+    def __init__(self, client: MqttClient, store: ContentStore, *, fleet: str, device: str, device_class: str,
+                 max_message_bytes: int) -> None:
+        self.client = client
+        self.store = store
+        self.fleet = fleet
+        self.device = device
+        self.device_class = device_class
+        self.max_message_bytes = max_message_bytes
+        self.dialed: dict[str, str] = {}  # peer id -> dialing, connected or unreachable (dialed again when it re-announces)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, peer_id: str, addrs: list[str]) -> None:
+        announcement = PeerAnnouncement(device=self.device, device_class=self.device_class, peer_id=peer_id,
+                                        addrs=addrs, timestamp=datetime.now(UTC))
+        await self.client.publish(topics.device_topic(self.fleet, self.device, "peer"), announcement.canonical_bytes(),
+                                  retain=True)
+        await self.client.subscribe(topics.all_devices_wildcard(self.fleet, "peer"))
+        log.info("rendezvous: announced %s", ", ".join(addrs))
+
+    def handles(self, message: Message) -> bool:
+        parsed = topics.device_from_topic(self.fleet, message.topic)
+        if parsed is None or parsed[1] != "peer":
+            return False
+        if parsed[0] != self.device and message.payload:
+            self._on_announcement(parsed[0], message.payload)
+        return True
+
+    def _on_announcement(self, sender: str, raw: bytes) -> None:
+        try:
+            peer = PeerAnnouncement.from_bytes(raw, max_bytes=self.max_message_bytes)
+        except (MalformedDocument, pydantic.ValidationError) as exc:
+            log.info("ignoring a malformed peer announcement from %s: %s", sender, exc)
+            return
+        if peer.device != sender or peer.device_class != self.device_class:
+            return
+        if self.dialed.get(peer.peer_id) in ("dialing", "connected") or len(self.dialed) >= MAX_PEERS:
+            return
+        self.dialed[peer.peer_id] = "dialing"
+        task = asyncio.ensure_future(self._dial(peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dial(self, peer: PeerAnnouncement) -> None:
+        for addr in peer.addrs:
+            try:
+                if await self.store.connect(addr):
+                    self.dialed[peer.peer_id] = "connected"
+                    log.info("rendezvous: connected to %s at %s", peer.device, addr)
+                    return
+            except Exception as exc:  # noqa: BLE001 - one bad address must not stop the others
+                log.debug("rendezvous: %s unreachable at %s: %s", peer.device, addr, exc)
+        self.dialed[peer.peer_id] = "unreachable"
+        log.info("rendezvous: %s is not reachable from here (%d addresses tried)", peer.device, len(peer.addrs))
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

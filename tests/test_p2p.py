@@ -1,0 +1,39 @@
+"""Peer-to-peer across NATs, end to end (issue #7, the CI-sized scenario).
+
+Five real device agents in the NAT lab: two behind one UPnP router, one behind another UPnP
+router, one behind plain MASQUERADE, one behind a symmetric NAT; the broker and the origin on the
+WAN. Devices map their swarm port by NAT-PMP, meet through the MQTT rendezvous, ask peers first
+and dial the origin only after a grace period; the origin serves one peer at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests import netlab
+from tests.p2p_scenario import FleetLab, NatPlan, Plan
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(netlab.available() is not None, reason=f"NAT lab unavailable: {netlab.available()}"),
+    pytest.mark.skipif(netlab.upnp_available() is not None, reason=f"{netlab.upnp_available()}"),
+]
+
+
+def test_five_devices_behind_four_nats_update_mostly_from_each_other(tmp_path: Path) -> None:
+    plan = Plan(nats=(NatPlan("upnp", 2), NatPlan("upnp", 1), NatPlan("masquerade", 1), NatPlan("symmetric", 1)),
+                size=8 << 20, timeout=240)
+    with FleetLab(tmp_path, plan) as fleet:
+        fleet.build()
+        result = fleet.release()
+    by_nat = {d.device: d for d in result.devices}
+    assert [d.version for d in result.devices] == ["2.0.0"] * 5, result.to_json()
+    assert result.origin_egress < 2 * plan.size, result.to_json()
+    across = [d for d in result.devices if d.from_peers - d.from_lan_peers > 0]
+    assert across, result.to_json()  # blocks from a peer behind another NAT
+    assert by_nat["d01"].from_lan_peers + by_nat["d02"].from_lan_peers > 0, result.to_json()  # neighbours shared
+    symmetric = by_nat["d05"]
+    assert symmetric.nat == "symmetric" and symmetric.version == "2.0.0"
+    print(f"origin egress {result.origin_egress / plan.size:.2f}x the artifact; fleet done in {result.completion_seconds} s")
