@@ -155,7 +155,7 @@ class DeviceAgent:
             await client.subscribe(topics.timestamp_topic(s.fleet))
             await client.subscribe(topics.release_topic(s.fleet, s.device_class))
             await client.subscribe(topics.command_topic(s.fleet, s.device_id))
-            renewer = asyncio.ensure_future(self._keep_mapping()) if mapped else None
+            renewer = asyncio.ensure_future(self._keep_mapping(node.peer_id, mapped)) if s.content.nat_pmp else None
             if s.content.rendezvous:
                 self.rendezvous = Rendezvous(client, node, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
                                              max_message_bytes=s.limits.max_message_bytes)
@@ -234,11 +234,15 @@ class DeviceAgent:
         log.info("router %s maps %s:%d to our swarm port", router, mapping.external_ip, mapping.external_port)
         return f"/ip4/{mapping.external_ip}/tcp/{mapping.external_port}"
 
-    async def _keep_mapping(self, lifetime: int = 3600) -> None:
-        """Routers forget mappings when their lease ends: renew at half-time."""
+    async def _keep_mapping(self, peer_id: str, mapped: str | None, lifetime: int = 3600) -> None:
+        """Routers forget mappings when their lease ends: renew at half-time. Without a mapping yet
+        (the router was still starting), ask again every 30 s and announce it when it comes."""
         while True:
-            await asyncio.sleep(lifetime / 2)
-            await self._map_swarm_port()
+            await asyncio.sleep(lifetime / 2 if mapped else 30)
+            renewed = await self._map_swarm_port()
+            if renewed != mapped and renewed is not None and self.rendezvous is not None:
+                await self.rendezvous.announce(peer_id, self._dialable(peer_id, renewed))
+            mapped = renewed or mapped
 
     def _dialable(self, peer_id: str, mapped: str | None) -> list[str]:
         """Our node's addresses for the rendezvous: the router's mapping first, then the LAN address."""

