@@ -186,7 +186,9 @@ class FleetLab:
             state = done.get(name) or last.get(name, {})
             result.devices.append(DeviceResult(
                 device=name, nat=router.kind, version=state.get("installed_version", "?"),
-                seconds=round(state["update_millis"] / 1000, 2) if state.get("update_millis") else None,
+                # From the release to its `done` report as polled (~1 s resolution): the device's own
+                # update_millis covers only its last attempt when a stalled fetch was retried.
+                seconds=round(state["seen"], 1) if "seen" in state else None,
                 from_origin=state.get("bytes_from_origin", 0), from_peers=state.get("bytes_from_peers", 0),
                 from_lan_peers=state.get("bytes_from_lan_peers", 0),
             ))
