@@ -6,14 +6,12 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import pydantic
 
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.models import DeviceState
-from services.fleet_store import FleetStore
 from services.messaging import Message, MqttClient
 
 log = logging.getLogger(__name__)
@@ -76,28 +74,6 @@ class FleetTracker:
             except TimeoutError:
                 return
             self.handle(message)
-
-    async def persist(self, client: MqttClient, store: FleetStore, stop: asyncio.Event) -> None:
-        """Record every state and online message in `store` until `stop` is set."""
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            while not stop.is_set():
-                getter = asyncio.ensure_future(client.next_message())
-                done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    return
-                message = getter.result()
-                if not self.handle(message):
-                    continue
-                device, leaf = topics.device_from_topic(self.fleet, message.topic) or ("", "")
-                view = self.devices[device]
-                if leaf == "state" and view.state is not None and view.state.device == device:
-                    store.record_state(view.state)
-                elif leaf == "online" and view.online is not None:
-                    store.record_online(device, view.online, datetime.now(UTC))
-        finally:
-            stopper.cancel()
 
     def by_class(self) -> dict[str, list[DeviceView]]:
         groups: dict[str, list[DeviceView]] = {}
