@@ -224,12 +224,29 @@ class Fleet:
         peer_id = json.loads((repo / "config").read_text())["Identity"]["PeerID"]
         return f"/ip4/127.0.0.1/tcp/{self.origin_port}/p2p/{peer_id}"
 
+    def run_cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """`edgeswarm ARGS` as an operator runs it, whatever its exit code."""
+        return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                              cwd=self.root, timeout=120, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "COLUMNS": "400", **(env or {})})
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
-                                cwd=self.root, timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "400"})
+        result = self.run_cli(*args)
         if result.returncode != 0:
             raise AssertionError(f"edgeswarm {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
+
+    def service_config(self, *, homeassistant: bool = False) -> Path:
+        """Settings for `fleet serve` as the broker's operator principal (it may publish ops results,
+        device commands and discovery, which the release principal of `operator_config` may not)."""
+        operator = credentials(self.broker_dir, "edgeswarm-operator")
+        path = self.root / "service.toml"
+        path.write_text(
+            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n'
+            f'username = "{operator["username"]}"\npassword = "{operator["password"]}"\n'
+            + ("[homeassistant]\nenabled = true\n" if homeassistant else "")
+        )
+        return path
 
     def stop(self) -> None:
         for device in self.devices.values():

@@ -14,10 +14,13 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.processes import terminate
 
 VERSION = "2025.4.4"
 CACHE = Path(os.environ.get("EDGESWARM_HA_CACHE", Path.home() / ".cache" / "edgeswarm" / f"homeassistant-{VERSION}"))
@@ -130,13 +133,7 @@ class HomeAssistant:
             raise RuntimeError(f"Home Assistant did not accept the MQTT broker: {result}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout=30)
 
 
 def _post_json(url: str, body: object, form: bool = False) -> dict:
@@ -152,14 +149,12 @@ def _post_json(url: str, body: object, form: bool = False) -> dict:
 
 def start(config_dir: Path, port: int, *, timeout: float = 240) -> HomeAssistant:
     """Boot Home Assistant in `config_dir`, onboard an owner and return a client with its token."""
-    import urllib.parse  # noqa: F401 - used by _post_json
-
     hass = ensure_installed()
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "configuration.yaml").write_text(CONFIGURATION.format(port=port))
-    log = open(config_dir / "hass.out", "wb")
-    process = subprocess.Popen([str(hass), "-c", str(config_dir), "--skip-pip"], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    with open(config_dir / "hass.out", "wb") as log:
+        process = subprocess.Popen([str(hass), "-c", str(config_dir), "--skip-pip"], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
@@ -171,7 +166,7 @@ def start(config_dir: Path, port: int, *, timeout: float = 240) -> HomeAssistant
             break
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             if time.monotonic() > deadline:
-                process.kill()
+                terminate(process)
                 raise TimeoutError(f"Home Assistant did not answer within {timeout:.0f} s") from None
             time.sleep(1)
     client_id = url + "/"
@@ -188,7 +183,7 @@ def start(config_dir: Path, port: int, *, timeout: float = 240) -> HomeAssistant
     # Finish onboarding so that HA does not hold integrations back.
     for step in ("core_config", "analytics"):
         try:
-            ha.request("POST", f"/api/onboarding/{step}", {"client_id": client_id} if step == "integration" else {})
+            ha.request("POST", f"/api/onboarding/{step}", {})
         except urllib.error.HTTPError:
             pass
     return ha

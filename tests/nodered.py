@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.processes import terminate
+
 VERSION = "4.1"
 CACHE = Path(os.environ.get("EDGESWARM_NODERED_CACHE", Path.home() / ".cache" / "edgeswarm" / "node-red"))
 RED_JS = CACHE / "node_modules" / "node-red" / "red.js"
@@ -72,13 +74,7 @@ class NodeRed:
         self.request("POST", f"/inject/{node_id}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout=20)
 
 
 def start(user_dir: Path, port: int, env: dict[str, str], *, timeout: float = 60) -> NodeRed:

@@ -51,12 +51,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Fleet, homeassistant.HomeAssistant, 
     ha = None
     try:
         fleet.start(mosquitto_devices=[("dev-a", IPC), ("dev-b", IPC)], broker_tls=False)
-        operator = credentials(fleet.broker_dir, "edgeswarm-operator")
-        service_config = tmp_path / "service.toml"
-        service_config.write_text(
-            f'fleet = "{FLEET}"\nhome = "{fleet.home.path}"\n[mqtt]\nport = {fleet.broker_port}\n'
-            f'username = "{operator["username"]}"\npassword = "{operator["password"]}"\n[homeassistant]\nenabled = true\n'
-        )
+        service_config = fleet.service_config(homeassistant=True)
         ha = homeassistant.start(tmp_path / "ha", free_port())
         yield fleet, ha, service_config
     finally:

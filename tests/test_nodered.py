@@ -55,12 +55,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Fleet, Path]]:
     fleet = Fleet(tmp_path)
     try:
         fleet.start(mosquitto_devices=[("dev-1", IPC), ("dev-2", IPC)], broker_tls=False)
-        operator = credentials(fleet.broker_dir, "edgeswarm-operator")
-        service_config = tmp_path / "service.toml"
-        service_config.write_text(
-            f'fleet = "{FLEET}"\nhome = "{fleet.home.path}"\n[mqtt]\nport = {fleet.broker_port}\n'
-            f'username = "{operator["username"]}"\npassword = "{operator["password"]}"\n'
-        )
+        service_config = fleet.service_config()
         yield fleet, service_config
     finally:
         fleet.stop()

@@ -28,12 +28,12 @@ def test_five_devices_behind_four_nats_update_mostly_from_each_other(tmp_path: P
     with FleetLab(tmp_path, plan) as fleet:
         fleet.build()
         result = fleet.release()
-    by_nat = {d.device: d for d in result.devices}
+    by_device = {d.device: d for d in result.devices}
     assert [d.version for d in result.devices] == ["2.0.0"] * 5, result.to_json()
     assert result.origin_egress < 2 * plan.size, result.to_json()
     across = [d for d in result.devices if d.from_peers - d.from_lan_peers > 0]
     assert across, result.to_json()  # blocks from a peer behind another NAT
-    assert by_nat["d01"].from_lan_peers + by_nat["d02"].from_lan_peers > 0, result.to_json()  # neighbours shared
-    symmetric = by_nat["d05"]
+    assert by_device["d01"].from_lan_peers + by_device["d02"].from_lan_peers > 0, result.to_json()  # neighbours shared
+    symmetric = by_device["d05"]
     assert symmetric.nat == "symmetric" and symmetric.version == "2.0.0"
     print(f"origin egress {result.origin_egress / plan.size:.2f}x the artifact; fleet done in {result.completion_seconds} s")

@@ -6,7 +6,6 @@ Devices whose health check fails roll back, which is an install failure the roll
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 
@@ -129,11 +128,6 @@ def test_abort_keeps_the_rest_on_their_version_and_wrong_tokens_are_refused(flee
 
 def cli_fails(fleet: Fleet, *args: str, env: dict[str, str] | None = None) -> str:
     """Run the CLI expecting exit 1; returns what it said."""
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "services.cli", *args, "--config", str(fleet.operator_config)],
-                            capture_output=True, text=True, cwd=fleet.root, timeout=60, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "COLUMNS": "400", **(env or {})})
+    result = fleet.run_cli(*args, "--config", str(fleet.operator_config), env=env)
     assert result.returncode == 1, f"expected exit 1, got {result.returncode}: {result.stdout}{result.stderr}"
     return result.stdout + result.stderr
