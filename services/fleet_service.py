@@ -94,16 +94,21 @@ class FleetService:
         if self.bridge is not None:
             await client.subscribe(self.bridge.status_topic)
         stopper = asyncio.ensure_future(stop.wait())
+        loop = asyncio.get_running_loop()
+        next_advance = loop.time() + self.tick  # first let the retained reports of the fleet arrive
         try:
             while not stop.is_set():
                 getter = asyncio.ensure_future(client.next_message())
-                done, _ = await asyncio.wait({getter, stopper}, timeout=self.tick, return_when=asyncio.FIRST_COMPLETED)
+                wait = max(0.0, next_advance - loop.time())
+                done, _ = await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     await self.handle(client, getter.result())
                 else:
                     getter.cancel()
-                if not stop.is_set():
+                # Once per tick, not per message: a burst of a thousand reports is one pass over the rollouts.
+                if not stop.is_set() and loop.time() >= next_advance:
                     await self.advance(client)
+                    next_advance = loop.time() + self.tick
         finally:
             stopper.cancel()
 
