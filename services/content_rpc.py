@@ -83,6 +83,22 @@ class KuboRpcStore:
             return False
         return True
 
+    async def pin(self, cid: str) -> None:
+        try:
+            await asyncio.to_thread(self._client.pin.add, cid)
+        except ipfshttpclient.exceptions.Error as exc:
+            raise RuntimeError(f"IPFS could not pin {cid}: {exc}") from None
+
+    async def release(self, drop: list[str], keep: list[str]) -> int:
+        """Unpin `drop`. The daemon frees the blocks in its own garbage collection
+        (`ipfs daemon --enable-gc`, or `ipfs repo gc`), which knows every pin of a shared daemon."""
+        for cid in drop:
+            try:
+                await asyncio.to_thread(self._client.pin.rm, cid)
+            except ipfshttpclient.exceptions.Error as exc:
+                log.debug("%s was not pinned: %s", cid, exc)
+        return 0
+
     async def fetch(
         self,
         cid: str,
