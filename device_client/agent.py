@@ -19,6 +19,7 @@ from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, StateStore
 from device_client.rendezvous import Rendezvous, local_address
 from device_client.reporter import Reporter
+from device_client.content_keeper import ContentKeeper
 from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
@@ -54,6 +55,9 @@ class DeviceAgent:
         self.state_dir = settings.state_dir
         self.rendezvous: Rendezvous | None = None
         self.state_store = StateStore(self.state_dir / "state.json")
+        budget = settings.content.disk_budget_mb
+        self.keeper = ContentKeeper(self.state_dir / "held.json", keep_releases=settings.content.keep_releases,
+                                    budget_bytes=int(budget * 1_000_000) if budget is not None else None)
         self.root_path = self.state_dir / "root.json"
         self.timestamp_path = self.state_dir / "timestamp.json"
         self.state = self._load_state()
@@ -150,6 +154,7 @@ class DeviceAgent:
                 install=s.install,
                 origin_peer=s.content.origin if s.content.origin_grace is not None else None,
                 origin_grace=self._origin_grace(),
+                keeper=self.keeper,
             )
             await client.subscribe(topics.root_wildcard(s.fleet))
             await client.subscribe(topics.timestamp_topic(s.fleet))
@@ -393,6 +398,10 @@ class DeviceAgent:
         except UpdateFailed as exc:
             await self._failed(manifest, exc.code, exc.reason, updater, retry=False, phase=exc.phase)
             return
+        try:
+            await self.keeper.settle(self.node, installed_sequence=m.sequence)
+        except (OSError, RuntimeError, ValueError) as exc:  # the update stands; only serving old content is at stake
+            log.warning("could not let go of old releases' content: %s", exc)
         await self.report(
             Phase.DONE, target_version=m.version, progress=100, used_delta=updater.used_delta,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,

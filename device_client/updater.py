@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_client.content_keeper import ContentKeeper
 from device_client.health import wait_healthy
 from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, PendingUpdate, StateStore
@@ -70,6 +71,7 @@ class UpdateContext:
     install: InstallSettings = field(default_factory=InstallSettings)
     origin_peer: str | None = None  # dialed only after `origin_grace` s without progress from peers
     origin_grace: float | None = None
+    keeper: ContentKeeper | None = None  # records what lands in the blockstore, to sweep it later
 
 
 Report = Callable[..., Awaitable[object]]
@@ -152,6 +154,8 @@ class Updater:
                     f"{item.sha256[:12]}… and {item.size}",
                     Phase.REFUSED,
                 )
+        if self.ctx.keeper is not None:
+            await self.ctx.store.pin(item.cid)  # complete and as signed: serve it to peers from now on
         return await asyncio.to_thread(self._reveal, dest, item, kind)
 
     def _reveal(self, path: Path, item: Artifact | Delta, kind: str) -> Path:
@@ -183,6 +187,9 @@ class Updater:
             if self.progress is not None:
                 self.progress(int(80 * min(done, item.size) / max(item.size, 1)))
 
+        if self.ctx.keeper is not None:
+            m = manifest.manifest
+            self.ctx.keeper.hold(m.sequence, m.version, item.cid, item.size)
         watchdog = asyncio.ensure_future(self._dial_origin_when_stalled(last_growth))
         try:
             await self.ctx.store.fetch(

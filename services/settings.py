@@ -58,6 +58,11 @@ class ContentSettings(BaseModel):
     origin_grace: float | None = Field(
         None, ge=0, description="dial the origin only after this many seconds without progress from peers "
         "(spread per device up to 4x more); unset: dial it at start")
+    keep_releases: int = Field(
+        2, ge=0, description="device: serve the content of this many installed releases (the newest) to peers")
+    disk_budget_mb: float | None = Field(
+        None, gt=0, description="device: the most content (MB) kept for peers; older releases go first, and a "
+        "release bigger than this is not kept at all. Unset: only keep_releases limits it")
 
 
 class Limits(BaseModel):
