@@ -15,6 +15,7 @@ devices. Needs root (network namespaces); installs Debian's iptables, miniupnpd-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -92,6 +93,10 @@ def main() -> int:
     parser.add_argument("--origin-mbit", type=float, default=20)
     parser.add_argument("--device-mbit", type=float, default=20)
     parser.add_argument("--grace", type=float, default=2.0, help="seconds a device asks peers before the origin")
+    parser.add_argument("--peers", type=int, default=32, help="peers each device dials from the rendezvous")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the HTTP baseline (~5 min at the defaults): for iterating on the p2p side only")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="build the lab in DIR and leave its logs there")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     install_lab_tools()
@@ -101,14 +106,19 @@ def main() -> int:
         return 2
     size = args.size << 20
     plan = Plan(nats=nat_plan(args.devices, args.nats), size=size, origin_mbit=args.origin_mbit,
-                device_mbit=args.device_mbit, origin_grace=args.grace, timeout=1800)
-    with tempfile.TemporaryDirectory(prefix="edgeswarm-p2p-") as tmp, FleetLab(Path(tmp), plan) as fleet:
+                device_mbit=args.device_mbit, origin_grace=args.grace,
+                rendezvous_peers=args.peers, timeout=1800)
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep_logs)) if args.keep_logs else tempfile.TemporaryDirectory(
+            prefix="edgeswarm-p2p-")) as tmp, FleetLab(Path(tmp), plan) as fleet:
         print(f"building the lab: {args.devices} devices behind {', '.join(n.kind for n in plan.nats)}", file=sys.stderr)
         fleet.build()
         print("releasing over peer-to-peer ...", file=sys.stderr)
         result = fleet.release()
-        print("the same artifact over HTTP ...", file=sys.stderr)
-        fleet.http_baseline(result)
+        if not args.no_baseline:
+            print("the same artifact over HTTP ...", file=sys.stderr)
+            fleet.http_baseline(result)
     figures = summary(result, size)
     if args.json:
         print(json.dumps(figures, indent=2))
@@ -121,7 +131,7 @@ def main() -> int:
     for column in ("", "edgeswarm p2p", "HTTP origin", "ratio"):
         table.add_column(column, justify="right")
     table.add_row("origin egress", f"{figures['origin_egress_p2p']:,} ({figures['origin_egress_p2p_x_artifact']}x)",
-                  f"{figures['origin_egress_http']:,} ({figures['origin_egress_http_x_artifact']}x)",
+                  f"{figures['origin_egress_http'] or 0:,} ({figures['origin_egress_http_x_artifact']}x)",
                   f"{figures['origin_egress_p2p'] / max(figures['origin_egress_http'] or 1, 1):.3f}")
     table.add_row("fleet completion s", str(figures["fleet_seconds_p2p"]), str(figures["fleet_seconds_http"]),
                   str(figures["fleet_time_ratio"]))

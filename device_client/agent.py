@@ -163,7 +163,8 @@ class DeviceAgent:
             renewer = asyncio.ensure_future(self._keep_mapping(node.peer_id, mapped)) if s.content.nat_pmp else None
             if s.content.rendezvous:
                 self.rendezvous = Rendezvous(client, node, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
-                                             max_message_bytes=s.limits.max_message_bytes)
+                                             max_message_bytes=s.limits.max_message_bytes,
+                                             max_peers=s.content.rendezvous_peers)
                 await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
             await self.report(Phase.IDLE)  # only now: "idle" means listening
             if self.state.pending is not None and self.state.pending.phase == Phase.CONFIRMING:

@@ -23,7 +23,6 @@ from services.content import ContentStore
 from services.messaging import Message, MqttClient
 
 log = logging.getLogger(__name__)
-MAX_PEERS = 32  # enough to swarm; a fleet of thousands must not make every device dial every other
 
 
 def local_address(towards: str) -> str:
@@ -35,13 +34,14 @@ def local_address(towards: str) -> str:
 
 class Rendezvous:
     def __init__(self, client: MqttClient, store: ContentStore, *, fleet: str, device: str, device_class: str,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, max_peers: int) -> None:
         self.client = client
         self.store = store
         self.fleet = fleet
         self.device = device
         self.device_class = device_class
         self.max_message_bytes = max_message_bytes
+        self.max_peers = max_peers  # dialed by us; others dial us too, so a device ends up with more
         self.dialed: dict[str, str] = {}  # peer id -> dialing, connected or unreachable (dialed again when it re-announces)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -73,7 +73,9 @@ class Rendezvous:
             return
         if peer.device != sender or peer.device_class != self.device_class:
             return
-        if self.dialed.get(peer.peer_id) in ("dialing", "connected") or len(self.dialed) >= MAX_PEERS:
+        if self.dialed.get(peer.peer_id) in ("dialing", "connected"):
+            return
+        if sum(state in ("dialing", "connected") for state in self.dialed.values()) >= self.max_peers:
             return
         self.dialed[peer.peer_id] = "dialing"
         task = asyncio.ensure_future(self._dial(peer))

