@@ -72,7 +72,9 @@ def summary(result: Result, size: int) -> dict:
         "device_seconds_http_p50_p95": [_pct(http, 50), _pct(http, 95)],
         "share_of_bytes_from_peers": round(sum(d.from_peers for d in result.devices) / received, 3),
         "share_from_lan_peers": round(sum(d.from_lan_peers for d in result.devices) / received, 3),
-        "connections_direct_vs_relayed": "all direct: no relay is used in this lab (see docs/p2p.md)",
+        # As the devices report them when their fetch ended (their IPFS connections).
+        "connections_direct": sum(d.peers_direct or 0 for d in result.devices),
+        "connections_relayed": sum(d.peers_relayed or 0 for d in result.devices),
         "paths": paths,
     }
 
@@ -145,7 +147,8 @@ def main() -> int:
         paths.add_row(device, p["nat"], f"{p['lan_peer']:,}", f"{p['peer_across_nats']:,}", f"{p['origin']:,}")
     Console().print(paths)
     print(f"completed {figures['completed']}/{figures['devices']}; bytes from peers {figures['share_of_bytes_from_peers']:.1%} "
-          f"(LAN {figures['share_from_lan_peers']:.1%}); {figures['connections_direct_vs_relayed']}")
+          f"(LAN {figures['share_from_lan_peers']:.1%}); connections when fetches ended: "
+          f"{figures['connections_direct']} direct, {figures['connections_relayed']} relayed")
     return 0
 
 

@@ -407,6 +407,7 @@ class DeviceAgent:
             Phase.DONE, target_version=m.version, progress=100, used_delta=updater.used_delta,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
             bytes_from_lan_peers=updater.traffic.from_lan_peers,
+            peers_direct=updater.traffic.peers_direct, peers_relayed=updater.traffic.peers_relayed,
             update_millis=updater.elapsed_ms,
         )
 
@@ -430,6 +431,7 @@ class DeviceAgent:
             phase, target_version=manifest.manifest.version, reason=reason, reason_code=code,
             bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
             bytes_from_lan_peers=updater.traffic.from_lan_peers,
+            peers_direct=updater.traffic.peers_direct, peers_relayed=updater.traffic.peers_relayed,
             retrying=retrying or None,
         )
 

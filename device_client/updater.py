@@ -49,6 +49,8 @@ class Traffic:
     from_origin: int = 0
     from_peers: int = 0
     from_lan_peers: int = 0  # part of from_peers
+    peers_direct: int | None = None  # connections when the last fetch ended
+    peers_relayed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,7 @@ class Updater:
         finally:
             watchdog.cancel()
             self._count_traffic(before)
+            self._count_connections()
         if self._origin_connected and self.ctx.origin_peer is not None:
             # An origin serves few devices at once: with all of it here (and served to peers from
             # now on), the slot goes to the next device that no peer can serve.
@@ -209,18 +212,30 @@ class Updater:
 
     async def _dial_origin_when_stalled(self, last_growth: list) -> None:  # noqa: ANN001
         """Peers first: the origin is dialed only once they delivered nothing for the grace period, and
-        again after every further grace period without progress (a busy origin refuses some dials)."""
+        again after every further grace period without progress (a busy origin refuses some dials).
+
+        Once peers delivered something they get longer (half the stall timeout): measured with 20
+        devices, a seeding peer's one-second restart sent a device to the origin for the rest of the
+        artifact (1.45x origin egress instead of 1.0x)."""
         if self.ctx.origin_peer is None or self.ctx.origin_grace is None:
             return
         while True:
-            while time.monotonic() - last_growth[0] < self.ctx.origin_grace:
+            patience = origin_patience(self.ctx.origin_grace, self.ctx.stall_timeout,
+                                       peers_delivered=last_growth[1] > 0 and not self._origin_connected)
+            if time.monotonic() - last_growth[0] < patience:
                 await asyncio.sleep(0.1)
-            log.info("no progress from peers for %.1f s: dialing the origin", self.ctx.origin_grace)
+                continue
+            log.info("no progress from peers for %.1f s: dialing the origin", patience)
             if await self.ctx.store.connect(self.ctx.origin_peer):
                 self._origin_connected = True
             else:
                 log.info("the origin did not take the connection (busy?); asking again later")
             last_growth[0] = time.monotonic()
+
+    def _count_connections(self) -> None:
+        connections = self.ctx.store.peers()
+        relayed = sum("/p2p-circuit" in address for address in connections)
+        self.traffic.peers_direct, self.traffic.peers_relayed = len(connections) - relayed, relayed
 
     def _count_traffic(self, before: dict) -> None:
         if self.ctx.meter is None:
@@ -246,6 +261,11 @@ class Updater:
         )
         self.ctx.state_store.save(new)
         return new
+
+
+def origin_patience(grace: float, stall_timeout: float, *, peers_delivered: bool) -> float:
+    """Seconds without progress before a device dials the origin (again)."""
+    return max(grace, stall_timeout / 2) if peers_delivered else grace
 
 
 def _roll_back_after_failed_install(installer: object) -> None:

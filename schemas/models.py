@@ -260,6 +260,8 @@ class DeviceState(WireModel):
     bytes_from_peers: Annotated[int, Field(ge=0)] = 0
     bytes_from_origin: Annotated[int, Field(ge=0)] = 0
     bytes_from_lan_peers: Annotated[int, Field(ge=0)] = 0  # the part of bytes_from_peers from this device's own LAN
+    peers_direct: Annotated[int, Field(ge=0)] | None = None  # connections when the last fetch ended: direct
+    peers_relayed: Annotated[int, Field(ge=0)] | None = None  # ... and through a circuit relay
     used_delta: bool | None = None
     update_millis: Annotated[int, Field(ge=0)] | None = None
     reason: ShortText | None = None

@@ -83,6 +83,14 @@ class KuboRpcStore:
             return False
         return True
 
+    def peers(self) -> list[str]:
+        """The remote address of every connection, ending in /p2p/<peer id>."""
+        try:
+            listing = self._client.swarm.peers()
+        except ipfshttpclient.exceptions.Error:
+            return []
+        return [f"{p['Addr']}/p2p/{p['Peer']}" for p in (listing.get("Peers") or [])]
+
     async def hang_up(self, multiaddr: str) -> None:
         try:
             await asyncio.to_thread(self._client.swarm.disconnect, _OneAddress(multiaddr))

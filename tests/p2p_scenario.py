@@ -56,6 +56,8 @@ class DeviceResult:
     from_origin: int
     from_peers: int
     from_lan_peers: int
+    peers_direct: int | None = None
+    peers_relayed: int | None = None
 
 
 @dataclass
@@ -196,6 +198,7 @@ class FleetLab:
                 seconds=round(state["seen"], 1) if "seen" in state else None,
                 from_origin=state.get("bytes_from_origin", 0), from_peers=state.get("bytes_from_peers", 0),
                 from_lan_peers=state.get("bytes_from_lan_peers", 0),
+                peers_direct=state.get("peers_direct"), peers_relayed=state.get("peers_relayed"),
             ))
         return result
 

@@ -34,6 +34,7 @@ def test_five_devices_behind_four_nats_update_mostly_from_each_other(tmp_path: P
     across = [d for d in result.devices if d.from_peers - d.from_lan_peers > 0]
     assert across, result.to_json()  # blocks from a peer behind another NAT
     assert by_device["d01"].from_lan_peers + by_device["d02"].from_lan_peers > 0, result.to_json()  # neighbours shared
+    assert all(d.peers_direct and d.peers_relayed == 0 for d in result.devices), result.to_json()  # no relay here
     symmetric = by_device["d05"]
     assert symmetric.nat == "symmetric" and symmetric.version == "2.0.0"
     print(f"origin egress {result.origin_egress / plan.size:.2f}x the artifact; fleet done in {result.completion_seconds} s")

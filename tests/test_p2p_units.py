@@ -46,3 +46,11 @@ def test_announcements_carry_only_dialable_tcp_addresses() -> None:
 def test_loopback_and_routed_addresses_are_not_lan_peers() -> None:
     assert on_link("127.0.0.1") is False
     assert on_link("not-an-address") is False
+
+
+def test_peers_that_delivered_get_more_patience_before_the_origin() -> None:
+    from device_client.updater import origin_patience
+
+    assert origin_patience(2.0, 60.0, peers_delivered=False) == 2.0  # nobody has anything yet: ask the origin soon
+    assert origin_patience(2.0, 60.0, peers_delivered=True) == 30.0  # a seeding peer's restart is not a reason
+    assert origin_patience(40.0, 60.0, peers_delivered=True) == 40.0  # never less than the configured grace
