@@ -19,7 +19,7 @@ from pathlib import Path
 
 from services.processes import PARENT_ENV
 from services.provision import DeviceSpec, provision
-from tests.netlab import Namespace, NatLab, Router, RouterKind
+from tests.netlab import Namespace, NatLab, RouterKind
 
 FLEET = "lab"
 CLASS = "gw"
@@ -33,6 +33,11 @@ PY = sys.executable
 class NatPlan:
     kind: RouterKind
     devices: int
+    behind: RouterKind | None = None  # double NAT: this router sits on the LAN of another of this kind
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} behind {self.behind}" if self.behind else self.kind
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class FleetLab:
         self.workdir = workdir
         self.plan = plan
         self.lab = NatLab(workdir / "lab")
-        self.devices: list[tuple[Namespace, Router, str]] = []
+        self.devices: list[tuple[Namespace, NatPlan, str]] = []
 
     def __enter__(self) -> FleetLab:
         return self
@@ -103,10 +108,10 @@ class FleetLab:
         self.wan = lab.add_wan_host("origin")
         lab.start_stun(self.wan)
         for nat in plan.nats:
-            router = lab.add_router(nat.kind)
+            router = lab.add_router(nat.kind, behind=lab.add_router(nat.behind) if nat.behind else None)
             for _ in range(nat.devices):
                 name = f"d{len(self.devices) + 1:02d}"
-                self.devices.append((lab.add_device(router, name), router, name))
+                self.devices.append((lab.add_device(router, name), nat, name))
         if plan.origin_mbit:
             lab.shape(self.wan, rate_mbit=plan.origin_mbit)
         for router in lab.routers:
@@ -131,7 +136,7 @@ class FleetLab:
         self.artifacts = {v: self.workdir / f"fw-{v}.img" for v in ("1.0.0", "2.0.0")}
         for path in self.artifacts.values():
             path.write_bytes(os.urandom(plan.size))
-        for ns, router, name in self.devices:
+        for ns, _, name in self.devices:
             spec = DeviceSpec(
                 device_id=name, fleet=FLEET, device_class=CLASS, base_dir=self.workdir / "devices" / name,
                 swarm_port=4001, broker_host=self.wan.ip, broker_port=BROKER_PORT, root_file=home / "root.json",
@@ -190,10 +195,10 @@ class FleetLab:
         result.completion_seconds = round(max(d["seen"] for d in done.values()), 2) if finished else None
         result.origin_egress = self.egress(ORIGIN_PORT) - before
         last = self.states()
-        for ns, router, name in self.devices:
+        for ns, nat, name in self.devices:
             state = done.get(name) or last.get(name, {})
             result.devices.append(DeviceResult(
-                device=name, nat=router.kind, version=state.get("installed_version", "?"),
+                device=name, nat=nat.label, version=state.get("installed_version", "?"),
                 # Not update_millis: that covers only the last attempt when a stalled fetch was retried.
                 seconds=round(state["seen"], 1) if "seen" in state else None,
                 from_origin=state.get("bytes_from_origin", 0), from_peers=state.get("bytes_from_peers", 0),

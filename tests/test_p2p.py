@@ -1,8 +1,8 @@
 """Peer-to-peer across NATs, end to end (issue #7, the CI-sized scenario).
 
-Five real device agents in the NAT lab: two behind one UPnP router, one behind another UPnP
-router, one behind plain MASQUERADE, one behind a symmetric NAT; the broker and the origin on the
-WAN. Devices map their swarm port by NAT-PMP, meet through the MQTT rendezvous, ask peers first
+Six real device agents in the NAT lab: two behind one UPnP router, one behind another UPnP
+router, one behind plain MASQUERADE, one behind a symmetric NAT, one behind a double NAT (a
+MASQUERADE router on the LAN of another); the broker and the origin on the WAN. Devices map their swarm port by NAT-PMP, meet through the MQTT rendezvous, ask peers first
 and dial the origin only after a grace period; the origin serves one peer at a time.
 """
 
@@ -22,14 +22,14 @@ pytestmark = [
 ]
 
 
-def test_five_devices_behind_four_nats_update_mostly_from_each_other(tmp_path: Path) -> None:
-    plan = Plan(nats=(NatPlan("upnp", 2), NatPlan("upnp", 1), NatPlan("masquerade", 1), NatPlan("symmetric", 1)),
-                size=8 << 20, timeout=240)
+def test_six_devices_behind_five_nats_update_mostly_from_each_other(tmp_path: Path) -> None:
+    plan = Plan(nats=(NatPlan("upnp", 2), NatPlan("upnp", 1), NatPlan("masquerade", 1), NatPlan("symmetric", 1),
+                      NatPlan("masquerade", 1, behind="masquerade")), size=8 << 20, timeout=240)
     with FleetLab(tmp_path, plan) as fleet:
         fleet.build()
         result = fleet.release()
     by_device = {d.device: d for d in result.devices}
-    assert [d.version for d in result.devices] == ["2.0.0"] * 5, result.to_json()
+    assert [d.version for d in result.devices] == ["2.0.0"] * 6, result.to_json()
     assert result.origin_egress < 2 * plan.size, result.to_json()
     across = [d for d in result.devices if d.from_peers - d.from_lan_peers > 0]
     assert across, result.to_json()  # blocks from a peer behind another NAT
@@ -37,6 +37,7 @@ def test_five_devices_behind_four_nats_update_mostly_from_each_other(tmp_path: P
     assert all(d.peers_direct and d.peers_relayed == 0 for d in result.devices), result.to_json()  # no relay here
     symmetric = by_device["d05"]
     assert symmetric.nat == "symmetric" and symmetric.version == "2.0.0"
+    assert by_device["d06"].nat == "masquerade behind masquerade" and by_device["d06"].version == "2.0.0"
     print(f"origin egress {result.origin_egress / plan.size:.2f}x the artifact; fleet done in {result.completion_seconds} s")
 
 
