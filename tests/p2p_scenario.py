@@ -34,6 +34,7 @@ class NatPlan:
     kind: RouterKind
     devices: int
     behind: RouterKind | None = None  # double NAT: this router sits on the LAN of another of this kind
+    forward: bool = False  # a static port forward to its first device, announced by that device
 
     @property
     def label(self) -> str:
@@ -107,11 +108,15 @@ class FleetLab:
         lab, plan = self.lab, self.plan
         self.wan = lab.add_wan_host("origin")
         lab.start_stun(self.wan)
+        self.forwards: dict[str, str] = {}  # device -> the address its router forwards to it
         for nat in plan.nats:
             router = lab.add_router(nat.kind, behind=lab.add_router(nat.behind) if nat.behind else None)
-            for _ in range(nat.devices):
+            for i in range(nat.devices):
                 name = f"d{len(self.devices) + 1:02d}"
-                self.devices.append((lab.add_device(router, name), nat, name))
+                device = lab.add_device(router, name)
+                if nat.forward and i == 0:
+                    self.forwards[name] = lab.forward_port(router, device, 4100 + len(self.devices) + 1)
+                self.devices.append((device, nat, name))
         if plan.origin_mbit:
             lab.shape(self.wan, rate_mbit=plan.origin_mbit)
         for router in lab.routers:
@@ -147,8 +152,9 @@ class FleetLab:
                                   ("rendezvous_peers", str(plan.rendezvous_peers))),
             )
             config = provision(spec)
+            announce = {"EDGESWARM_CONTENT__ANNOUNCE": json.dumps([self.forwards[name]])} if name in self.forwards else {}
             lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(config)], f"agent-{name}.log",
-                      env=env)
+                      env={**env, **announce})
             if plan.device_mbit:
                 lab.shape(ns, rate_mbit=plan.device_mbit)
                 lab.shape(router, rate_mbit=plan.device_mbit, interface=lab.lan_port(ns))

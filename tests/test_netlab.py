@@ -9,6 +9,7 @@ LAN, links are shaped, and nothing of the lab survives it.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,12 @@ def test_nat_kinds_mappings_lan_shaping_and_teardown(tmp_path: Path) -> None:
         wait_listening(origin, 7200)
         seconds = float(probe(behind_plain, "send", origin.ip, "7200", str(5_000_000)))
         assert seconds >= 0.8 * 5_000_000 * 8 / 20e6
+
+        # Loss: 10% of what a device sends is dropped (netem, or iptables where netem is missing).
+        lab.shape(behind_symmetric, loss_percent=10)
+        pings = behind_symmetric.run("ping", "-q", "-c", "400", "-i", "0.005", "-W", "1", origin.ip, check=False).stdout
+        received = int(re.search(r"(\d+) received", pings).group(1))
+        assert 290 <= received <= 392, pings  # 360 expected; outside this band has odds below 1e-6
     assert not set(names) & set(netlab.leftover_namespaces())
 
 
@@ -122,7 +129,6 @@ def test_embedded_kubo_crosses_nats_through_a_upnp_mapping_and_shares_on_the_lan
     neighbour on its LAN finds it by mDNS. The origin never has the file: every byte comes from the peer."""
     import json
     import os
-    import re
 
     node = [sys.executable, "-m", "tests.netlab_node"]
     env = {"PYTHONPATH": str(REPO)}

@@ -1,8 +1,9 @@
 """Peer-to-peer across NATs, end to end (issue #7, the CI-sized scenario).
 
 Six real device agents in the NAT lab: two behind one UPnP router, one behind another UPnP
-router, one behind plain MASQUERADE, one behind a symmetric NAT, one behind a double NAT (a
-MASQUERADE router on the LAN of another); the broker and the origin on the WAN. Devices map their swarm port by NAT-PMP, meet through the MQTT rendezvous, ask peers first
+router, one behind MASQUERADE with a static port forward to it (which it announces), one behind a
+symmetric NAT, one behind a double NAT (a MASQUERADE router on the LAN of another); the broker and
+the origin on the WAN. Devices map their swarm port by NAT-PMP, meet through the MQTT rendezvous, ask peers first
 and dial the origin only after a grace period; the origin serves one peer at a time.
 """
 
@@ -23,11 +24,12 @@ pytestmark = [
 
 
 def test_six_devices_behind_five_nats_update_mostly_from_each_other(tmp_path: Path) -> None:
-    plan = Plan(nats=(NatPlan("upnp", 2), NatPlan("upnp", 1), NatPlan("masquerade", 1), NatPlan("symmetric", 1),
+    plan = Plan(nats=(NatPlan("upnp", 2), NatPlan("upnp", 1), NatPlan("masquerade", 1, forward=True), NatPlan("symmetric", 1),
                       NatPlan("masquerade", 1, behind="masquerade")), size=8 << 20, timeout=240)
     with FleetLab(tmp_path, plan) as fleet:
         fleet.build()
         result = fleet.release()
+        forward, symmetric_log = fleet.forwards["d04"], (fleet.lab.workdir / "agent-d05.log").read_text()
     by_device = {d.device: d for d in result.devices}
     assert [d.version for d in result.devices] == ["2.0.0"] * 6, result.to_json()
     assert result.origin_egress < 2 * plan.size, result.to_json()
@@ -38,6 +40,8 @@ def test_six_devices_behind_five_nats_update_mostly_from_each_other(tmp_path: Pa
     symmetric = by_device["d05"]
     assert symmetric.nat == "symmetric" and symmetric.version == "2.0.0"
     assert by_device["d06"].nat == "masquerade behind masquerade" and by_device["d06"].version == "2.0.0"
+    # Nothing but the static forward it announced lets the symmetric-NAT device reach d04.
+    assert f"connected to d04 at {forward}/p2p/" in symmetric_log
     print(f"origin egress {result.origin_egress / plan.size:.2f}x the artifact; fleet done in {result.completion_seconds} s")
 
 

