@@ -19,7 +19,7 @@ from pathlib import Path
 
 from services.processes import PARENT_ENV
 from services.provision import DeviceSpec, provision
-from tests.netlab import Namespace, NatLab, RouterKind
+from tests.netlab import Namespace, NatLab, Router, RouterKind
 
 FLEET = "lab"
 CLASS = "gw"
@@ -109,11 +109,13 @@ class FleetLab:
         self.wan = lab.add_wan_host("origin")
         lab.start_stun(self.wan)
         self.forwards: dict[str, str] = {}  # device -> the address its router forwards to it
+        self.router_of: dict[str, Router] = {}
         for nat in plan.nats:
             router = lab.add_router(nat.kind, behind=lab.add_router(nat.behind) if nat.behind else None)
             for i in range(nat.devices):
                 name = f"d{len(self.devices) + 1:02d}"
                 device = lab.add_device(router, name)
+                self.router_of[name] = router
                 if nat.forward and i == 0:
                     self.forwards[name] = lab.forward_port(router, device, 4100 + len(self.devices) + 1)
                 self.devices.append((device, nat, name))
@@ -157,7 +159,7 @@ class FleetLab:
                       env={**env, **announce})
             if plan.device_mbit:
                 lab.shape(ns, rate_mbit=plan.device_mbit)
-                lab.shape(router, rate_mbit=plan.device_mbit, interface=lab.lan_port(ns))
+                lab.shape(self.router_of[name], rate_mbit=plan.device_mbit, interface=lab.lan_port(ns))
         _wait(lambda: len([d for d in self.states().values() if d.get("phase") in ("idle", "frozen")]) == len(self.devices),
               90, "devices did not all report")
         self.wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(ORIGIN_PORT))
