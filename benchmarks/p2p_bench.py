@@ -111,6 +111,10 @@ def main() -> int:
                 device_mbit=args.device_mbit, origin_grace=args.grace,
                 rendezvous_peers=args.peers, timeout=1800)
     if args.keep_logs:
+        if args.keep_logs.exists() and any(args.keep_logs.iterdir()):
+            print(f"--keep-logs {args.keep_logs}: not empty (a lab of an earlier run?); give a new directory",
+                  file=sys.stderr)
+            return 2
         args.keep_logs.mkdir(parents=True, exist_ok=True)
     with (contextlib.nullcontext(str(args.keep_logs)) if args.keep_logs else tempfile.TemporaryDirectory(
             prefix="edgeswarm-p2p-")) as tmp, FleetLab(Path(tmp), plan) as fleet:

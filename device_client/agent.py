@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 
 import pydantic
 
+from device_client.content_keeper import ContentKeeper
 from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, StateStore
 from device_client.rendezvous import Rendezvous, local_address
 from device_client.reporter import Reporter
-from device_client.content_keeper import ContentKeeper
 from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
@@ -132,6 +132,7 @@ class DeviceAgent:
             nat_port_map=s.content.nat_port_map,
             announce=[mapped] if mapped else [],
             append_announce=list(s.content.announce),
+            fetch_in_memory_bytes=int(s.content.fetch_in_memory_mb * (1 << 20)),
             routing=s.content.routing,
             swarm_key=load_swarm_key(s.content.swarm_key_file) if s.content.swarm_key_file else None,
         )

@@ -203,7 +203,7 @@ class Updater:
         finally:
             watchdog.cancel()
             self._count_traffic(before)
-            self._count_connections()
+            await self._count_connections()
         if self._origin_connected and self.ctx.origin_peer is not None:
             # An origin serves few devices at once: with all of it here (and served to peers from
             # now on), the slot goes to the next device that no peer can serve.
@@ -232,8 +232,8 @@ class Updater:
                 log.info("the origin did not take the connection (busy?); asking again later")
             last_growth[0] = time.monotonic()
 
-    def _count_connections(self) -> None:
-        connections = self.ctx.store.peers()
+    async def _count_connections(self) -> None:
+        connections = await asyncio.to_thread(self.ctx.store.peers)
         relayed = sum("/p2p-circuit" in address for address in connections)
         self.traffic.peers_direct, self.traffic.peers_relayed = len(connections) - relayed, relayed
 

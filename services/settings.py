@@ -65,6 +65,10 @@ class ContentSettings(BaseModel):
     origin_grace: float | None = Field(
         None, ge=0, description="dial the origin only after this many seconds without progress from peers "
         "(spread per device up to 4x more); unset: dial it at start")
+    fetch_in_memory_mb: float = Field(
+        64, ge=0, description="embedded node: items up to this size are fetched with Kubo's sequential reader, "
+        "which swarms with fewer duplicate blocks but holds the whole item in memory; larger ones are pinned "
+        "and written from the blockstore with bounded memory")
     keep_releases: int = Field(
         2, ge=0, description="device: serve the content of this many installed releases (the newest) to peers")
     disk_budget_mb: float | None = Field(

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from device_client.retention import HeldRelease, releases_to_drop
 from services import blockstore
-from services.content import EmbeddedKuboNode, KuboConfig
+from services.content import EmbeddedKuboNode, FetchStalled, KuboConfig
 from services.ports import free_port
 from tests.harness import Fleet
 from tests.test_end_to_end import IPC, idle_on, on_version
@@ -102,13 +102,22 @@ def test_sweep_frees_only_what_no_kept_release_shares(tmp_path: Path) -> None:
     os.chdir(tmp_path)  # kubo.log
 
     async def scenario() -> tuple[dict, dict, int, int, bytes]:
-        async with EmbeddedKuboNode(KuboConfig(repo=tmp_path / "repo", swarm_port=free_port(), routing="none")) as node:
+        # fetch_in_memory_bytes=0: the fetch below pins and writes the file from the store.
+        config = KuboConfig(repo=tmp_path / "repo", swarm_port=free_port(), routing="none", fetch_in_memory_bytes=0)
+        async with EmbeddedKuboNode(config) as node:
             before = blockstore.stored_bytes(blocks)
             old_cid, new_cid = await node.add(old), await node.add(new)
             old_dag, new_dag = blockstore.local_dag(blocks, [old_cid]), blockstore.local_dag(blocks, [new_cid])
             freed = await node.release([old_cid], [new_cid])
             left = blockstore.stored_bytes(blocks) - before
             out = tmp_path / "again.bin"
+            await node.fetch(new_cid, out, max_bytes=new.stat().st_size, stall_timeout=10, deadline=30)
+            # A CID nobody has stalls; the restart ends the blocked pin, and the node fetches again.
+            with pytest.raises(FetchStalled):
+                await node.fetch("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", tmp_path / "none", max_bytes=1 << 20,
+                                 stall_timeout=2, deadline=30)
+            assert not (tmp_path / "none").exists() and not (tmp_path / "none.partial").exists()
+            (tmp_path / "again.bin").unlink()
             await node.fetch(new_cid, out, max_bytes=new.stat().st_size, stall_timeout=10, deadline=30)
             return old_dag, new_dag, freed, left, out.read_bytes()
 
