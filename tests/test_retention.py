@@ -228,6 +228,9 @@ def test_hostile_dags_are_refused_without_writing_past_the_limit(tmp_path: Path)
     leaf = _put(blocks, _file_node(b"x" * 1000))
     fan = _put(blocks, _file_node(b"", (leaf,) * 100))
     bomb = _put(blocks, _file_node(b"", (fan,) * 100))  # 10 MB of output from two small blocks
+    empty = _put(blocks, _file_node(b""))
+    empty_fan = _put(blocks, _file_node(b"", (empty,) * 1000))
+    empty_bomb = _put(blocks, _file_node(b"", (empty_fan,) * 1000))  # a million blocks, not one byte
     directory = _put(blocks, _file_node(b"", (leaf,), kind=1))
     missing = _put(blocks, _file_node(b"", (b"\x12\x20" + bytes(32),)))
     sink = tmp_path / "sink"
@@ -235,6 +238,8 @@ def test_hostile_dags_are_refused_without_writing_past_the_limit(tmp_path: Path)
         with pytest.raises(blockstore.TooLarge):
             blockstore.write_file(blocks, _cid_text(bomb), handle, max_bytes=50_000)
     assert sink.stat().st_size <= 50_000
+    with open(sink, "wb") as handle, pytest.raises(blockstore.TooLarge, match="links more than"):
+        blockstore.write_file(blocks, _cid_text(empty_bomb), handle, max_bytes=50_000)
     for cid in (directory, missing):
         with open(sink, "wb") as handle, pytest.raises(blockstore.NotAFile):
             blockstore.write_file(blocks, _cid_text(cid), handle, max_bytes=50_000)
