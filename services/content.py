@@ -249,9 +249,6 @@ class EmbeddedKuboNode:
         async with self._lock:  # not while a fetch is writing blocks a kept DAG may be about to link
             return await asyncio.to_thread(blockstore.sweep, self.config.repo / "blocks", drop, keep)
 
-    def stored_bytes(self) -> int:
-        return blockstore.stored_bytes(self.config.repo / "blocks")
-
     async def fetch(
         self,
         cid: str,
