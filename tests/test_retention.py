@@ -133,6 +133,38 @@ def test_sweep_frees_only_what_no_kept_release_shares(tmp_path: Path) -> None:
     assert again == new.read_bytes(), "the kept release is intact"
 
 
+def test_the_keeper_unpins_only_what_no_kept_release_names(tmp_path: Path) -> None:
+    """The same bytes re-released under a new version have the same CID: dropping the old release
+    must not unpin (or sweep) what the new one serves."""
+    from device_client.content_keeper import ContentKeeper
+
+    image, other = tmp_path / "image.bin", tmp_path / "other.bin"
+    image.write_bytes(os.urandom(1 << 20))
+    other.write_bytes(os.urandom(1 << 20))
+    previous = Path.cwd()
+    os.chdir(tmp_path)  # kubo.log
+
+    async def scenario() -> tuple[list, list, list, int]:
+        config = KuboConfig(repo=tmp_path / "repo", swarm_port=free_port(), routing="none")
+        async with EmbeddedKuboNode(config) as node:
+            same, gone = await node.add(image), await node.add(other)  # adding pins both
+            keeper = ContentKeeper(tmp_path / "held.json", keep_releases=1, budget_bytes=None)
+            keeper.hold(1, "1.0.0", gone, 1 << 20)
+            keeper.hold(1, "1.0.0", same, 1 << 20)
+            keeper.hold(2, "1.0.1", same, 1 << 20)
+            dropped = await keeper.settle(node, installed_sequence=2)
+            blocks = blockstore.local_dag(tmp_path / "repo" / "blocks", [same])
+            return [r.version for r in dropped], node.pinned(), [same, gone], sum(blocks.values())
+
+    try:
+        dropped, pins, (same, gone), kept_bytes = asyncio.run(scenario())
+    finally:
+        os.chdir(previous)
+    assert dropped == ["1.0.0"]
+    assert same in pins and gone not in pins
+    assert kept_bytes >= 1 << 20
+
+
 # -- device agents letting go of old releases ----------------------------------------------------
 
 @pytest.mark.integration
