@@ -66,3 +66,22 @@ def test_a_very_long_reason_is_truncated_to_fit_the_wire_contract() -> None:
 
     state = asyncio.run(scenario())
     assert state.phase == Phase.FAILED and state.reason is not None and len(state.reason) <= 1000
+
+
+def test_only_unacknowledged_deliveries_are_kept_out_of_the_broker_log() -> None:
+    import io
+    import logging
+
+    from services.broker import _UnacknowledgedDelivery
+
+    stream = io.StringIO()
+    logger = logging.getLogger("edgeswarm-test.amqtt.broker")
+    logger.addHandler(logging.StreamHandler(stream))
+    logger.addFilter(_UnacknowledgedDelivery())
+    for exc in (TimeoutError("Timeout waiting for PUBACK for packet ID 60"), TimeoutError("other"), ValueError("real")):
+        try:
+            raise exc
+        except Exception:  # noqa: BLE001
+            logger.exception("Task failed and will be skipped")
+    text = stream.getvalue()
+    assert text.count("Task failed") == 2 and "PUBACK" not in text and "other" in text and "ValueError" in text
