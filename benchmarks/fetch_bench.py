@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.content import EmbeddedKuboNode, KuboConfig, prepare_process_dir  # noqa: E402
-from services.ports import free_port  # noqa: E402
+from services.runtime.content import EmbeddedKuboNode, KuboConfig, prepare_process_dir  # noqa: E402
+from services.demo.ports import free_port  # noqa: E402
 
 
 async def _seed(workdir: Path, artifact: Path, ready: Path) -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.demo import DemoOptions, DemoResult, run_demo  # noqa: E402
+from services.demo.run import DemoOptions, DemoResult, run_demo  # noqa: E402
 
 
 def measure(devices: int, delta_bases: int, console: Console) -> DemoResult:

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests import netlab  # noqa: E402
-from tests.p2p_scenario import FleetLab, NatPlan, Plan, Result  # noqa: E402
+from tests.support import netlab  # noqa: E402
+from tests.support.p2p_scenario import FleetLab, NatPlan, Plan, Result  # noqa: E402
 
 
 def install_lab_tools() -> None:

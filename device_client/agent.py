@@ -2,7 +2,7 @@
 
 It listens, on a persistent session with a last will, to its fleet's root chain, to the release
 topic of its own device class and to its command topic. Every release goes through the pure trust
-rules (services.trust) before any byte is fetched; refusals and failures are reported on the
+rules (services.runtime.trust) before any byte is fetched; refusals and failures are reported on the
 retained state topic and leave the working version untouched.
 """
 
@@ -24,17 +24,17 @@ from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, U
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, ReleaseManifest, Role
-from services.confidential import load_class_key
-from services.files import atomic_write
-from services.content import FetchError, FetchTooLarge, KuboConfig, load_swarm_key, open_store
-from services.messaging import Message, MqttClient, MqttError, Will, topic_matches
-from services.settings import DeviceSettings
-from services.traffic import Endpoint, TrafficMeter
-from services.trust import (
+from services.runtime.confidential import load_class_key
+from services.runtime.files import atomic_write
+from services.runtime.content import FetchError, FetchTooLarge, KuboConfig, load_swarm_key, open_store
+from services.runtime.messaging import Message, MqttClient, MqttError, Will, topic_matches
+from services.runtime.settings import DeviceSettings
+from services.runtime.traffic import Endpoint, TrafficMeter
+from services.runtime.trust import (
     BUCKETS, DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError, decode_envelope,
     payload_bytes, rollout_admits, rollout_bucket,
 )
-from services import natpmp
+from services.runtime import natpmp
 
 log = logging.getLogger(__name__)
 

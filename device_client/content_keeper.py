@@ -14,8 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from device_client.retention import HeldRelease, releases_to_drop
-from services.content import ContentStore
-from services.files import atomic_write
+from services.runtime.content import ContentStore
+from services.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
-from services.settings import InstallSettings
+from services.runtime.settings import InstallSettings
 
 
 async def _command_ok(argv: list[str], timeout: float) -> tuple[bool, str]:

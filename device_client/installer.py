@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from schemas.models import InstallSpec
-from services.files import fsync_dir, sha256_file
+from services.runtime.files import fsync_dir, sha256_file
 
 __all__ = ["ABInstaller", "CommandInstaller", "FileInstaller", "InstallError", "Installer", "installer_for", "sha256_file"]
 

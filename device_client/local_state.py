@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from schemas.models import Phase
-from services.files import atomic_write
+from services.runtime.files import atomic_write
 
 
 class PendingUpdate(BaseModel):

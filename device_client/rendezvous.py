@@ -19,8 +19,8 @@ import pydantic
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.models import PeerAnnouncement
-from services.content import ContentStore
-from services.messaging import Message, MqttClient
+from services.runtime.content import ContentStore
+from services.runtime.messaging import Message, MqttClient
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from schemas import topics
 from schemas.models import DeviceState, Phase
-from services.messaging import MqttClient, MqttError
+from services.runtime.messaging import MqttClient, MqttError
 
 log = logging.getLogger(__name__)
 

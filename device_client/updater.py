@@ -25,11 +25,11 @@ from device_client.health import wait_healthy
 from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, PendingUpdate, StateStore
 from schemas.models import Artifact, Delta, Phase, ReleaseManifest
-from services.confidential import DecryptError, decrypt_file
-from services.content import ContentStore, FetchError
-from services.delta import BadPatch, apply_delta
-from services.settings import InstallSettings
-from services.traffic import Endpoint, TrafficMeter, on_link, received_since
+from services.runtime.confidential import DecryptError, decrypt_file
+from services.runtime.content import ContentStore, FetchError
+from services.runtime.delta import BadPatch, apply_delta
+from services.runtime.settings import InstallSettings
+from services.runtime.traffic import Endpoint, TrafficMeter, on_link, received_since
 
 log = logging.getLogger(__name__)
 

@@ -155,7 +155,7 @@ class InstallSpec(WireModel):
 class RolloutRule(WireModel):
     """Signed with the release: which devices install it at once, and that the others wait.
 
-    A device's bucket is a deterministic function of `salt` and its id (services.trust.rollout_bucket,
+    A device's bucket is a deterministic function of `salt` and its id (services.runtime.trust.rollout_bucket,
     0-9999). Devices whose bucket is below `canary_percent` x 100 install at once; every other
     device reports `waiting` until it receives an install command naming this release's sequence.
     The rollout service sends those commands wave by wave; a forged or replayed command can only

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Fleet
+from tests.support.harness import Fleet
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 with atheris.instrument_imports():
-    from services.delta.apply import BadPatch, apply_in_place, apply_patch
+    from services.runtime.delta.apply import BadPatch, apply_in_place, apply_patch
 
-from services.delta.create import CreateOptions, create_patch  # noqa: E402  (not fuzzed, only makes seeds)
+from services.runtime.delta.create import CreateOptions, create_patch  # noqa: E402  (not fuzzed, only makes seeds)
 
 WORK = Path(tempfile.mkdtemp(prefix="fuzz-patch-"))
 OLD = WORK / "old"

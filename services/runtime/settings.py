@@ -1,0 +1,167 @@
+"""Settings for devices and operators: a TOML file, overridden by `EDGESWARM_*` environment variables.
+
+Nested fields use a double underscore in the environment: `EDGESWARM_MQTT__HOST=broker.local`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, Field, StringConstraints
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from schemas.models import Identifier
+
+
+class MqttSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = Field(15, ge=5, le=3600)
+    ca_file: Path | None = Field(None, description="TLS: the fleet CA that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="mutual TLS: this client's certificate")
+    key_file: Path | None = Field(None, description="mutual TLS: this client's private key")
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments for services.runtime.messaging.MqttClient."""
+        return {"username": self.username, "password": self.password, "ca_file": self.ca_file,
+                "cert_file": self.cert_file, "key_file": self.key_file}
+
+
+class ContentSettings(BaseModel):
+    backend: Literal["embedded", "kubo-rpc"] = "embedded"
+    rpc_api: str = Field("/ip4/127.0.0.1/tcp/5001/http", description="kubo-rpc: the daemon's RPC API multiaddr")
+    listen_host: str = "127.0.0.1"
+    swarm_port: int = Field(4001, ge=1, le=65535)
+    peers: list[str] = Field(default_factory=list, description="multiaddrs (with /p2p/<id>) dialed at start")
+    origin: str | None = Field(None, description="the origin's multiaddr, to count bytes from origin vs peers")
+    mdns: bool = False
+    nat_port_map: bool = False
+    swarm_key_file: Path | None = Field(None, description="private IPFS swarm: only nodes with this key connect")
+    class_key_file: Path | None = Field(None, description="decrypts confidential payloads of this device's class")
+    nat_pmp: bool = Field(False, description="ask the router (NAT-PMP) to map swarm_port and announce the mapping")
+    announce: list[Annotated[str, StringConstraints(pattern=r"^/ip[46]/[0-9a-fA-F.:]+/tcp/[0-9]{1,5}$")]] = Field(
+        default_factory=list, description="where a static port forward on the router reaches this node, e.g. "
+        "/ip4/203.0.113.7/tcp/4101: announced by Kubo (Addresses.AppendAnnounce) and on the rendezvous")
+    rendezvous: bool = Field(False, description="publish this node's addresses on MQTT; dial peers of the class that publish theirs")
+    rendezvous_peers: int = Field(
+        32, ge=1, le=1024, description="dial at most this many peers heard of on the rendezvous (others dial "
+        "this device too); fewer peers, fewer duplicate blocks")
+    max_connections: int | None = Field(
+        None, ge=1, description="origin: admit at most this many peers at once, never dial out and announce "
+        "no address, so devices take blocks from each other and the origin sends each about once (a device "
+        "leaves once it has the artifact); devices must list the origin in `peers`/`origin`. Unset: an "
+        "ordinary node")
+    routing: Literal["dht", "dhtclient", "none"] = Field(
+        "dht", description="Kubo's content routing; 'none' with rendezvous + origin_grace: a DHT would find "
+        "the origin by itself and undo peers-first")
+    origin_grace: float | None = Field(
+        None, ge=0, description="dial the origin only after this many seconds without progress from peers "
+        "(spread per device up to 4x more); unset: dial it at start")
+    fetch_in_memory_mb: float = Field(
+        64, ge=0, description="embedded node: items up to this size are fetched with Kubo's sequential reader, "
+        "which swarms with fewer duplicate blocks but holds the whole item in memory; larger ones are pinned "
+        "and written from the blockstore with bounded memory")
+    keep_releases: int = Field(
+        2, ge=0, description="device: serve the content of this many installed releases (the newest) to peers")
+    disk_budget_mb: float | None = Field(
+        None, gt=0, description="device: the most content (MB) kept for peers; older releases go first, and a "
+        "release bigger than this is not kept at all. Unset: only keep_releases limits it")
+
+
+class Limits(BaseModel):
+    max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    stall_timeout: float = Field(30.0, gt=0, description="abandon a fetch with no progress for this long (s)")
+    fetch_deadline: float = Field(900.0, gt=0, description="abandon a fetch not complete after this long (s)")
+    retry_interval: float = Field(30.0, gt=0, description="wait before retrying a failed fetch (s)")
+    max_attempts: int = Field(5, ge=1)
+    freeze_grace: float = Field(10.0, gt=0, description="report frozen if no fresh timestamp this long after start (s)")
+
+
+class InstallSettings(BaseModel):
+    allowed_handlers: list[Literal["file", "ab", "command"]] = Field(
+        default_factory=lambda: ["file", "ab"],
+        description="install handlers this device accepts; `command` runs programs named by the manifest",
+    )
+    health_command: list[str] | None = Field(None, description="argv run after installing; exit 0 = healthy")
+    health_url: str | None = Field(None, description="HTTP URL probed after installing; 2xx = healthy")
+    health_timeout: float = Field(10.0, gt=0, description="one health check attempt (s)")
+    confirm_deadline: float = Field(60.0, gt=0, description="healthy within this long, or roll back (s)")
+    command_timeout: float = Field(600.0, gt=0, description="the command handler's programs (s)")
+
+
+class HomeAssistantSettings(BaseModel):
+    enabled: bool = Field(False, description="publish MQTT discovery so every device is a Home Assistant update entity")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$")
+
+
+class _Settings(BaseSettings):
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+class DeviceSettings(_Settings):
+    model_config = SettingsConfigDict(env_prefix="EDGESWARM_", env_nested_delimiter="__", extra="forbid")
+
+    device_id: Identifier
+    fleet: Identifier
+    device_class: Identifier
+    state_dir: Path
+    install_target: str = Field(
+        pattern=r"^/[^\x00]*$", description="absolute path of the file the device runs; must match the manifest"
+    )
+    sysroot: Path = Field(Path("/"), description="install_target is resolved under this directory")
+    trusted_root: Path = Field(description="the root metadata provisioned at manufacture (signed JSON)")
+    initial_version: str = Field("0", description="version of install_target when there is no local state yet")
+    mqtt: MqttSettings = MqttSettings()
+    content: ContentSettings = ContentSettings()
+    limits: Limits = Limits()
+    install: InstallSettings = InstallSettings()
+
+    @property
+    def install_path(self) -> Path:
+        return self.sysroot / self.install_target.lstrip("/")
+
+
+class OperatorSettings(_Settings):
+    model_config = SettingsConfigDict(env_prefix="EDGESWARM_", env_nested_delimiter="__", extra="forbid")
+
+    fleet: Identifier = "demo"
+    home: Path = Path("edgeswarm-operator")
+    mqtt: MqttSettings = MqttSettings()
+    content: ContentSettings = ContentSettings(swarm_port=4001)
+    release_expires_days: int = Field(30, ge=1)
+    delta_bases: int = Field(3, ge=0, le=16, description="make deltas from this many previous versions")
+    timestamp_expires_hours: float = Field(4.0, gt=0, description="lifetime of each signed timestamp")
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+def load_settings(cls: type[S], path: Path | None = None) -> S:
+    """Settings from `path` (TOML) if given, then the environment on top."""
+    if path is None:
+        return cls()
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file {path} does not exist")
+
+    class FromFile(cls):  # type: ignore[valid-type,misc]
+        model_config = SettingsConfigDict(toml_file=path)
+
+    return cls.model_validate(FromFile().model_dump())

@@ -1,0 +1,87 @@
+"""The embedded broker delivers retained messages to subscribers of their topic, and only to them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.operator.broker import EmbeddedBroker
+from services.runtime.messaging import MqttClient, Will
+from services.demo.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_retained_messages_reach_only_clients_subscribed_to_their_topic() -> None:
+    async def scenario() -> list[str]:
+        port = free_port()
+        async with EmbeddedBroker("127.0.0.1", port):
+            async with MqttClient("127.0.0.1", port, "publisher", clean_session=True) as pub:
+                await pub.publish("edgeswarm/f/releases/gateway", b"for gateways", retain=True)
+                await pub.publish("edgeswarm/f/releases/ipc", b"for ipcs", retain=True)
+            async with MqttClient("127.0.0.1", port, "gateway-1") as gateway:
+                await gateway.subscribe("edgeswarm/f/releases/gateway")
+                async with MqttClient("127.0.0.1", port, "ipc-1") as ipc:
+                    await ipc.subscribe("edgeswarm/f/releases/ipc")
+                    received = []
+                    while True:
+                        try:
+                            received.append((await ipc.next_message(1.0)).topic)
+                        except TimeoutError:
+                            return received
+
+    assert asyncio.run(scenario()) == ["edgeswarm/f/releases/ipc"]
+
+
+def test_a_client_that_dies_gets_its_last_will_published() -> None:
+    async def scenario() -> bytes:
+        port = free_port()
+        async with EmbeddedBroker("127.0.0.1", port):
+            device = MqttClient("127.0.0.1", port, "device", will=Will("dev/online", b"offline"), birth=Will("dev/online", b"online"))
+            await device.connect()
+            async with MqttClient("127.0.0.1", port, "watcher", clean_session=True) as watcher:
+                await watcher.subscribe("dev/online")
+                assert (await watcher.next_message(5)).payload == b"online"
+                device.abort()
+                return (await watcher.next_message(10)).payload
+
+    assert asyncio.run(scenario()) == b"offline"
+
+
+def test_a_very_long_reason_is_truncated_to_fit_the_wire_contract() -> None:
+    from device_client.reporter import Reporter
+    from schemas.models import DeviceState, Phase
+
+    async def scenario() -> DeviceState:
+        port = free_port()
+        async with EmbeddedBroker("127.0.0.1", port):
+            async with MqttClient("127.0.0.1", port, "dev", clean_session=True) as device, \
+                    MqttClient("127.0.0.1", port, "watcher", clean_session=True) as watcher:
+                await watcher.subscribe("edgeswarm/f1/devices/d1/state")
+                reporter = Reporter(device, fleet="f1", device="d1", device_class="ipc")
+                await reporter.report(phase=Phase.FAILED, installed_version="1.0.0", installed_sha256="1" * 64,
+                                      reason="x" * 5000, reason_code="internal_error")
+                return DeviceState.from_bytes((await watcher.next_message(5)).payload, max_bytes=65536)
+
+    state = asyncio.run(scenario())
+    assert state.phase == Phase.FAILED and state.reason is not None and len(state.reason) <= 1000
+
+
+def test_only_unacknowledged_deliveries_are_kept_out_of_the_broker_log() -> None:
+    import io
+    import logging
+
+    from services.operator.broker import _UnacknowledgedDelivery
+
+    stream = io.StringIO()
+    logger = logging.getLogger("edgeswarm-test.amqtt.broker")
+    logger.addHandler(logging.StreamHandler(stream))
+    logger.addFilter(_UnacknowledgedDelivery())
+    for exc in (TimeoutError("Timeout waiting for PUBACK for packet ID 60"), TimeoutError("other"), ValueError("real")):
+        try:
+            raise exc
+        except Exception:  # noqa: BLE001
+            logger.exception("Task failed and will be skipped")
+    text = stream.getvalue()
+    assert text.count("Task failed") == 2 and "PUBACK" not in text and "other" in text and "ValueError" in text

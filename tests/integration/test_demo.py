@@ -1,0 +1,112 @@
+"""`edgeswarm demo` as a user runs it: exit code, JSON contract, and clean-up on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from services.runtime.files import sha256_file
+from services.demo.sample_images import build_image
+
+pytestmark = pytest.mark.integration
+ENV = {**os.environ, "COLUMNS": "400"}
+
+
+def test_demo_updates_every_device_to_v2_and_prints_json(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--devices", "4", "--json"],
+        capture_output=True, text=True, timeout=600, env=ENV, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    expected = {c: sha256_file(build_image(c, "2.0.0", tmp_path / f"{c}.img")) for c in ("ipc-x86_64", "gateway-armv7")}
+    assert summary["ok"] is True
+    assert len(summary["devices"]) == 4
+    assert {d["class"] for d in summary["devices"]} == set(expected)
+    for device in summary["devices"]:
+        assert device["version"] == "2.0.0"
+        assert device["sha256"] == expected[device["class"]]
+        assert device["seconds"] is not None and device["seconds"] > 0
+        assert device["bytes_from_origin"] + device["bytes_from_peers"] > 0
+    assert 0 < summary["delta_bytes"] < summary["artifact_bytes"]
+    # Deltas, not full images, crossed the origin's uplink.
+    assert 0 < summary["origin_egress_bytes"] < summary["artifact_bytes"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def start_demo_until_agents_run() -> tuple[subprocess.Popen[str], list[int], Path | None, str]:
+    """Start `edgeswarm demo --devices 2`; return it once it has printed its agents' PIDs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "demo", "--devices", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL,
+    )
+    output = ""
+    pids: list[int] = []
+    workdir = None
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while not pids and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output += line
+        if match := re.search(r"work directory (\S+)", line):
+            workdir = Path(match.group(1))
+        if match := re.search(r"PIDs ([\d, ]+)\)", line):
+            pids = [int(p) for p in match.group(1).split(",")]
+    return proc, pids, workdir, output
+
+
+def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
+    proc, pids, workdir, output = start_demo_until_agents_run()
+    try:
+        assert pids and workdir is not None, output
+        assert all(_alive(pid) for pid in pids)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        output += rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, output
+    assert not any(_alive(pid) for pid in pids), f"device agents left running: {pids}"
+    assert not workdir.exists(), f"{workdir} left behind"
+
+
+def test_agents_stop_by_themselves_when_the_demo_is_killed_outright() -> None:
+    proc, pids, _, output = start_demo_until_agents_run()
+    try:
+        assert pids, output
+        proc.kill()  # SIGKILL: the demo's own clean-up cannot run
+        proc.wait()
+        end = time.monotonic() + 20
+        while any(_alive(pid) for pid in pids) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), f"orphaned agents still running: {pids}"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        for leftover in Path(tempfile.gettempdir()).glob("edgeswarm-demo-*"):
+            shutil.rmtree(leftover, ignore_errors=True)

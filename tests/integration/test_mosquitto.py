@@ -1,0 +1,239 @@
+"""The production broker: a real Mosquitto with TLS, per-device credentials and ACLs (issue #8)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas import topics
+from schemas.models import Phase
+from services.runtime.messaging import MqttClient, MqttError
+from services.operator.mosquitto import password_hash
+from services.operator.pki import Pki
+from tests.support.harness import FLEET, Fleet, MosquittoProcess, credentials, mosquitto_available, mosquitto_dir
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not mosquitto_available(), reason="Mosquitto is not installed (apt-get install mosquitto)"),
+]
+IPC = "ipc-x86_64"
+
+
+@pytest.fixture
+def locked(tmp_path: Path):  # noqa: ANN201
+    fleet = Fleet(tmp_path)
+    try:
+        fleet.start(with_origin=True, mosquitto_devices=[("dev-a", IPC), ("dev-b", IPC), ("gw-1", "gateway-armv7")])
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def client(fleet: Fleet, principal: str, **overrides: object) -> MqttClient:
+    c = credentials(fleet.broker_dir, principal)
+    options: dict[str, object] = {"username": c["username"], "password": c["password"], "ca_file": Path(c["ca_file"])}
+    options.update(overrides)
+    return MqttClient("127.0.0.1", fleet.broker_port, f"test-{principal}-{time.monotonic_ns()}", clean_session=True,
+                      connect_timeout=5, **options)  # type: ignore[arg-type]
+
+
+async def delivered(fleet: Fleet, publisher: str, topic: str, observer: str, observe: str) -> bool:
+    """Does a retained publish by `publisher` on `topic` reach `observer` subscribed to `observe`?"""
+    marker = f"probe-{time.monotonic_ns()}".encode()
+    async with client(fleet, observer) as watch:
+        await watch.subscribe(observe)
+        async with client(fleet, publisher) as pub:
+            await pub.publish(topic, marker, retain=True)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            try:
+                message = await watch.next_message(end - time.monotonic())
+            except TimeoutError:
+                return False
+            if message.payload == marker:
+                return True
+    return False
+
+
+ROOT = f"edgeswarm/{FLEET}"
+
+
+@pytest.mark.parametrize(
+    ("topic", "observer", "observe", "allowed"),
+    [
+        (f"{ROOT}/devices/dev-a/state", "edgeswarm-operator", f"{ROOT}/devices/+/state", True),  # control: its own
+        (f"{ROOT}/devices/dev-b/state", "edgeswarm-operator", f"{ROOT}/devices/+/state", False),
+        (f"{ROOT}/devices/dev-b/online", "edgeswarm-operator", f"{ROOT}/devices/+/online", False),
+        (f"{ROOT}/releases/{IPC}", "edgeswarm-operator", f"{ROOT}/releases/+", False),
+        (f"{ROOT}/trust/root/2", "dev-b", f"{ROOT}/trust/root/+", False),
+        (f"{ROOT}/timestamp", "edgeswarm-operator", f"{ROOT}/timestamp", False),
+        (f"{ROOT}/ops/rollout/start", "edgeswarm-operator", f"{ROOT}/ops/#", False),
+        (f"{ROOT}/devices/dev-b/cmd", "dev-b", f"{ROOT}/devices/dev-b/cmd", False),
+    ],
+    ids=["own-state", "other-device-state", "other-device-online", "release", "root", "timestamp", "ops-command", "other-device-cmd"],
+)
+def test_a_device_may_publish_only_its_own_topics(locked: Fleet, topic: str, observer: str, observe: str, allowed: bool) -> None:
+    assert asyncio.run(delivered(locked, "dev-a", topic, observer, observe)) is allowed
+
+
+@pytest.mark.parametrize(
+    ("publisher", "topic", "allowed"),
+    [
+        ("edgeswarm-homeassistant", f"{ROOT}/ops/device/dev-a/install", True),
+        ("edgeswarm-homeassistant", f"{ROOT}/ops/device/dev-a/retire", False),
+        ("edgeswarm-homeassistant", f"{ROOT}/ops/rollout/start", False),
+        ("edgeswarm-homeassistant", f"{ROOT}/devices/dev-a/cmd", False),
+        ("edgeswarm-nodered", f"{ROOT}/ops/rollout/start", True),
+        ("edgeswarm-nodered", f"{ROOT}/ops/device/dev-a/retire", False),
+        ("edgeswarm-nodered", f"{ROOT}/devices/dev-a/cmd", False),
+    ],
+    ids=["ha-install", "ha-retire", "ha-rollout", "ha-device-cmd", "nodered-rollout", "nodered-retire", "nodered-device-cmd"],
+)
+def test_home_assistant_and_node_red_publish_only_their_operator_requests(
+    locked: Fleet, publisher: str, topic: str, allowed: bool
+) -> None:
+    observe = f"{ROOT}/devices/+/cmd" if "/devices/" in topic else f"{ROOT}/ops/#"
+    assert asyncio.run(delivered(locked, publisher, topic, "edgeswarm-operator", observe)) is allowed
+
+
+def test_a_device_reads_its_class_release_but_not_other_classes_devices_or_fleets(locked: Fleet) -> None:
+    passwd = locked.broker_dir / "passwd"
+    acl = locked.broker_dir / "acl"
+    # A second fleet sharing the broker, with its own release principal.
+    passwd.write_text(passwd.read_text() + f"other-release:{password_hash('pw')}\n")
+    acl.write_text(acl.read_text() + "\nuser other-release\ntopic write edgeswarm/other-fleet/#\n")
+    locked.mosquitto.stop()
+    locked.mosquitto.start()
+
+    async def scenario() -> dict[str, bool]:
+        results = {}
+        results["own-class-release"] = await delivered(locked, "edgeswarm-release", f"{ROOT}/releases/{IPC}", "dev-a", f"{ROOT}/releases/{IPC}")
+        results["other-class-release"] = await delivered(locked, "edgeswarm-release", f"{ROOT}/releases/gateway-armv7", "dev-a", f"{ROOT}/releases/+")
+        results["other-device-state"] = await delivered(locked, "dev-b", f"{ROOT}/devices/dev-b/state", "dev-a", f"{ROOT}/devices/#")
+        other = client(locked, "dev-a")
+        async with other:
+            await other.subscribe("edgeswarm/other-fleet/#")
+            async with MqttClient("127.0.0.1", locked.broker_port, "other", clean_session=True, username="other-release",
+                                  password="pw", ca_file=Path(credentials(locked.broker_dir, "dev-a")["ca_file"])) as pub:
+                await pub.publish("edgeswarm/other-fleet/releases/x", b"theirs", retain=True)
+            try:
+                await other.next_message(1.5)
+                results["other-fleet"] = True
+            except TimeoutError:
+                results["other-fleet"] = False
+        return results
+
+    assert asyncio.run(scenario()) == {
+        "own-class-release": True, "other-class-release": False, "other-device-state": False, "other-fleet": False,
+    }
+
+
+def test_bad_credentials_and_plain_tcp_are_refused(locked: Fleet) -> None:
+    async def attempt(**overrides: object) -> str:
+        try:
+            async with client(locked, "dev-a", **overrides):
+                return "connected"
+        except MqttError as exc:
+            return str(exc)
+
+    assert asyncio.run(attempt()) == "connected"
+    assert "Not authorized" in asyncio.run(attempt(password="guess"))
+    assert "Not authorized" in asyncio.run(attempt(username="nobody"))
+    assert "could not connect" in asyncio.run(attempt(ca_file=None))  # plain MQTT to the TLS listener
+
+
+def test_mutual_tls_refuses_certificates_from_another_ca(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from services.demo.ports import free_port
+
+    port = free_port()
+    run = lambda *a: subprocess.run([sys.executable, "-m", "services.cli", *a], check=True, capture_output=True)  # noqa: E731
+    run("pki", "init", "--out", str(tmp_path / "pki"), "--fleet", FLEET)
+    run("pki", "client", "dev-a", "--out", str(tmp_path / "pki"))
+    run("pki", "init", "--out", str(tmp_path / "rogue"), "--fleet", FLEET)
+    run("pki", "client", "dev-a", "--out", str(tmp_path / "rogue"))
+    broker_dir = mosquitto_dir()
+    run("broker", "config", "--out", str(broker_dir), "--fleet", FLEET, "--port", str(port),
+        "--pki", str(tmp_path / "pki"), "--mutual-tls", "--device", f"dev-a:{IPC}")
+    broker = MosquittoProcess(broker_dir / "mosquitto.conf", port, tmp_path / "mosquitto.log")
+    broker.start()
+    fleet_ca = Pki(tmp_path / "pki")
+
+    async def attempt(bundle: Pki | None) -> str:
+        cert = dict(cert_file=bundle.client_cert("dev-a"), key_file=bundle.client_key("dev-a")) if bundle else {}
+        try:
+            async with MqttClient("127.0.0.1", port, "dev-a", clean_session=True, ca_file=fleet_ca.ca_cert,
+                                  connect_timeout=4, **cert):  # type: ignore[arg-type]
+                return "connected"
+        except MqttError:
+            return "refused"
+
+    try:
+        assert asyncio.run(attempt(fleet_ca)) == "connected"
+        assert asyncio.run(attempt(Pki(tmp_path / "rogue"))) == "refused"
+        assert asyncio.run(attempt(None)) == "refused"
+    finally:
+        broker.stop()
+        shutil.rmtree(broker_dir.parent, ignore_errors=True)
+
+
+def test_the_update_flows_over_tls_and_survives_a_broker_crash_mid_rollout(locked: Fleet) -> None:
+    locked.release(IPC, "1.0.0")
+    for name in ("dev-a", "dev-b"):
+        locked.add_device(name, IPC)
+        locked.watcher.wait(name, lambda s: s.phase == Phase.IDLE and s.last_sequence == 1)
+    v2 = locked.release(IPC, "2.0.0")
+    locked.mosquitto.kill()  # kill -9 right after the release: only what was saved survives
+    time.sleep(1.0)
+    locked.mosquitto.start()
+    for name in ("dev-a", "dev-b"):
+        state = locked.watcher.wait(name, lambda s: s.installed_version == "2.0.0" and s.phase == Phase.DONE, timeout=90)
+        assert state.installed_sha256 == v2.artifact.sha256 == locked.devices[name].installed_sha256()
+
+    async def retained() -> set[str]:
+        seen: set[str] = set()
+        async with client(locked, "dev-a") as fresh:
+            for topic in (topics.release_topic(FLEET, IPC), topics.timestamp_topic(FLEET), topics.root_wildcard(FLEET)):
+                await fresh.subscribe(topic)
+            try:
+                while True:
+                    seen.add((await fresh.next_message(1.5)).topic)
+            except TimeoutError:
+                return seen
+
+    assert {topics.release_topic(FLEET, IPC), topics.timestamp_topic(FLEET), topics.root_topic(FLEET, 1)} <= asyncio.run(retained())
+
+
+def test_a_site_broker_bridged_to_the_central_one_delivers_central_releases_to_its_devices(tmp_path: Path) -> None:
+    from services.demo.ports import free_port
+
+    fleet = Fleet(tmp_path)
+    site_dir = mosquitto_dir()
+    site = None
+    try:
+        fleet.start(mosquitto_devices=[], broker_args=("--bridge-site", "plant-7"))
+        site_port = free_port()
+        fleet.cli("broker", "config", "--out", str(site_dir), "--fleet", FLEET, "--port", str(site_port),
+                  "--pki", str(tmp_path / "pki"), "--device", f"site-dev:{IPC}",
+                  "--bridge-to", f"127.0.0.1:{fleet.broker_port}",
+                  "--bridge-credentials", str(fleet.broker_dir / "credentials" / "edgeswarm-bridge-plant-7.toml"))
+        site = MosquittoProcess(site_dir / "mosquitto.conf", site_port, tmp_path / "site-mosquitto.log")
+        site.start()
+        fleet.release(IPC, "1.0.0")  # published on the central broker only
+        device = fleet.add_device("site-dev", IPC, broker=(site_port, site_dir))
+        # The device's reports cross the bridge: the watcher is on the central broker.
+        fleet.watcher.wait("site-dev", lambda s: s.phase == Phase.IDLE and s.last_sequence == 1, timeout=60)
+        v2 = fleet.release(IPC, "2.0.0")
+        state = fleet.watcher.wait("site-dev", lambda s: s.phase == Phase.DONE, timeout=90)
+        assert state.installed_version == "2.0.0" and device.installed_sha256() == v2.artifact.sha256
+    finally:
+        fleet.stop()
+        if site is not None:
+            site.stop()
+        shutil.rmtree(site_dir.parent, ignore_errors=True)

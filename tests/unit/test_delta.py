@@ -1,0 +1,323 @@
+"""ESDELTA1 patches: exact results, in-place application that survives a crash anywhere, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas.canonical import canonical_json
+from schemas.patch import MAGIC, MAX_HEADER_BYTES, MAX_SEGMENT_NEW, PatchHeader
+from services.runtime.delta import BadPatch, apply_delta, apply_in_place, apply_patch, create_delta, patch_info
+from services.runtime.delta.apply import Journal
+from services.runtime.delta.create import BLOCK, CreateOptions, create_patch
+
+# small segments and windows so that a few hundred KiB exercise many segments and window choices
+SMALL = CreateOptions(segment_size=64 << 10, old_budget=2 * BLOCK)
+SMALL_IN_PLACE = CreateOptions(segment_size=64 << 10, old_budget=2 * BLOCK, in_place=True)
+
+
+def _bytes(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def _edit(old: bytes, kind: str) -> bytes:
+    """A new version of `old` as releases produce them: inserted, removed, moved and changed bytes."""
+    rng = random.Random(kind)
+    new = bytearray(old)
+    if kind == "insert-front":  # content moves towards the end: in place needs backward order
+        new[1000:1000] = _bytes(7, 50_000)
+    elif kind == "delete-front":  # content moves towards the start: forward order
+        del new[2000:70_000]
+    elif kind == "move-blocks":
+        third = len(new) // 3
+        new = new[2 * third :] + new[third : 2 * third] + new[:third]
+    elif kind == "grow":
+        new += _bytes(8, 300_000)
+    elif kind == "shrink":
+        new = new[: len(new) // 3]
+    for _ in range(200):  # scattered small changes, like relocated addresses in code
+        i = rng.randrange(len(new))
+        new[i] = (new[i] + 1) % 256
+    return bytes(new)
+
+
+KINDS = ["insert-front", "delete-front", "move-blocks", "grow", "shrink"]
+
+
+@pytest.fixture(scope="module")
+def old_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("old") / "old"
+    # compressible structure plus noise, about 1.2 MiB: ~20 segments with SMALL options
+    path.write_bytes(b"".join(_bytes(i % 40, 4096) + bytes(range(256)) * 8 for i in range(200)))
+    return path
+
+
+def _pair(old_image: Path, tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    new = tmp_path / "new"
+    new.write_bytes(_edit(old_image.read_bytes(), kind))
+    return old_image, new
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("options", [SMALL, SMALL_IN_PLACE, CreateOptions(segment_size=64 << 10, old_budget=BLOCK, compression="zstd")],
+                         ids=["forward", "in-place", "zstd"])
+def test_a_patch_rebuilds_exactly_the_new_file_and_is_small(old_image: Path, tmp_path: Path, kind: str, options: CreateOptions) -> None:
+    old, new = _pair(old_image, tmp_path, kind)
+    patch = tmp_path / "patch"
+    header = create_patch(old, new, patch, options)
+    assert len(header.segments) > 5
+    apply_patch(old, patch, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new.read_bytes()
+    # 200 changed bytes plus what was inserted: far below the file size
+    inserted = 300_000 if kind == "grow" else 50_000 if kind == "insert-front" else 0
+    if options.in_place and kind == "move-blocks":
+        # moved both ways: one direction's bytes are overwritten before they are needed
+        inserted = new.stat().st_size // 3
+    assert patch.stat().st_size < inserted + 40_000
+    if options.in_place:
+        assert header.in_place_conflict() is None
+        target = tmp_path / "target"
+        shutil.copyfile(old, target)
+        apply_in_place(target, patch)
+        assert target.read_bytes() == new.read_bytes()
+        assert not Journal.path(target).exists() and not Journal.stage_path(target).exists()
+
+
+def test_in_place_patches_choose_the_order_that_keeps_needed_bytes(old_image: Path, tmp_path: Path) -> None:
+    old, new = _pair(old_image, tmp_path, "insert-front")
+    assert create_patch(old, new, tmp_path / "a", SMALL_IN_PLACE).order == "backward"
+    new.write_bytes(_edit(old.read_bytes(), "delete-front"))
+    assert create_patch(old, new, tmp_path / "b", SMALL_IN_PLACE).order == "forward"
+
+
+def test_a_patch_that_would_overwrite_bytes_it_still_needs_is_refused_in_place(old_image: Path, tmp_path: Path) -> None:
+    old, new = _pair(old_image, tmp_path, "move-blocks")
+    patch = tmp_path / "patch"
+    header = create_patch(old, new, patch, SMALL)
+    assert header.in_place_conflict() is not None
+    target = tmp_path / "target"
+    shutil.copyfile(old, target)
+    with pytest.raises(BadPatch, match="cannot be applied in place"):
+        apply_in_place(target, patch)
+    assert target.read_bytes() == old.read_bytes()
+
+
+class PowerCut(BaseException):
+    """Raised from the step hook: nothing after it runs, like a power cut (BaseException so no handler eats it)."""
+
+
+@pytest.mark.parametrize("kind", ["insert-front", "delete-front"])
+def test_in_place_application_resumes_after_a_crash_at_every_step(old_image: Path, tmp_path: Path, kind: str) -> None:
+    old, new = _pair(old_image, tmp_path, kind)
+    patch = tmp_path / "patch"
+    header = create_patch(old, new, patch, SMALL_IN_PLACE)
+    steps = [(name, index) for index in range(len(header.segments)) for name in ("rebuilt", "staged", "half-written", "written")]
+    target = tmp_path / "target"
+    for crash_at in steps[:: max(len(steps) // 24, 1)] + steps[-4:]:
+        shutil.copyfile(old, target)
+
+        def cut(name: str, index: int, crash_at: tuple[str, int] = crash_at) -> None:
+            if (name, index) == crash_at:
+                raise PowerCut
+
+        with pytest.raises(PowerCut):
+            apply_in_place(target, patch, step=cut)
+        assert Journal.path(target).exists()
+        apply_in_place(target, patch)  # the next boot resumes
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == header.new_sha256, crash_at
+        assert not Journal.path(target).exists()
+
+
+def test_a_crash_twice_in_a_row_still_resumes(old_image: Path, tmp_path: Path) -> None:
+    old, new = _pair(old_image, tmp_path, "insert-front")
+    patch, target = tmp_path / "patch", tmp_path / "target"
+    create_patch(old, new, patch, SMALL_IN_PLACE)
+    shutil.copyfile(old, target)
+    for crash_at in [("half-written", 3), ("staged", 5), ("rebuilt", 6), ("written", 7)]:
+        with pytest.raises(PowerCut):
+            apply_in_place(target, patch, step=lambda n, i, c=crash_at: (_ for _ in ()).throw(PowerCut) if (n, i) == c else None)
+    apply_in_place(target, patch)
+    assert target.read_bytes() == new.read_bytes()
+
+
+def test_a_journal_of_another_patch_stops_in_place_application(old_image: Path, tmp_path: Path) -> None:
+    old, new = _pair(old_image, tmp_path, "insert-front")
+    patch, other, target = tmp_path / "patch", tmp_path / "other", tmp_path / "target"
+    create_patch(old, new, patch, SMALL_IN_PLACE)
+    create_patch(old, old, other, SMALL_IN_PLACE)
+    shutil.copyfile(old, target)
+    with pytest.raises(PowerCut):
+        apply_in_place(target, patch, step=lambda n, i: (_ for _ in ()).throw(PowerCut) if (n, i) == ("written", 2) else None)
+    with pytest.raises(BadPatch, match="belongs to another patch"):
+        apply_in_place(target, other)
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def made(old_image: Path, tmp_path: Path) -> tuple[Path, Path, Path, PatchHeader]:
+    old, new = _pair(old_image, tmp_path, "insert-front")
+    patch = tmp_path / "patch"
+    return old, new, patch, create_patch(old, new, patch, SMALL_IN_PLACE)
+
+
+def _rewrite(patch: Path, header: dict, payload: bytes | None = None) -> None:
+    raw = patch.read_bytes()
+    (length,) = struct.unpack("<I", raw[8:12])
+    body = raw[12 + length :] if payload is None else payload
+    text = canonical_json(header)
+    patch.write_bytes(MAGIC + struct.pack("<I", len(text)) + text + body)
+
+
+def _header(patch: Path) -> dict:
+    return patch_info(patch).model_dump(mode="json")
+
+
+HOSTILE = {
+    "new size a terabyte": lambda h: h.update(new_size=1 << 40),
+    "segment too large": lambda h: h["segments"][0].update(new_size=MAX_SEGMENT_NEW + 1),
+    "extent beyond old": lambda h: h["segments"][0]["old"].append({"offset": h["old_size"], "length": 10}),
+    "huge extent": lambda h: h["segments"][0]["old"].append({"offset": 0, "length": 1 << 40}),
+    "negative offset": lambda h: h["segments"][0].update(new_offset=-1),
+    "overlapping segments": lambda h: h["segments"][1].update(new_offset=h["segments"][1]["new_offset"] - 1),
+    "sizes do not add up": lambda h: h["segments"][0].update(diff_size=h["segments"][0]["diff_size"] + 1),
+    "partial control tuple": lambda h: h["segments"][0].update(control_size=h["segments"][0]["control_size"] + 1),
+    "unknown compression": lambda h: h.update(compression="bzip3"),
+    "unknown format": lambda h: h.update(format=2),
+    "extra field": lambda h: h.update(shell="rm -rf /"),
+    "wrong order": lambda h: h.update(order="forward"),
+    "stream longer than promised": lambda h: (h["segments"][0].update(diff_size=h["segments"][0]["diff_size"] - 1),
+                                              h["segments"][0].update(extra_size=h["segments"][0]["extra_size"] + 1),
+                                              h["segments"][0].update(control_size=h["segments"][0]["control_size"] - 24)),
+    "another new file": lambda h: h.update(new_sha256="0" * 64),
+    "another old file": lambda h: h.update(old_sha256="0" * 64),
+    "packed sizes swapped": lambda h: (h["segments"][0].update(packed_size=h["segments"][0]["packed_size"] + 1),
+                                       h["segments"][1].update(packed_size=h["segments"][1]["packed_size"] - 1)),
+}
+
+
+@pytest.mark.parametrize("attack", list(HOSTILE))
+def test_a_hostile_header_is_refused_and_nothing_is_written(made: tuple[Path, Path, Path, PatchHeader], tmp_path: Path, attack: str) -> None:
+    old, _, patch, _ = made
+    header = _header(patch)
+    HOSTILE[attack](header)
+    _rewrite(patch, header)
+    with pytest.raises(BadPatch):
+        apply_patch(old, patch, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.part").exists()
+    target = tmp_path / "target"
+    shutil.copyfile(old, target)
+    with pytest.raises(BadPatch):
+        apply_in_place(target, patch)
+    assert target.read_bytes() == old.read_bytes()
+    assert not Journal.path(target).exists()
+
+
+@pytest.mark.parametrize("damage", ["magic", "empty", "truncated header", "header length huge", "not json",
+                                    "duplicate key", "truncated payload", "trailing bytes", "flipped payload byte"])
+def test_a_damaged_patch_is_refused_with_a_clear_error(made: tuple[Path, Path, Path, PatchHeader], tmp_path: Path, damage: str) -> None:
+    old, _, patch, _ = made
+    raw = bytearray(patch.read_bytes())
+    (length,) = struct.unpack("<I", raw[8:12])
+    if damage == "magic":
+        raw[:8] = b"BSDIFF40"
+    elif damage == "empty":
+        raw = bytearray()
+    elif damage == "truncated header":
+        raw = raw[: 12 + length // 2]
+    elif damage == "header length huge":
+        raw[8:12] = struct.pack("<I", MAX_HEADER_BYTES + 1)
+    elif damage == "not json":
+        raw[12:16] = b"\xff\xfe{["
+    elif damage == "duplicate key":
+        text = raw[12 : 12 + length].decode().replace('{"compression":"lzma"', '{"compression":"lzma","compression":"zstd"', 1)
+        raw = bytearray(MAGIC + struct.pack("<I", len(text)) + text.encode() + raw[12 + length :])
+    elif damage == "truncated payload":
+        raw = raw[:-100]
+    elif damage == "trailing bytes":
+        raw += b"\0" * 10
+    else:
+        raw[12 + length + 40] ^= 0xFF
+    patch.write_bytes(bytes(raw))
+    with pytest.raises(BadPatch) as refused:
+        apply_patch(old, patch, tmp_path / "out")
+    assert len(str(refused.value)) > 10
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_patch_for_another_size_is_refused_before_work(made: tuple[Path, Path, Path, PatchHeader], tmp_path: Path) -> None:
+    old, new, patch, _ = made
+    with pytest.raises(BadPatch, match="promised"):
+        apply_delta(old, patch, tmp_path / "out", expected_size=new.stat().st_size + 1)
+
+
+def test_a_patch_for_another_old_file_is_refused(made: tuple[Path, Path, Path, PatchHeader], tmp_path: Path) -> None:
+    _, _, patch, _ = made
+    other = tmp_path / "other"
+    other.write_bytes(_bytes(99, 1000))
+    with pytest.raises(BadPatch, match="for a .*-byte file"):
+        apply_patch(other, patch, tmp_path / "out")
+
+
+# -- properties -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(old=st.binary(max_size=3000), new=st.binary(max_size=3000), in_place=st.booleans(), data=st.data())
+def test_any_pair_of_files_round_trips(tmp_path: Path, old: bytes, new: bytes, in_place: bool, data: st.DataObject) -> None:
+    if data.draw(st.booleans()):  # often a related pair, the case deltas exist for
+        new = old[: len(old) // 2] + new[:100] + old[len(old) // 2 :]
+    paths = {name: tmp_path / name for name in ("old", "new", "patch", "out", "target")}
+    paths["old"].write_bytes(old)
+    paths["new"].write_bytes(new)
+    options = CreateOptions(segment_size=data.draw(st.integers(64, 2048)), old_budget=BLOCK, in_place=in_place)
+    create_patch(paths["old"], paths["new"], paths["patch"], options)
+    apply_patch(paths["old"], paths["patch"], paths["out"])
+    assert paths["out"].read_bytes() == new
+    if in_place:
+        paths["target"].write_bytes(old)
+        apply_in_place(paths["target"], paths["patch"])
+        assert paths["target"].read_bytes() == new
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "services.cli", "delta", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_creates_inspects_and_applies_patches_and_refuses_bad_ones(old_image: Path, tmp_path: Path) -> None:
+    old, new = _pair(old_image, tmp_path, "insert-front")
+    patch, out, target = tmp_path / "p.esd", tmp_path / "out", tmp_path / "target"
+    created = _cli("create", old, new, "-o", patch, "--in-place", "--json")
+    assert created.returncode == 0, created.stderr
+    info = _cli("info", patch, "--json")
+    assert info.returncode == 0 and '"in_place_safe": true' in info.stdout and f'"new_size": {new.stat().st_size}' in info.stdout
+    assert _cli("apply", old, patch, "-o", out).returncode == 0 and out.read_bytes() == new.read_bytes()
+    shutil.copyfile(old, target)
+    assert _cli("apply", "--in-place", target, patch).returncode == 0 and target.read_bytes() == new.read_bytes()
+    patch.write_bytes(patch.read_bytes()[:-10])
+    refused = _cli("apply", old, patch, "-o", tmp_path / "out2")
+    assert refused.returncode == 1 and "truncated or padded" in refused.stderr
+    assert not (tmp_path / "out2").exists()
+    assert _cli("apply", old, patch).returncode != 0  # neither -o nor --in-place
+
+
+def test_the_default_api_makes_and_applies_patches(tmp_path: Path) -> None:
+    old, new, patch, out = (tmp_path / n for n in ("old", "new", "patch", "out"))
+    old.write_bytes(bytes(range(256)) * 400)
+    new.write_bytes(old.read_bytes()[:50_000] + b"edgeswarm" * 100 + old.read_bytes()[50_000:])
+    assert create_delta(old, new, patch) < 2000
+    apply_delta(old, patch, out, expected_size=new.stat().st_size)
+    assert out.read_bytes() == new.read_bytes()

@@ -1,0 +1,233 @@
+"""The staged-rollout rules (services.operator.rollout, services.runtime.trust.rollout_admits): pure, so tested exhaustively here."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pydantic
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas.models import CommandName, DeviceCommand, Phase, RolloutRule
+from schemas.ops import RolloutPlan, RolloutState, Wave
+from services.operator.fleet_service import OpsTokens
+from services.operator.rollout import RESEND_AFTER, Member, Rollout
+from services.runtime.trust import BUCKETS, rollout_admits, rollout_bucket
+from tests.support.factories import manifest as make_manifest
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+SALT = "0123456789abcdef"
+
+
+def plan(*waves: Wave, soak: int = 0, failed_percent: int = 20) -> RolloutPlan:
+    return RolloutPlan(device_class="ipc", version="2.0.0", waves=list(waves), soak_seconds=soak,
+                       max_failed_percent=failed_percent)
+
+
+def pct(p: int) -> Wave:
+    return Wave(percent=p)
+
+
+def on_v1(device: str, phase: Phase = Phase.WAITING, online: bool = True) -> Member:
+    return Member(device, "1.0.0", phase, "2.0.0", online)
+
+
+def done(device: str) -> Member:
+    return Member(device, "2.0.0", Phase.DONE, "2.0.0", True)
+
+
+def failed(device: str, phase: Phase = Phase.ROLLED_BACK, retrying: bool = False) -> Member:
+    return Member(device, "1.0.0", phase, "2.0.0", True, retrying)
+
+
+def fleet(n: int) -> dict[str, Member]:
+    return {f"d{i:02d}": on_v1(f"d{i:02d}") for i in range(n)}
+
+
+def rollout(p: RolloutPlan) -> Rollout:
+    return Rollout(plan=p, sequence=7, salt=SALT, wave_started=T0)
+
+
+def by_bucket(devices: list[str]) -> list[str]:
+    return sorted(devices, key=lambda d: (rollout_bucket(SALT, d), d))
+
+
+# -- membership --------------------------------------------------------------------------------
+
+
+def test_percent_waves_are_cumulative_in_bucket_order_and_round_up() -> None:
+    r = rollout(plan(pct(10), pct(50), pct(100)))
+    devices = sorted(fleet(20))
+    order = by_bucket(devices)
+    assert r.members(devices, 0) == set(order[:2])
+    assert r.members(devices, 1) == set(order[:10])
+    assert r.members(devices, 2) == set(devices)
+    assert rollout(plan(pct(1))).members(devices, 0) == {order[0]}  # 1% of 20 is still one device
+
+
+def test_named_waves_take_only_known_devices_and_add_up() -> None:
+    r = rollout(plan(Wave(devices=["d01", "ghost"]), pct(100)))
+    assert r.members(["d00", "d01"], 0) == {"d01"}
+    assert r.members(["d00", "d01"], 1) == {"d00", "d01"}
+
+
+def test_the_signed_canary_devices_come_first_in_every_wave() -> None:
+    manifest = make_manifest(version="2.0.0", sequence=7).model_copy(
+        update={"rollout": RolloutRule(canary_percent=25, salt=SALT)})
+    devices = [f"dev-{i}" for i in range(200)]
+    canaries = {d for d in devices if rollout_admits(manifest, d, approved_sequence=0)}
+    assert 25 <= len(canaries) <= 75  # ~25% of 200
+    first_wave = rollout(plan(pct(50))).members(devices, 0)
+    assert canaries <= first_wave
+
+
+@given(st.text(min_size=1, max_size=30), st.integers(0, 100))
+def test_admission_follows_the_bucket_rule_or_an_install_command(device: str, percent: int) -> None:
+    manifest = make_manifest(version="2.0.0", sequence=7).model_copy(
+        update={"rollout": RolloutRule(canary_percent=percent, salt=SALT)})
+    canary = rollout_bucket(SALT, device) < percent * BUCKETS // 100
+    assert rollout_admits(manifest, device, approved_sequence=0) == canary
+    assert rollout_admits(manifest, device, approved_sequence=7)  # the command for exactly this release
+    assert rollout_admits(manifest, device, approved_sequence=6) == canary  # an older command does not carry over
+    assert rollout_admits(make_manifest(version="2.0.0", sequence=7), device, approved_sequence=0)  # not staged
+
+
+def test_buckets_are_spread_evenly() -> None:
+    buckets = [rollout_bucket(SALT, f"device-{i}") for i in range(10_000)]
+    below_half = sum(b < BUCKETS // 2 for b in buckets)
+    assert 4_700 < below_half < 5_300
+    devices = [f"device-{i}" for i in range(100)]
+    other = sorted(devices, key=lambda d: rollout_bucket("fedcba9876543210", d))
+    assert by_bucket(devices)[:10] != other[:10]  # a new release's salt picks other canaries
+
+
+# -- commands and waves ------------------------------------------------------------------------
+
+
+def test_a_wave_commands_its_devices_once_then_again_only_while_they_still_wait() -> None:
+    r = rollout(plan(pct(50), pct(100)))
+    f = fleet(4)
+    first = r.step(f, T0)
+    assert len(first) == 2 and set(first) == r.members(sorted(f), 0)
+    assert r.step(f, T0 + timedelta(seconds=1)) == []
+    assert sorted(r.step(f, T0 + RESEND_AFTER)) == sorted(first)  # still `waiting`: the command was lost
+    f[first[0]] = on_v1(first[0], Phase.DOWNLOADING)
+    assert r.step(f, T0 + 3 * RESEND_AFTER) == [first[1]]
+
+
+def test_the_next_wave_starts_when_every_online_device_ended_and_the_soak_time_passed() -> None:
+    r = rollout(plan(pct(50), pct(100), soak=60))
+    f = fleet(4)
+    first = r.step(f, T0)
+    f[first[0]] = done(first[0])
+    f[first[1]] = on_v1(first[1], online=False)  # offline: does not hold the fleet back
+    assert r.step(f, T0 + timedelta(seconds=10)) == [] and r.wave_index == 0
+    assert r.settled_at == T0 + timedelta(seconds=10)
+    assert r.step(f, T0 + timedelta(seconds=69)) == [] and r.wave_index == 0
+    second = r.step(f, T0 + timedelta(seconds=70))
+    assert r.wave_index == 1 and set(second) == set(f) - set(first)
+    for d in f:
+        f[d] = done(d)
+    r.step(f, T0 + timedelta(seconds=80))
+    assert r.state == RolloutState.RUNNING  # soaking the last wave
+    r.step(f, T0 + timedelta(seconds=140))
+    assert r.state == RolloutState.COMPLETED
+
+
+def test_a_device_that_fails_again_during_the_soak_resets_nothing_but_counts() -> None:
+    r = rollout(plan(pct(100), soak=60, failed_percent=20))
+    f = fleet(5)
+    r.step(f, T0)
+    for d in f:
+        f[d] = done(d)
+    r.step(f, T0 + timedelta(seconds=1))
+    f["d00"] = failed("d00")  # a later report: rolled back by its health check
+    f["d01"] = failed("d01")
+    assert r.step(f, T0 + timedelta(seconds=30)) == []
+    assert r.state == RolloutState.PAUSED and "2 of 5" in r.reason
+
+
+def test_too_many_failures_pause_and_resume_accepts_them() -> None:
+    r = rollout(plan(pct(40), pct(100), failed_percent=30))
+    f = fleet(5)
+    first = r.step(f, T0)
+    assert len(first) == 2
+    f[first[0]], f[first[1]] = failed(first[0]), done(first[1])
+    assert r.step(f, T0 + timedelta(seconds=1)) == []
+    assert r.state == RolloutState.PAUSED and first[0] in r.reason and "1 of 2" in r.reason
+    assert r.step(f, T0 + timedelta(seconds=2)) == []  # paused: nothing moves
+    r.resume(f)
+    assert r.acknowledged == [first[0]] and r.state == RolloutState.RUNNING
+    second = r.step(f, T0 + timedelta(seconds=3))
+    assert r.wave_index == 1 and set(second) == set(f) - set(first)
+    status = r.status(f, T0 + timedelta(seconds=3))
+    assert (status.wave, status.failed, status.failure_rate) == (2, 1, 0.0)
+
+
+def test_a_failure_with_a_retry_scheduled_is_not_a_failure_yet() -> None:
+    r = rollout(plan(pct(100), failed_percent=0))
+    f = {"d00": failed("d00", Phase.FAILED, retrying=True)}
+    r.step(f, T0)
+    assert r.state == RolloutState.RUNNING and r.outcome(f["d00"]) == "installing"
+    f["d00"] = failed("d00", Phase.FAILED, retrying=False)
+    r.step(f, T0 + timedelta(seconds=1))
+    assert r.state == RolloutState.PAUSED
+
+
+def test_abort_and_pause_send_nothing_and_reject_wrong_transitions() -> None:
+    r = rollout(plan(pct(100)))
+    f = fleet(3)
+    r.pause("look at logs")
+    assert r.step(f, T0) == [] and r.reason == "look at logs"
+    with pytest.raises(ValueError, match="not running"):
+        r.pause("")
+    r.abort("")
+    assert r.step(f, T0) == [] and r.state == RolloutState.ABORTED
+    with pytest.raises(ValueError, match="not paused"):
+        r.resume(f)
+    with pytest.raises(ValueError, match="aborted already"):
+        r.abort("")
+
+
+def test_a_completed_rollout_still_admits_a_device_that_comes_back() -> None:
+    r = rollout(plan(pct(100)))
+    f = {"a": done("a"), "b": on_v1("b", online=False)}
+    r.step(f, T0)
+    assert r.state == RolloutState.COMPLETED
+    f["b"] = on_v1("b")
+    assert r.step(f, T0 + timedelta(seconds=1)) == ["b"]
+
+
+def test_status_counts() -> None:
+    r = rollout(plan(pct(100)))
+    f = {"a": done("a"), "b": failed("b"), "c": on_v1("c", Phase.PATCHING), "d": on_v1("d")}
+    s = r.status(f, T0)
+    assert (s.done, s.failed, s.in_progress, s.waiting, s.class_devices, s.wave_devices) == (1, 1, 1, 1, 4, 4)
+    assert s.failed_devices == ["b"] and s.failure_rate == 0.25
+
+
+# -- wire models and tokens -----------------------------------------------------------------------
+
+
+def test_wire_rules_for_plans_and_commands() -> None:
+    with pytest.raises(pydantic.ValidationError, match="cumulative"):
+        plan(pct(50), pct(10))
+    with pytest.raises(pydantic.ValidationError, match="either"):
+        Wave(percent=5, devices=["a"])
+    with pytest.raises(pydantic.ValidationError, match="sequence"):
+        DeviceCommand(command=CommandName.INSTALL)
+    with pytest.raises(pydantic.ValidationError, match="sequence"):
+        DeviceCommand(command=CommandName.CHECK, sequence=3)
+    with pytest.raises(pydantic.ValidationError):
+        RolloutRule(canary_percent=101, salt=SALT)
+
+
+def test_tokens_are_created_private_and_scoped(tmp_path) -> None:  # noqa: ANN001
+    tokens = OpsTokens.load_or_create(tmp_path / "tokens")
+    assert tokens == OpsTokens.load_or_create(tmp_path / "tokens")  # stable across restarts
+    assert (tmp_path / "tokens" / "operator").stat().st_mode & 0o777 == 0o600
+    assert tokens.allows(tokens.operator, "rollout/start") and tokens.allows(tokens.operator, "device/retire")
+    assert tokens.allows(tokens.homeassistant, "device/install") and tokens.allows(tokens.homeassistant, "device/check")
+    assert not tokens.allows(tokens.homeassistant, "rollout/start") and not tokens.allows(tokens.homeassistant, "rollout/abort")
+    assert not tokens.allows(tokens.homeassistant, "device/retire") and not tokens.allows("x" * 43, "device/check")
