@@ -334,7 +334,7 @@ def release(
     settings = _operator(config)
     operator = _home(settings, home)
     if settings.content.backend == "kubo-rpc":
-        from services.runtime.content.rpc import KuboRpcStore
+        from services.runtime.content import KuboRpcStore
 
         store = KuboRpcStore(settings.content.rpc_api)  # the daemon keeps serving: no seed directory needed
     else:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from services.runtime.content import blockstore
+from services.runtime.content import _blockstore as blockstore
 from tests.support.harness import Fleet
 from tests.integration.test_end_to_end import IPC, idle_on, on_version
 

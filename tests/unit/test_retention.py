@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_client.retention import HeldRelease, releases_to_drop
-from services.runtime.content import blockstore
+from services.runtime.content import _blockstore as blockstore
 from services.runtime.content import EmbeddedKuboNode, FetchStalled, KuboConfig
 from services.demo.ports import free_port
 

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from schemas.canonical import MalformedDocument
 from schemas.patch import MAGIC, MAX_HEADER_BYTES, PatchHeader, Segment
-from services.runtime.delta.codec import CorruptStream, decompress
+from services.runtime.delta._codec import CorruptStream, decompress
 from services.runtime.files import atomic_write, sha256_file
 
 Progress = Callable[[int, int], None]

@@ -29,8 +29,8 @@ import numpy as np
 
 from schemas.canonical import canonical_json
 from schemas.patch import MAGIC, MAX_CONTROL_BYTES, MAX_SEGMENT_NEW, MAX_SEGMENT_OLD, Extent, PatchHeader, Segment
-from services.runtime.delta.anchors import OldIndex
-from services.runtime.delta.codec import Compression, compress
+from services.runtime.delta._anchors import OldIndex
+from services.runtime.delta._codec import Compression, compress
 from services.runtime.files import sha256_file
 
 log = logging.getLogger(__name__)

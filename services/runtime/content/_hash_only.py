@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from services.runtime.content.embedded import EmbeddedKuboNode
-from services.runtime.content.kubo_config import KuboConfig
+from services.runtime.content._embedded import EmbeddedKuboNode
+from services.runtime.content._kubo_config import KuboConfig
 
 __all__ = ["HashOnlyStore"]
 

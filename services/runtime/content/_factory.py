@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 
-from services.runtime.content.embedded import EmbeddedKuboNode
-from services.runtime.content.kubo_config import KuboConfig
-from services.runtime.content.rpc import KuboRpcStore
+from services.runtime.content._embedded import EmbeddedKuboNode
+from services.runtime.content._kubo_config import KuboConfig
+from services.runtime.content._rpc import KuboRpcStore
 
 __all__ = ["open_store"]
 
