@@ -1,9 +1,13 @@
 """The device agent: one process, one event loop, one IPFS node, one MQTT session.
 
 It listens, on a persistent session with a last will, to its fleet's root chain, to the release
-topic of its own device class and to its command topic. Every release goes through the pure trust
-rules (services.runtime.trust) before any byte is fetched; refusals and failures are reported on the
-retained state topic and leave the working version untouched.
+topic of its own device class and to its command topic. It is the I/O shell around two pure cores:
+the trust rules (services.runtime.trust) decide whether a signed document is acceptable, and the
+update state machine (device_client.machine) decides what to do next. The agent turns what it
+hears into events, saves the machine's persisted state before it performs the machine's actions
+(report, verify, run the update, schedule a retry, roll back), and feeds each outcome back as an
+event. Refusals and failures are reported on the retained state topic and leave the working
+version untouched.
 """
 
 from __future__ import annotations
@@ -11,30 +15,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pydantic
 
+from device_client import machine
 from device_client.content_keeper import ContentKeeper
 from device_client.installer import InstallError, installer_for, sha256_file
 from device_client.local_state import LocalState, StateStore
+from device_client.machine import AgentState, Event, MachineConfig
 from device_client.rendezvous import Rendezvous, local_address
 from device_client.reporter import Reporter
-from device_client.updater import ManifestAndRaw, UpdateContext, UpdateFailed, Updater
+from device_client.updater import ManifestAndRaw, UpdateContext, UpdateError, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
+from schemas.errors import ReasonCode
 from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, ReleaseManifest, Role
+from services.runtime import natpmp
 from services.runtime.confidential import load_class_key
-from services.runtime.files import atomic_write
 from services.runtime.content import FetchError, FetchTooLarge, KuboConfig, load_swarm_key, open_store
+from services.runtime.files import atomic_write
 from services.runtime.messaging import Message, MqttClient, MqttError, Will, topic_matches
 from services.runtime.settings import DeviceSettings
 from services.runtime.traffic import Endpoint, TrafficMeter
 from services.runtime.trust import (
     BUCKETS, DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError, decode_envelope,
-    payload_bytes, rollout_admits, rollout_bucket,
+    payload_bytes, rollout_bucket,
 )
-from services.runtime import natpmp
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,12 @@ def origin_endpoint(multiaddr: str | None) -> Endpoint | None:
 
 class DeviceAgent:
     def __init__(self, settings: DeviceSettings) -> None:
+        """Load the persisted state and the root of trust.
+
+        Raises:
+            ValueError: the trusted root is for another fleet.
+            TrustError: the provisioned or stored root does not parse or verify.
+        """
         self.settings = settings
         self.state_dir = settings.state_dir
         self.rendezvous: Rendezvous | None = None
@@ -60,15 +74,16 @@ class DeviceAgent:
                                     budget_bytes=int(budget * 1_000_000) if budget is not None else None)
         self.root_path = self.state_dir / "root.json"
         self.timestamp_path = self.state_dir / "timestamp.json"
-        self.state = self._load_state()
+        self.machine_config = MachineConfig(
+            device_id=settings.device_id, max_attempts=settings.limits.max_attempts,
+            retry_interval=settings.limits.retry_interval,
+        )
+        self.state = AgentState(local=self._load_state())
         self.trusted = self._load_trust()
-        self.last_release: bytes | None = None
         self._pending_roots: dict[int, bytes] = {}
         self._pending_timestamp: bytes | None = None
         self._retry_at: float | None = None
         self._freeze_check_at: float | None = time.monotonic() + settings.limits.freeze_grace
-        self.frozen = False
-        self._release_awaits_timestamp = False  # the last release was refused only for want of a fresh timestamp
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -82,7 +97,7 @@ class DeviceAgent:
             root,
             device_class=self.settings.device_class,
             install_target=self.settings.install_target,
-            timestamp_floor=self.state.timestamp_version,
+            timestamp_floor=self.state.local.timestamp_version,
             max_document_bytes=limit,
         )
         if self.timestamp_path.exists():
@@ -103,16 +118,121 @@ class DeviceAgent:
             self.state_store.save(state)
         return state
 
-    # -- reporting --------------------------------------------------------------------------
+    # -- the machine ------------------------------------------------------------------------
 
-    async def report(self, phase: Phase, **fields: object) -> None:
+    async def _feed(self, event: Event, *, after_save: Callable[[], Awaitable[None]] | None = None) -> None:
+        """One step of the state machine: save what it persists, then perform its actions in order.
+
+        Each action's outcome is fed back at once (depth first), so effects keep their causal order."""
+        new, actions = machine.step(self.state, event, self.machine_config)
+        if new.local != self.state.local:
+            self.state_store.save(new.local)  # before anything it decided happens (a power cut resumes here)
+        self.state = new
+        if after_save is not None:
+            await after_save()
+        for action in actions:
+            follow = await self._perform(action)
+            if follow is not None:
+                after = self._settle(follow.manifest) if isinstance(follow, machine.UpdateSucceeded) else None
+                await self._feed(follow, after_save=after)
+
+    async def _perform(self, action: machine.Action) -> Event | None:
+        match action:
+            case machine.Report():
+                await self._report(action)
+            case machine.Verify(raw=raw, resuming=resuming):
+                return self._verify(raw, resuming=resuming)
+            case machine.RunUpdate():
+                return await self._run_update(action)
+            case machine.ScheduleRetry(seconds=seconds):
+                self._retry_at = time.monotonic() + seconds
+            case machine.RollBackUnconfirmed(envelope=envelope):
+                return await self._roll_back_unconfirmed(envelope)
+        return None
+
+    async def _report(self, report: machine.Report) -> None:
+        local = self.state.local
+        fields = {k: v for k, v in report.figures.items() if v is not None}
+        if report.target_version is not None:
+            fields["target_version"] = report.target_version
+        if report.reason is not None:
+            fields["reason"] = report.reason
+        if report.reason_code is not None:
+            fields["reason_code"] = report.reason_code.value
+        if report.progress is not None:
+            fields["progress"] = report.progress
         await self.reporter.report(
-            phase=phase,
-            installed_version=self.state.installed_version,
-            installed_sha256=self.state.installed_sha256,
-            last_sequence=self.state.last_sequence,
-            **fields,
+            phase=report.phase, installed_version=local.installed_version, installed_sha256=local.installed_sha256,
+            last_sequence=local.last_sequence, **fields,
         )
+
+    def _verify(self, raw: bytes, *, resuming: bool) -> Event:
+        local = self.state.local
+        record = DeviceRecord(local.installed_version, local.installed_sha256, local.last_sequence)
+        try:
+            manifest = self.trusted.verify_release(raw, record, datetime.now(UTC))
+        except TrustError as exc:
+            return machine.ReleaseRefused(exc.code, str(exc), resuming=resuming,
+                                          awaits_timestamp=isinstance(exc, (FreezeDetected, TimestampMismatch)))
+        return machine.ReleaseVerified(manifest, raw, resuming=resuming)
+
+    async def _run_update(self, action: machine.RunUpdate) -> Event:
+        m = action.manifest
+        log.info("installing %s %s (sequence %d)", self.settings.device_class, m.version, m.sequence)
+
+        async def enter(phase: Phase, progress: int) -> None:
+            await self._feed(machine.PhaseEntered(phase, m.version, progress))
+
+        def progress(percent: int) -> None:
+            local = self.state.local
+            self.reporter.report_progress(
+                phase=Phase.DOWNLOADING, installed_version=local.installed_version,
+                installed_sha256=local.installed_sha256, last_sequence=local.last_sequence,
+                target_version=m.version, progress=percent,
+            )
+
+        updater = Updater(self.update_context, enter, progress)
+        try:
+            await updater.run(ManifestAndRaw(m, action.raw), action.installed_sha256)
+        except FetchTooLarge as exc:
+            return self._failure(m, updater, exc.code, str(exc), phase=Phase.REFUSED)
+        except FetchError as exc:
+            return self._failure(m, updater, exc.code, str(exc), retryable=True)
+        except OSError as exc:
+            return self._failure(m, updater, ReasonCode.IO_ERROR, str(exc), retryable=True)
+        except UpdateError as exc:
+            return self._failure(m, updater, exc.code, exc.reason, phase=exc.phase)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the update pending for ever
+            log.exception("internal error during the update to %s", m.version)
+            return self._failure(m, updater, ReasonCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+        return machine.UpdateSucceeded(m, figures={
+            "used_delta": updater.used_delta, "update_millis": updater.elapsed_ms, **_traffic_figures(updater),
+        })
+
+    def _failure(self, m: ReleaseManifest, updater: Updater, code: ReasonCode, reason: str, *,
+                 phase: Phase = Phase.FAILED, retryable: bool = False) -> machine.UpdateFailed:
+        return machine.UpdateFailed(m, code, reason, phase=phase, retryable=retryable, figures=_traffic_figures(updater))
+
+    def _settle(self, m: ReleaseManifest) -> Callable[[], Awaitable[None]]:
+        """After a committed install: keep the newest releases for peers and let go of the rest."""
+        async def settle() -> None:
+            try:
+                await self.keeper.settle(self.node, installed_sequence=m.sequence)
+            except (OSError, RuntimeError, ValueError) as exc:  # the update stands; only serving old content is at stake
+                log.warning("could not let go of old releases' content: %s", exc)
+        return settle
+
+    async def _roll_back_unconfirmed(self, envelope: str) -> Event:
+        """The agent restarted while a new version awaited its health check: go back to the old one."""
+        # The manifest was verified before it was installed; only its install spec is needed now.
+        manifest = ReleaseManifest.model_validate_json(payload_bytes(decode_envelope(envelope.encode())))
+        installer = installer_for(manifest.install, self.settings.install_path,
+                                  command_timeout=self.settings.install.command_timeout)
+        try:
+            await asyncio.to_thread(installer.rollback)
+        except (InstallError, OSError) as exc:
+            return machine.RolledBackUnconfirmed(manifest, problem=str(exc))
+        return machine.RolledBackUnconfirmed(manifest)
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -149,7 +269,7 @@ class DeviceAgent:
             self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class)
             meter = TrafficMeter(s.content.swarm_port)  # for a daemon, its own port: counts are then the daemon's
             self.update_context = UpdateContext(
-                store=node, target=s.install_path, state_store=self.state_store, download_dir=download_dir,
+                store=node, target=s.install_path, download_dir=download_dir,
                 meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),
                 stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
                 class_key=load_class_key(s.content.class_key_file) if s.content.class_key_file else None,
@@ -168,12 +288,9 @@ class DeviceAgent:
                                              max_message_bytes=s.limits.max_message_bytes,
                                              max_peers=s.content.rendezvous_peers)
                 await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
-            await self.report(Phase.IDLE)  # only now: "idle" means listening
-            if self.state.pending is not None and self.state.pending.phase == Phase.CONFIRMING:
-                await self._roll_back_unconfirmed()
-            elif self.state.pending is not None:
-                log.info("resuming the update interrupted in phase %s", self.state.pending.phase.value)
-                await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
+            if self.state.local.pending is not None:
+                log.info("resuming the update interrupted in phase %s", self.state.local.pending.phase.value)
+            await self._feed(machine.Started())
             stopper = asyncio.ensure_future(stop.wait())
             try:
                 while not stop.is_set():
@@ -190,8 +307,7 @@ class DeviceAgent:
                     await self._check_freshness()
                     if self._retry_at is not None and self._retry_at <= time.monotonic():
                         self._retry_at = None
-                        if self.state.pending is not None:
-                            await self._evaluate(self.state.pending.envelope.encode(), resuming=True)
+                        await self._feed(machine.RetryDue())
             finally:
                 stopper.cancel()
                 if self.rendezvous is not None:
@@ -209,15 +325,14 @@ class DeviceAgent:
             await self._dispatch(message)
         except Exception as exc:  # noqa: BLE001 - logged with its traceback and reported, then the agent goes on
             log.exception("internal error while handling %s", message.topic)
-            await self.report(Phase.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}", reason_code="internal_error")
+            await self._feed(machine.InternalError(f"internal error: {type(exc).__name__}: {exc}"))
 
     async def _dispatch(self, message: Message) -> None:
         s = self.settings
         if self.rendezvous is not None and self.rendezvous.handles(message):
             return
         if topic_matches(topics.release_topic(s.fleet, s.device_class), message.topic):
-            self.last_release = message.payload
-            await self._evaluate(message.payload)
+            await self._feed(machine.ReleaseHeard(message.payload))
         elif topic_matches(topics.root_wildcard(s.fleet), message.topic):
             await self._on_root(message)
         elif message.topic == topics.timestamp_topic(s.fleet):
@@ -281,25 +396,20 @@ class DeviceAgent:
             return
         self._pending_roots[version] = message.payload
         if self.trusted.root.version + 1 not in self._pending_roots:
-            await self.report(
-                Phase.REFUSED, reason_code="root_chain_gap",
-                reason=f"root v{version} received, but v{self.trusted.root.version + 1} is missing: waiting for it",
-            )
+            await self._feed(machine.TrustDocumentRefused(
+                ReasonCode.ROOT_CHAIN_GAP,
+                f"root v{version} received, but v{self.trusted.root.version + 1} is missing: waiting for it"))
             return
         while (raw := self._pending_roots.pop(self.trusted.root.version + 1, None)) is not None:
             try:
                 update = self.trusted.update_root(raw)
             except TrustError as exc:
-                await self.report(Phase.REFUSED, reason=f"root v{self.trusted.root.version + 1}: {exc}", reason_code=exc.code)
+                await self._feed(machine.TrustDocumentRefused(exc.code, f"root v{self.trusted.root.version + 1}: {exc}"))
                 return
             atomic_write(self.root_path, raw)
             if Role.TIMESTAMP in update.revoked_roles:
-                # Fast-forward recovery: floors a revoked key may have pushed up are dropped.
-                self.state.timestamp_version = 0
-                self.timestamp_path.unlink(missing_ok=True)
-            if Role.RELEASE in update.revoked_roles:
-                self.state.last_sequence = 0
-            self.state_store.save(self.state)
+                self.timestamp_path.unlink(missing_ok=True)  # its floor goes with it (the machine drops it)
+            await self._feed(machine.RootAccepted(update.root.version, frozenset(update.revoked_roles)))
             log.info("now trusting root v%d (keys removed from: %s)", update.root.version,
                      ", ".join(sorted(r.value for r in update.revoked_roles)) or "none")
         if self._pending_timestamp is not None:
@@ -311,151 +421,30 @@ class DeviceAgent:
             timestamp = self.trusted.update_timestamp(raw, datetime.now(UTC))
         except RootOutdated as exc:
             self._pending_timestamp = raw  # tried again once the root chain has been walked
-            await self.report(Phase.REFUSED, reason=f"{exc}; waiting for the root", reason_code=exc.code)
+            await self._feed(machine.TrustDocumentRefused(exc.code, f"{exc}; waiting for the root"))
             return
         except TrustError as exc:
-            await self.report(Phase.REFUSED, reason=f"timestamp: {exc}", reason_code=exc.code)
+            await self._feed(machine.TrustDocumentRefused(exc.code, f"timestamp: {exc}"))
             return
         atomic_write(self.timestamp_path, raw)
-        self.state.timestamp_version = timestamp.version
-        self.state_store.save(self.state)
-        self.frozen = False
-        if self.last_release is not None and self.state.pending is None and self._release_awaits_timestamp:
-            await self._evaluate(self.last_release)  # held back for want of a timestamp: maybe this one names it
-        elif self.reporter.last is not None and self.reporter.last.phase == Phase.FROZEN:
-            await self.report(Phase.IDLE)
+        await self._feed(machine.TimestampAccepted(timestamp.version))
 
     def _next_freeze_check(self) -> float | None:
+        if self.state.frozen:
+            return None
         timestamp = self.trusted.timestamp
-        if timestamp is not None and not self.frozen:
+        if timestamp is not None:
             seconds_left = (timestamp.expires - datetime.now(UTC)).total_seconds()
             return time.monotonic() + max(0.0, seconds_left)
-        return self._freeze_check_at if not self.frozen else None
+        return self._freeze_check_at
 
     async def _check_freshness(self) -> None:
-        if self.frozen or self.state.pending is not None:
+        if self.state.frozen or self.state.local.pending is not None:
             return
         try:
             self.trusted.check_fresh(datetime.now(UTC))
         except TrustError as exc:
-            self.frozen = True
-            await self.report(Phase.FROZEN, reason=str(exc), reason_code=exc.code)
-
-    async def _evaluate(self, raw: bytes, *, resuming: bool = False) -> None:
-        record = DeviceRecord(self.state.installed_version, self.state.installed_sha256, self.state.last_sequence)
-        try:
-            manifest = self.trusted.verify_release(raw, record, datetime.now(UTC))
-        except TrustError as exc:
-            self._release_awaits_timestamp = isinstance(exc, (FreezeDetected, TimestampMismatch))
-            if resuming:
-                self.state.pending = None
-                self.state_store.save(self.state)
-            await self.report(Phase.REFUSED, reason=str(exc), reason_code=exc.code)
-            return
-        self._release_awaits_timestamp = False
-        if manifest.sequence == self.state.rolled_back_sequence and manifest.artifact.installed_sha256 != self.state.installed_sha256:
-            last = self.reporter.last.phase if self.reporter.last else None
-            if last != Phase.ROLLED_BACK:
-                await self.report(Phase.ROLLED_BACK, reason=f"sequence {manifest.sequence} was rolled back here; "
-                                  "waiting for a newer release", reason_code="rolled_back", target_version=manifest.version)
-            return
-        if manifest.artifact.installed_sha256 == self.state.installed_sha256:
-            changed = manifest.sequence > self.state.last_sequence or self.state.pending is not None
-            if changed:
-                self.state.last_sequence = max(self.state.last_sequence, manifest.sequence)
-                self.state.pending = None
-                self.state_store.save(self.state)
-            last = self.reporter.last.phase if self.reporter.last else None
-            if changed or last not in (Phase.IDLE, Phase.DONE):
-                await self.report(Phase.IDLE)  # keep a retained DONE report (and its figures) in place
-            return
-        if self.state.pending is None and not rollout_admits(manifest, self.settings.device_id, self.state.approved_sequence):
-            last = self.reporter.last
-            if last is None or last.phase != Phase.WAITING or last.target_version != manifest.version:
-                await self.report(Phase.WAITING, target_version=manifest.version, reason_code="awaiting_rollout",
-                                  reason=f"{manifest.version} is rolled out in waves: waiting for an install command")
-            return
-        await self._install(ManifestAndRaw(manifest, raw))
-
-    async def _install(self, manifest: ManifestAndRaw) -> None:
-        m = manifest.manifest
-        log.info("installing %s %s (sequence %d)", self.settings.device_class, m.version, m.sequence)
-
-        async def report(**fields: object) -> None:
-            await self.report(fields.pop("phase"), **fields)  # type: ignore[arg-type]
-
-        def progress(percent: int) -> None:
-            self.reporter.report_progress(
-                phase=Phase.DOWNLOADING, installed_version=self.state.installed_version,
-                installed_sha256=self.state.installed_sha256, last_sequence=self.state.last_sequence,
-                target_version=m.version, progress=percent,
-            )
-
-        updater = Updater(self.update_context, report, progress)
-        try:
-            self.state = await updater.run(manifest, self.state)
-        except FetchTooLarge as exc:
-            await self._failed(manifest, exc.code, str(exc), updater, retry=False, phase=Phase.REFUSED)
-            return
-        except (FetchError, OSError) as exc:
-            await self._failed(manifest, getattr(exc, "code", "io_error"), str(exc), updater, retry=True)
-            return
-        except UpdateFailed as exc:
-            await self._failed(manifest, exc.code, exc.reason, updater, retry=False, phase=exc.phase)
-            return
-        try:
-            await self.keeper.settle(self.node, installed_sequence=m.sequence)
-        except (OSError, RuntimeError, ValueError) as exc:  # the update stands; only serving old content is at stake
-            log.warning("could not let go of old releases' content: %s", exc)
-        await self.report(
-            Phase.DONE, target_version=m.version, progress=100, used_delta=updater.used_delta,
-            bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
-            bytes_from_lan_peers=updater.traffic.from_lan_peers,
-            peers_direct=updater.traffic.peers_direct, peers_relayed=updater.traffic.peers_relayed,
-            update_millis=updater.elapsed_ms,
-        )
-
-    async def _failed(
-        self, manifest: ManifestAndRaw, code: str, reason: str, updater: Updater, *, retry: bool, phase: Phase = Phase.FAILED
-    ) -> None:
-        pending = self.state.pending
-        attempts = (pending.attempts if pending else 0) + 1
-        if phase == Phase.ROLLED_BACK:
-            self.state.rolled_back_sequence = manifest.manifest.sequence
-        retrying = retry and attempts < self.settings.limits.max_attempts and pending is not None
-        if retrying:
-            assert pending is not None
-            self.state.pending = pending.model_copy(update={"attempts": attempts})
-            self._retry_at = time.monotonic() + self.settings.limits.retry_interval
-            reason = f"{reason}; retry {attempts + 1} of {self.settings.limits.max_attempts} in {self.settings.limits.retry_interval:.0f} s"
-        else:
-            self.state.pending = None
-        self.state_store.save(self.state)
-        await self.report(
-            phase, target_version=manifest.manifest.version, reason=reason, reason_code=code,
-            bytes_from_origin=updater.traffic.from_origin, bytes_from_peers=updater.traffic.from_peers,
-            bytes_from_lan_peers=updater.traffic.from_lan_peers,
-            peers_direct=updater.traffic.peers_direct, peers_relayed=updater.traffic.peers_relayed,
-            retrying=retrying or None,
-        )
-
-    async def _roll_back_unconfirmed(self) -> None:
-        """The agent restarted while a new version awaited its health check: go back to the old one."""
-        pending = self.state.pending
-        assert pending is not None
-        # The manifest was verified before it was installed; only its install spec is needed now.
-        manifest = ReleaseManifest.model_validate_json(payload_bytes(decode_envelope(pending.envelope.encode())))
-        installer = installer_for(manifest.install, self.settings.install_path,
-                                  command_timeout=self.settings.install.command_timeout)
-        reason = f"restarted before {manifest.version} was confirmed healthy; rolled back to {self.state.installed_version}"
-        try:
-            await asyncio.to_thread(installer.rollback)
-        except (InstallError, OSError) as exc:
-            reason += f" (rollback reported: {exc})"
-        self.state.pending = None
-        self.state.rolled_back_sequence = manifest.sequence
-        self.state_store.save(self.state)
-        await self.report(Phase.ROLLED_BACK, reason=reason, reason_code="unconfirmed_restart", target_version=manifest.version)
+            await self._feed(machine.FreshnessLost(exc.code, str(exc)))
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -463,15 +452,18 @@ class DeviceAgent:
         try:
             command = DeviceCommand.from_bytes(raw, max_bytes=self.settings.limits.max_message_bytes)
         except (MalformedDocument, pydantic.ValidationError) as exc:
-            await self.report(Phase.REFUSED, reason=f"bad command: {exc}"[:1000], reason_code="malformed_command")
+            await self._feed(machine.TrustDocumentRefused(ReasonCode.MALFORMED_COMMAND, f"bad command: {exc}"[:1000]))
             return
         if command.command == CommandName.INSTALL and command.sequence is not None:
             # Only an admission: the release itself must still arrive signed and verify like any other.
-            self.state.approved_sequence = command.sequence
-            self.state_store.save(self.state)
-            if self.last_release is not None and self.state.pending is None:
-                await self._evaluate(self.last_release)
-        elif command.command == CommandName.CHECK and self.last_release is not None:
-            await self._evaluate(self.last_release)
+            await self._feed(machine.AdmissionReceived(command.sequence))
+        elif command.command == CommandName.CHECK:
+            await self._feed(machine.CheckRequested())
         else:
-            await self.report(self.reporter.last.phase if self.reporter.last else Phase.IDLE)
+            await self._feed(machine.StatusRequested())
+
+
+def _traffic_figures(updater: Updater) -> dict[str, object]:
+    t = updater.traffic
+    return {"bytes_from_origin": t.from_origin, "bytes_from_peers": t.from_peers, "bytes_from_lan_peers": t.from_lan_peers,
+            "peers_direct": t.peers_direct, "peers_relayed": t.peers_relayed}

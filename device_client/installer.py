@@ -17,14 +17,15 @@ import subprocess
 from pathlib import Path
 from typing import Protocol
 
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import InstallSpec
 from services.runtime.files import fsync_dir, sha256_file
 
 __all__ = ["ABInstaller", "CommandInstaller", "FileInstaller", "InstallError", "Installer", "installer_for", "sha256_file"]
 
 
-class InstallError(Exception):
-    code = "install_failed"
+class InstallError(EdgeswarmError):
+    code = ReasonCode.INSTALL_FAILED
 
 
 class Installer(Protocol):

@@ -1,4 +1,4 @@
-"""One update, as a state machine, from an accepted manifest to the new version installed.
+"""One update's I/O, from an accepted manifest to the new version installed and confirmed.
 
     accepted ──► DOWNLOADING ──► VERIFYING ──► (delta?) PATCHING ──► INSTALLING ──► DONE
                      │  │            │                │
@@ -6,9 +6,12 @@
                      │  └─ delta fetch or patch unusable ─► DOWNLOADING the full artifact
                      └──────── fetch failed ───────────► FAILED, retried later (the working version stays)
 
-Each phase is persisted before it starts (`LocalState.pending`), so after a power cut the agent
-re-verifies the same signed manifest and resumes: downloads already verified are reused, and an
-install that completed before the cut is recognised by the target's hash.
+The Updater does the I/O of one update and nothing else: before each phase it calls `enter`, and
+the agent records the phase (the state machine's `PhaseEntered`, persisted before the phase starts)
+and reports it. So after a power cut the agent re-verifies the same signed manifest and resumes:
+downloads already verified are reused, and an install that completed before the cut is
+recognised by the target's hash. It raises `UpdateError` (or a content/OS error) and never
+changes the agent's state itself.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from device_client.content_keeper import ContentKeeper
 from device_client.health import wait_healthy
 from device_client.installer import InstallError, installer_for, sha256_file
-from device_client.local_state import LocalState, PendingUpdate, StateStore
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import Artifact, Delta, Phase, ReleaseManifest
 from services.runtime.confidential import DecryptError, decrypt_file
 from services.runtime.content import ContentStore, FetchError
@@ -34,12 +37,12 @@ from services.runtime.traffic import Endpoint, TrafficMeter, on_link, received_s
 log = logging.getLogger(__name__)
 
 
-class UpdateFailed(Exception):
-    """An update that cannot succeed as signed; `phase` is REFUSED when the bytes themselves are rejected."""
+class UpdateError(EdgeswarmError):
+    """An update that cannot succeed as signed; `phase` is REFUSED when the bytes themselves are rejected,
+    ROLLED_BACK when it was installed and then undone."""
 
-    def __init__(self, code: str, reason: str, phase: Phase = Phase.FAILED) -> None:
-        super().__init__(reason)
-        self.code = code
+    def __init__(self, code: ReasonCode, reason: str, phase: Phase = Phase.FAILED) -> None:
+        super().__init__(reason, code=code)
         self.reason = reason
         self.phase = phase
 
@@ -63,7 +66,6 @@ class ManifestAndRaw:
 class UpdateContext:
     store: ContentStore
     target: Path
-    state_store: StateStore
     download_dir: Path
     meter: TrafficMeter | None
     origin: Endpoint | None
@@ -76,61 +78,63 @@ class UpdateContext:
     keeper: ContentKeeper | None = None  # records what lands in the blockstore, to sweep it later
 
 
-Report = Callable[..., Awaitable[object]]
+EnterPhase = Callable[[Phase, int], Awaitable[object]]  # (phase, progress %): record and report it
 
 
 class Updater:
-    def __init__(self, ctx: UpdateContext, report: Report, progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, ctx: UpdateContext, enter: EnterPhase, progress: Callable[[int], None] | None = None) -> None:
         self.ctx = ctx
-        self.report = report
+        self.enter = enter
         self.progress = progress
         self.traffic = Traffic()
         self.used_delta = False
         self.elapsed_ms = 0
         self._origin_connected = False  # this fetch dialed the origin (peers did not deliver in time)
 
-    async def run(self, manifest: ManifestAndRaw, state: LocalState) -> LocalState:
-        """Install `manifest`; returns the new state, or raises with the installed file untouched."""
+    async def run(self, manifest: ManifestAndRaw, installed_sha256: str) -> None:
+        """Install `manifest` over the version whose hash is `installed_sha256`, and confirm its health.
+
+        Raises:
+            UpdateError: refused (wrong bytes, handler not allowed) or rolled back (install or health
+                check failed); the working version is in place.
+            FetchError: the content could not be fetched (stalled, deadline, too large).
+            OSError: the device's disk or files failed.
+        """
         m = manifest.manifest
         started = time.monotonic()
         if m.install.handler not in self.ctx.install.allowed_handlers:
-            raise UpdateFailed("handler_not_allowed", f"install handler {m.install.handler!r} is not allowed on this device",
-                               Phase.REFUSED)
+            raise UpdateError(ReasonCode.HANDLER_NOT_ALLOWED,
+                              f"install handler {m.install.handler!r} is not allowed on this device", Phase.REFUSED)
         target = self.ctx.target
         if target.exists() and sha256_file(target) == m.artifact.installed_sha256:
             # A cut after the rename but before the state was saved: the install already happened.
             log.info("target already holds %s; committing", m.version)
-            return self._commit(m)
-        new_file = await self._obtain(manifest, state)
+            return
+        new_file = await self._obtain(manifest, installed_sha256)
         installer = installer_for(m.install, target, command_timeout=self.ctx.install.command_timeout)
-        self._persist(state, manifest, Phase.INSTALLING)
-        await self.report(phase=Phase.INSTALLING, target_version=m.version, progress=95)
+        await self.enter(Phase.INSTALLING, 95)
         try:
             await asyncio.to_thread(installer.install, new_file)
         except InstallError as exc:
             await asyncio.to_thread(_roll_back_after_failed_install, installer)
-            raise UpdateFailed(exc.code, str(exc), Phase.ROLLED_BACK) from None
-        self._persist(state, manifest, Phase.CONFIRMING)
-        await self.report(phase=Phase.CONFIRMING, target_version=m.version, progress=97)
+            raise UpdateError(exc.code, str(exc), Phase.ROLLED_BACK) from None
+        await self.enter(Phase.CONFIRMING, 97)
         healthy, why = await wait_healthy(self.ctx.install)
         if not healthy:
             await asyncio.to_thread(installer.rollback)
-            raise UpdateFailed("health_check_failed", why, Phase.ROLLED_BACK)
-        committed = self._commit(m)
+            raise UpdateError(ReasonCode.HEALTH_CHECK_FAILED, why, Phase.ROLLED_BACK)
         for leftover in self.ctx.download_dir.iterdir():
             leftover.unlink(missing_ok=True)
         self.elapsed_ms = int((time.monotonic() - started) * 1000)
-        return committed
 
-    async def _obtain(self, manifest: ManifestAndRaw, state: LocalState) -> Path:
+    async def _obtain(self, manifest: ManifestAndRaw, installed_sha256: str) -> Path:
         m = manifest.manifest
-        delta = m.deltas.get(state.installed_sha256)
+        delta = m.deltas.get(installed_sha256)
         if delta is not None:
             result = self.ctx.download_dir / f"{m.artifact.installed_sha256}.patched"
             try:
-                patch = await self._fetch_verified(manifest, state, delta, "delta")
-                self._persist(state, manifest, Phase.PATCHING)
-                await self.report(phase=Phase.PATCHING, target_version=m.version, progress=85)
+                patch = await self._fetch_verified(manifest, delta, "delta")
+                await self.enter(Phase.PATCHING, 85)
                 await asyncio.to_thread(apply_delta, self.ctx.target, patch, result, expected_size=m.artifact.installed_size)
                 if sha256_file(result) == m.artifact.installed_sha256:
                     self.used_delta = True
@@ -139,20 +143,20 @@ class Updater:
             except (FetchError, BadPatch) as exc:
                 log.warning("delta unusable (%s); fetching the full artifact", exc)
         self.used_delta = False
-        return await self._fetch_verified(manifest, state, m.artifact, "full")
+        return await self._fetch_verified(manifest, m.artifact, "full")
 
-    async def _fetch_verified(self, manifest: ManifestAndRaw, state: LocalState, item: Artifact | Delta, kind: str) -> Path:
+    async def _fetch_verified(self, manifest: ManifestAndRaw, item: Artifact | Delta, kind: str) -> Path:
         """Download `item`, check the signed sha256 and size of what travelled, then reveal the plaintext."""
         dest = self.ctx.download_dir / f"{item.sha256}.{kind}"
         if not (dest.exists() and sha256_file(dest) == item.sha256):  # else verified before a restart
-            await self._download(manifest, state, item, dest)
-            await self.report(phase=Phase.VERIFYING, target_version=manifest.manifest.version, progress=80)
+            await self._download(manifest, item, dest)
+            await self.enter(Phase.VERIFYING, 80)
             actual_size = dest.stat().st_size
             actual = await asyncio.to_thread(sha256_file, dest)
             if actual_size != item.size or actual != item.sha256:
                 dest.unlink(missing_ok=True)
-                raise UpdateFailed(
-                    "hash_mismatch",
+                raise UpdateError(
+                    ReasonCode.HASH_MISMATCH,
                     f"{kind} {item.cid} has sha256 {actual[:12]}… and {actual_size} bytes; the manifest says "
                     f"{item.sha256[:12]}… and {item.size}",
                     Phase.REFUSED,
@@ -165,21 +169,20 @@ class Updater:
         if item.encryption is None:
             return path
         if self.ctx.class_key is None:
-            raise UpdateFailed("no_class_key", f"the {kind} is encrypted and this device has no class key", Phase.REFUSED)
+            raise UpdateError(ReasonCode.NO_CLASS_KEY, f"the {kind} is encrypted and this device has no class key", Phase.REFUSED)
         plain = path.with_name(path.name + ".plain")
         try:
             opened = decrypt_file(self.ctx.class_key, path, plain)
         except DecryptError as exc:
             plain.unlink(missing_ok=True)
-            raise UpdateFailed(exc.code, f"{kind}: {exc}", Phase.REFUSED) from None
+            raise UpdateError(exc.code, f"{kind}: {exc}", Phase.REFUSED) from None
         if (opened.plain_sha256, opened.plain_size) != (item.encryption.plain_sha256, item.encryption.plain_size):
             plain.unlink(missing_ok=True)
-            raise UpdateFailed("hash_mismatch", f"decrypted {kind} does not match the signed plaintext hash", Phase.REFUSED)
+            raise UpdateError(ReasonCode.HASH_MISMATCH, f"decrypted {kind} does not match the signed plaintext hash", Phase.REFUSED)
         return plain
 
-    async def _download(self, manifest: ManifestAndRaw, state: LocalState, item: Artifact | Delta, dest: Path) -> None:
-        self._persist(state, manifest, Phase.DOWNLOADING)
-        await self.report(phase=Phase.DOWNLOADING, target_version=manifest.manifest.version, progress=0)
+    async def _download(self, manifest: ManifestAndRaw, item: Artifact | Delta, dest: Path) -> None:
+        await self.enter(Phase.DOWNLOADING, 0)
         before = self.ctx.meter.snapshot() if self.ctx.meter else {}
 
         last_growth = [time.monotonic(), -1]
@@ -247,20 +250,6 @@ class Updater:
                 self.traffic.from_peers += received
                 if on_link(remote[0]):
                     self.traffic.from_lan_peers += received
-
-    def _persist(self, state: LocalState, manifest: ManifestAndRaw, phase: Phase) -> None:
-        attempts = state.pending.attempts if state.pending else 0
-        state.pending = PendingUpdate(envelope=manifest.raw.decode(), phase=phase, attempts=attempts)
-        self.ctx.state_store.save(state)
-
-    def _commit(self, m: ReleaseManifest) -> LocalState:
-        previous = self.ctx.state_store.load()
-        new = LocalState(
-            installed_version=m.version, installed_sha256=m.artifact.installed_sha256, last_sequence=m.sequence,
-            timestamp_version=previous.timestamp_version if previous else 0, pending=None,
-        )
-        self.ctx.state_store.save(new)
-        return new
 
 
 def origin_patience(grace: float, stall_timeout: float, *, peers_delivered: bool) -> float:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from schemas.errors import EdgeswarmError, ReasonCode
+
 DEFAULT_MAX_DEPTH = 16
 MAX_INT_DIGITS = 20  # anything longer cannot be a sequence, size or version number we accept
 
 
-class MalformedDocument(ValueError):
+class MalformedDocument(EdgeswarmError, ValueError):
     """Input that is not acceptable JSON for the wire contract."""
+
+    code = ReasonCode.MALFORMED
 
 
 def canonical_json(obj: Any) -> bytes:

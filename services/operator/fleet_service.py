@@ -22,13 +22,20 @@ import pydantic
 
 from schemas import topics
 from schemas.canonical import MalformedDocument
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import CommandName, DeviceCommand, ReleaseManifest
-from schemas.ops import ControlRollout, DeviceRequest, OpsResult, RolloutState, StartRollout
+from schemas.ops import (
+    ControlRollout,
+    DeviceRequest,
+    OpsResult,
+    RolloutState,
+    StartRollout,
+)
 from services.operator.fleet import FleetTracker
 from services.operator.fleet_store import FleetStore
 from services.operator.homeassistant import HomeAssistantBridge, Retained
-from services.runtime.messaging import Message, MqttClient
 from services.operator.rollout import Member, Rollout
+from services.runtime.messaging import Message, MqttClient
 from services.runtime.trust import TrustError, decode_envelope, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -63,8 +70,8 @@ class OpsTokens:
         return action not in OPERATOR_ONLY and hmac.compare_digest(token.encode(), self.homeassistant.encode())
 
 
-class RequestRefused(Exception):
-    pass
+class RequestRefused(EdgeswarmError):
+    code = ReasonCode.REQUEST_REFUSED
 
 
 class FleetService:

@@ -14,13 +14,27 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import (
-    PayloadType, ReleasePointer, Role, RoleKeys, RootMetadata, Signature, SignedEnvelope, TimestampMetadata,
+    PayloadType,
+    ReleasePointer,
+    Role,
+    RoleKeys,
+    RootMetadata,
+    Signature,
+    SignedEnvelope,
+    TimestampMetadata,
 )
 from services.runtime.files import atomic_write
 from services.runtime.keys import SigningKey, sign_envelope
 from services.runtime.trust import (
-    RootUpdate, TrustedSet, TrustError, decode_envelope, payload_bytes, payload_digest, verify_role,
+    RootUpdate,
+    TrustedSet,
+    TrustError,
+    decode_envelope,
+    payload_bytes,
+    payload_digest,
+    verify_role,
 )
 
 
@@ -42,8 +56,8 @@ class ReleaseHistory(BaseModel):
         return self.releases[-1] if self.releases else None
 
 
-class RootChangeError(Exception):
-    pass
+class RootChangeError(EdgeswarmError):
+    code = ReasonCode.ROOT_CHANGE_REFUSED
 
 
 class OperatorHome:

@@ -8,12 +8,13 @@ import uuid
 from pydantic import BaseModel
 
 from schemas import topics
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.ops import OpsResult, RolloutStatus
 from services.runtime.messaging import MqttClient
 
 
-class NoAnswer(Exception):
-    pass
+class NoAnswer(EdgeswarmError):
+    code = ReasonCode.NO_ANSWER
 
 
 async def request(client: MqttClient, fleet: str, topic: str, body: BaseModel, *, timeout: float = 10.0) -> OpsResult:

@@ -15,20 +15,30 @@ import zstandard
 from packaging.version import Version
 
 from schemas import topics
-from schemas.models import Artifact, Delta, Encryption, InstallSpec, PayloadType, ReleaseManifest, Role, RolloutRule
+from schemas.errors import EdgeswarmError, ReasonCode
+from schemas.models import (
+    Artifact,
+    Delta,
+    Encryption,
+    InstallSpec,
+    PayloadType,
+    ReleaseManifest,
+    Role,
+    RolloutRule,
+)
+from services.operator.home import OperatorHome, ReleaseRecord
 from services.runtime.confidential import encrypt_file
 from services.runtime.content import ContentStore
 from services.runtime.delta import create_delta
 from services.runtime.files import atomic_write, sha256_file
 from services.runtime.keys import sign_envelope
 from services.runtime.messaging import MqttClient
-from services.operator.home import OperatorHome, ReleaseRecord
 
 log = logging.getLogger(__name__)
 
 
-class ReleaseError(Exception):
-    pass
+class ReleaseError(EdgeswarmError):
+    code = ReasonCode.RELEASE_REFUSED
 
 
 MIN_DELTA_SAVING = 0.2  # a delta must be this much smaller than the compressed full artifact

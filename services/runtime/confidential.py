@@ -25,6 +25,8 @@ import nacl.exceptions
 import nacl.secret
 import nacl.utils
 
+from schemas.errors import EdgeswarmError, ReasonCode
+
 MAGIC = b"ESBOX1\x00\x00"
 HEADER = struct.Struct(">8sI16s")
 LAST = 1 << 63
@@ -33,8 +35,8 @@ MAX_CHUNK = 16 * 1024 * 1024
 KEY_SIZE = nacl.secret.SecretBox.KEY_SIZE
 
 
-class DecryptError(ValueError):
-    code = "decrypt_failed"
+class DecryptError(EdgeswarmError, ValueError):
+    code = ReasonCode.DECRYPT_FAILED
 
 
 def generate_class_key(path: Path) -> None:

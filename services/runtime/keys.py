@@ -15,6 +15,7 @@ import nacl.secret
 import nacl.signing
 import nacl.utils
 
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import PayloadType, PublicKey, Signature, SignedEnvelope
 
 
@@ -101,8 +102,10 @@ class SigningKey:
         return key
 
 
-class KeyLocked(Exception):
+class KeyLocked(EdgeswarmError):
     """An encrypted key file and no (or the wrong) passphrase."""
+
+    code = ReasonCode.KEY_LOCKED
 
 
 # Argon2id cost for key files: interactive limits (about 0.1 s, 64 MiB) keep CLI use snappy.

@@ -17,11 +17,13 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from schemas.errors import EdgeswarmError, ReasonCode
+
 log = logging.getLogger(__name__)
 
 
-class MqttError(Exception):
-    pass
+class MqttError(EdgeswarmError):
+    code = ReasonCode.BROKER_ERROR
 
 
 @dataclass(frozen=True)

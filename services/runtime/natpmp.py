@@ -12,11 +12,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.errors import EdgeswarmError, ReasonCode
+
 PORT = 5351
 
 
-class NatPmpError(Exception):
-    pass
+class NatPmpError(EdgeswarmError):
+    code = ReasonCode.NAT_PMP_FAILED
 
 
 @dataclass(frozen=True)

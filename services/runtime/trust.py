@@ -24,84 +24,91 @@ import pydantic
 from packaging.version import Version
 
 from schemas.canonical import MalformedDocument, canonical_json, strict_loads
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import (
-    PayloadType, ReleaseManifest, Role, RootMetadata, SignedEnvelope, TimestampMetadata, WireModel,
+    PayloadType,
+    ReleaseManifest,
+    Role,
+    RootMetadata,
+    SignedEnvelope,
+    TimestampMetadata,
+    WireModel,
 )
 from services.runtime.keys import verify_signature
 
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024
 
 
-class TrustError(Exception):
-    code = "untrusted"
+class TrustError(EdgeswarmError):
+    code = ReasonCode.UNTRUSTED
 
 
 class MalformedMetadata(TrustError):
-    code = "malformed"
+    code = ReasonCode.MALFORMED
 
 
 class WrongType(TrustError):
-    code = "wrong_type"
+    code = ReasonCode.WRONG_TYPE
 
 
 class UnsignedMetadata(TrustError):
     """Not enough valid signatures from the keys of the role."""
 
-    code = "threshold_not_met"
+    code = ReasonCode.THRESHOLD_NOT_MET
 
 
 class BadSignature(UnsignedMetadata):
-    code = "bad_signature"
+    code = ReasonCode.BAD_SIGNATURE
 
 
 class UnknownKey(UnsignedMetadata):
-    code = "unknown_key"
+    code = ReasonCode.UNKNOWN_KEY
 
 
 class ThresholdNotMet(UnsignedMetadata):
-    code = "threshold_not_met"
+    code = ReasonCode.THRESHOLD_NOT_MET
 
 
 class WrongFleet(TrustError):
-    code = "wrong_fleet"
+    code = ReasonCode.WRONG_FLEET
 
 
 class WrongClass(TrustError):
-    code = "wrong_class"
+    code = ReasonCode.WRONG_CLASS
 
 
 class WrongTarget(TrustError):
-    code = "wrong_target"
+    code = ReasonCode.WRONG_TARGET
 
 
 class Rollback(TrustError):
-    code = "rollback"
+    code = ReasonCode.ROLLBACK
 
 
 class RootChainGap(TrustError):
-    code = "root_chain_gap"
+    code = ReasonCode.ROOT_CHAIN_GAP
 
 
 class RootOutdated(TrustError):
     """A timestamp made under a newer root than the device has walked to: update the root first."""
 
-    code = "root_outdated"
+    code = ReasonCode.ROOT_OUTDATED
 
 
 class Expired(TrustError):
-    code = "expired"
+    code = ReasonCode.EXPIRED
 
 
 class FreezeDetected(TrustError):
     """No fresh timestamp vouches for anything: the device may be held on old metadata."""
 
-    code = "frozen"
+    code = ReasonCode.FROZEN
 
 
 class TimestampMismatch(TrustError):
     """The release is validly signed but is not the one the current timestamp names."""
 
-    code = "timestamp_mismatch"
+    code = ReasonCode.TIMESTAMP_MISMATCH
 
 
 # -- envelopes and signatures ---------------------------------------------------------------------

@@ -21,14 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from schemas.errors import EdgeswarmError, ReasonCode
+
 DAG_PB = 0x70
 RAW = 0x55
 _IDENTITY = 0x00
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
-class BadCid(ValueError):
-    pass
+class BadCid(EdgeswarmError, ValueError):
+    code = ReasonCode.FETCH_FAILED
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,12 @@ def local_dag(blocks_dir: Path, roots: Iterable[str]) -> dict[bytes, int]:
     return found
 
 
-class NotAFile(ValueError):
-    pass
+class NotAFile(EdgeswarmError, ValueError):
+    code = ReasonCode.FETCH_FAILED
 
 
-class TooLarge(ValueError):
-    pass
+class TooLarge(EdgeswarmError, ValueError):
+    code = ReasonCode.ENDLESS_DATA
 
 
 _UNIXFS_RAW, _UNIXFS_FILE = 0, 2

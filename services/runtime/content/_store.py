@@ -10,23 +10,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from schemas.errors import EdgeswarmError, ReasonCode
+
 __all__ = ["ContentStore", "FetchDeadline", "FetchError", "FetchStalled", "FetchTooLarge", "ProgressCallback"]
 
 
-class FetchError(Exception):
-    code = "fetch_failed"
+class FetchError(EdgeswarmError):
+    code = ReasonCode.FETCH_FAILED
 
 
 class FetchTooLarge(FetchError):
-    code = "endless_data"
+    code = ReasonCode.ENDLESS_DATA
 
 
 class FetchStalled(FetchError):
-    code = "slow_retrieval"
+    code = ReasonCode.SLOW_RETRIEVAL
 
 
 class FetchDeadline(FetchError):
-    code = "fetch_deadline"
+    code = ReasonCode.FETCH_DEADLINE
 
 
 ProgressCallback = Callable[[int], None]

@@ -13,6 +13,8 @@ from typing import Literal
 
 import zstandard
 
+from schemas.errors import EdgeswarmError, ReasonCode
+
 Compression = Literal["lzma", "zstd"]
 Effort = Literal["max", "fast"]  # max while another segment's diff runs beside it; fast when nothing hides it
 MAX_DICT = 8 << 20
@@ -22,8 +24,8 @@ SPLIT_ABOVE = 1 << 20
 MAX_STREAMS = 2
 
 
-class CorruptStream(ValueError):
-    pass
+class CorruptStream(EdgeswarmError, ValueError):
+    code = ReasonCode.BAD_PATCH
 
 
 def _lzma_filters(size: int, effort: Effort) -> list[dict]:

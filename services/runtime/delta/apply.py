@@ -27,6 +27,7 @@ import bsdiff4.core
 from pydantic import ValidationError
 
 from schemas.canonical import MalformedDocument
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.patch import MAGIC, MAX_HEADER_BYTES, PatchHeader, Segment
 from services.runtime.delta._codec import CorruptStream, decompress
 from services.runtime.files import atomic_write, sha256_file
@@ -36,8 +37,8 @@ StepHook = Callable[[str, int], None]
 PREFIX = len(MAGIC) + 4
 
 
-class BadPatch(ValueError):
-    code = "bad_patch"
+class BadPatch(EdgeswarmError, ValueError):
+    code = ReasonCode.BAD_PATCH
 
 
 def read_header(handle: BinaryIO, patch_size: int) -> tuple[PatchHeader, int]:

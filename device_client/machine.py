@@ -1,0 +1,429 @@
+"""The device's update decisions as a pure state machine: `step(state, event) -> (state, actions)`.
+
+No I/O, no clock, no randomness: the agent (agent.py) turns what it hears and what happens into
+events, saves the persisted part of the new state before it performs the actions, and feeds the
+outcome of each action back as the next event. Every decision of the agent lives here, so every
+path is a few lines of unit test (tests/unit/test_machine.py, with hypothesis over event sequences).
+
+    Started ──► pending in CONFIRMING? ──► RollBackUnconfirmed ──► RolledBackUnconfirmed ──► ROLLED_BACK
+            └─► pending in another phase ──► Verify(pending, resuming)
+    ReleaseHeard ──► Verify(raw)
+    ReleaseVerified ─┬─ already installed ────────────────────────► IDLE (once)
+                     ├─ this sequence was rolled back here ───────► ROLLED_BACK (once)
+                     ├─ staged, this device not admitted ─────────► WAITING (once per version)
+                     └─ otherwise ─► RunUpdate ─► PhaseEntered … ─┬─ UpdateSucceeded ─► DONE
+                                                                  └─ UpdateFailed ─┬─ retryable ─► FAILED + ScheduleRetry ─► RetryDue ─► Verify(pending)
+                                                                                   └─ otherwise ─► FAILED | REFUSED | ROLLED_BACK
+    ReleaseRefused ──► REFUSED (kept for a timestamp when that is all it lacks)
+    TimestampAccepted ──► Verify(last release) if it waited for one | IDLE if the device was FROZEN
+    FreshnessLost ──► FROZEN (once; not while an update is pending)
+    RootAccepted ──► floors a revoked role may have raised are dropped
+    AdmissionReceived ──► Verify(last release) | CheckRequested ──► Verify(last release)
+    InternalError (a bug met while handling a message) ──► FAILED, and the agent goes on
+
+The persisted part is `LocalState` (state.json): each phase is recorded in `pending` before the
+phase starts (Mender's rule), so after a power cut `Started` resumes in the right place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from device_client.local_state import LocalState, PendingUpdate
+from schemas.errors import ReasonCode
+from schemas.models import Phase, ReleaseManifest, Role
+from services.runtime.trust import rollout_admits
+
+__all__ = [
+    "Action", "AdmissionReceived", "AgentState", "CheckRequested", "Event", "FreshnessLost", "InternalError",
+    "MachineConfig",
+    "PhaseEntered", "ReleaseHeard", "ReleaseRefused", "ReleaseVerified", "Report", "RetryDue", "RollBackUnconfirmed",
+    "RolledBackUnconfirmed", "RootAccepted", "RunUpdate", "ScheduleRetry", "Started", "StatusRequested",
+    "TimestampAccepted", "TrustDocumentRefused", "UpdateFailed", "UpdateSucceeded", "Verify", "step",
+]
+
+
+# -- state ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    device_id: str
+    max_attempts: int = 3
+    retry_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class ReportKey:
+    """What makes two reports the same (the time, progress and figures do not)."""
+
+    phase: Phase
+    target_version: str | None
+    reason_code: str | None
+    reason: str | None
+    installed_sha256: str
+    last_sequence: int
+
+
+@dataclass(frozen=True)
+class AgentState:
+    local: LocalState  # persisted (state.json); the agent saves it whenever a step changes it
+    last_release: bytes | None = None  # the class's release as last heard, signed bytes
+    frozen: bool = False
+    awaits_timestamp: bool = False  # the last release was refused only for want of a fresh timestamp
+    running: ReleaseManifest | None = None  # the verified release a RunUpdate is installing now
+    rolling_back: bool = False  # RollBackUnconfirmed was emitted and its outcome has not arrived
+    retry_scheduled: bool = False
+    reported: ReportKey | None = None
+
+    @property
+    def updating(self) -> bool:
+        return self.running is not None or self.rolling_back
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The agent is connected and listening; `local` was loaded from disk."""
+
+
+@dataclass(frozen=True)
+class ReleaseHeard:
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class ReleaseVerified:
+    """The trust core accepted `raw` for this device (signatures, freshness, class, rollback)."""
+
+    manifest: ReleaseManifest
+    raw: bytes
+    resuming: bool = False
+
+
+@dataclass(frozen=True)
+class ReleaseRefused:
+    code: ReasonCode
+    reason: str
+    awaits_timestamp: bool = False  # refused only because no fresh timestamp names it yet
+    resuming: bool = False
+
+
+@dataclass(frozen=True)
+class TrustDocumentRefused:
+    """A root, timestamp or command that the trust core or the parser refused."""
+
+    code: ReasonCode
+    reason: str
+
+
+@dataclass(frozen=True)
+class TimestampAccepted:
+    version: int
+
+
+@dataclass(frozen=True)
+class RootAccepted:
+    version: int
+    revoked_roles: frozenset[Role] = frozenset()
+
+
+@dataclass(frozen=True)
+class FreshnessLost:
+    code: ReasonCode
+    reason: str
+
+
+@dataclass(frozen=True)
+class AdmissionReceived:
+    """An install command: admits the staged release with this sequence (the release must still verify)."""
+
+    sequence: int
+
+
+@dataclass(frozen=True)
+class CheckRequested:
+    pass
+
+
+@dataclass(frozen=True)
+class StatusRequested:
+    pass
+
+
+@dataclass(frozen=True)
+class PhaseEntered:
+    """The running update is about to start `phase` (downloading, verifying, patching, installing, confirming)."""
+
+    phase: Phase
+    target_version: str
+    progress: int
+
+
+@dataclass(frozen=True)
+class UpdateSucceeded:
+    manifest: ReleaseManifest
+    figures: dict[str, Any] = field(default_factory=dict)  # traffic and timing for the DONE report
+
+
+@dataclass(frozen=True)
+class UpdateFailed:
+    manifest: ReleaseManifest
+    code: ReasonCode
+    reason: str
+    phase: Phase = Phase.FAILED  # REFUSED: the bytes were wrong; ROLLED_BACK: installed, then undone
+    retryable: bool = False
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryDue:
+    pass
+
+
+@dataclass(frozen=True)
+class InternalError:
+    """A bug met while handling a message: reported, and the agent goes on."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolledBackUnconfirmed:
+    manifest: ReleaseManifest
+    problem: str | None = None  # what the rollback itself reported, if anything
+
+
+Event = (
+    Started | ReleaseHeard | ReleaseVerified | ReleaseRefused | TrustDocumentRefused | TimestampAccepted | RootAccepted
+    | FreshnessLost | AdmissionReceived | CheckRequested | StatusRequested | PhaseEntered | UpdateSucceeded
+    | UpdateFailed | RetryDue | RolledBackUnconfirmed | InternalError
+)
+
+
+# -- actions --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    phase: Phase
+    target_version: str | None = None
+    reason: str | None = None
+    reason_code: ReasonCode | None = None
+    progress: int | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, local: LocalState) -> ReportKey:
+        return ReportKey(self.phase, self.target_version, self.reason_code, self.reason,
+                         local.installed_sha256, local.last_sequence)
+
+
+@dataclass(frozen=True)
+class Verify:
+    """Hand `raw` to the trust core; its verdict comes back as ReleaseVerified or ReleaseRefused."""
+
+    raw: bytes
+    resuming: bool = False
+
+
+@dataclass(frozen=True)
+class RunUpdate:
+    """Fetch, verify, patch, install and confirm a verified release (the Updater)."""
+
+    manifest: ReleaseManifest
+    raw: bytes
+    installed_sha256: str
+
+
+@dataclass(frozen=True)
+class ScheduleRetry:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RollBackUnconfirmed:
+    """Undo an install whose health was never confirmed (the agent restarted in CONFIRMING)."""
+
+    envelope: str
+
+
+Action = Report | Verify | RunUpdate | ScheduleRetry | RollBackUnconfirmed
+
+
+# -- the transition function ----------------------------------------------------------------------
+
+
+def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentState, list[Action]]:
+    """The next state and what to do, for one event. Pure: the same inputs give the same outputs."""
+    match event:
+        case Started():
+            return _started(state)
+        case ReleaseHeard(raw=raw):
+            state = replace(state, last_release=raw)
+            return (state, []) if state.updating else (state, [Verify(raw)])
+        case ReleaseVerified():
+            return _verified(state, event, config)
+        case ReleaseRefused():
+            return _refused(state, event)
+        case TrustDocumentRefused(code=code, reason=reason):
+            return _report(state, Report(Phase.REFUSED, reason=reason, reason_code=code))
+        case TimestampAccepted(version=version):
+            return _timestamp(state, version)
+        case RootAccepted(revoked_roles=revoked):
+            local = state.local
+            if Role.TIMESTAMP in revoked:  # fast-forward recovery: floors a revoked key pushed up are dropped
+                local = local.model_copy(update={"timestamp_version": 0})
+            if Role.RELEASE in revoked:
+                local = local.model_copy(update={"last_sequence": 0})
+            return replace(state, local=local), []
+        case FreshnessLost(code=code, reason=reason):
+            if state.frozen or state.local.pending is not None:
+                return state, []
+            return _report(replace(state, frozen=True), Report(Phase.FROZEN, reason=reason, reason_code=code))
+        case AdmissionReceived(sequence=sequence):
+            state = replace(state, local=state.local.model_copy(update={"approved_sequence": sequence}))
+            return state, _reverify_last(state)
+        case CheckRequested() if state.last_release is not None:
+            return state, [] if state.updating else [Verify(state.last_release)]
+        case CheckRequested() | StatusRequested():
+            last = state.reported
+            return state, [Report(last.phase if last else Phase.IDLE, target_version=last.target_version if last else None)]
+        case InternalError(reason=reason):
+            return _report(state, Report(Phase.FAILED, reason=reason, reason_code=ReasonCode.INTERNAL_ERROR))
+        case PhaseEntered(phase=phase, target_version=target, progress=progress):
+            pending = state.local.pending
+            if pending is None or state.running is None or state.running.version != target:
+                return state, []  # not the update under way: nothing to record
+            local = state.local.model_copy(update={"pending": pending.model_copy(update={"phase": phase})})
+            return _report(replace(state, local=local), Report(phase, target_version=target, progress=progress))
+        case UpdateSucceeded() | UpdateFailed() if event.manifest != state.running:
+            return state, []  # only the outcome of the update under way counts
+        case UpdateSucceeded():
+            return _succeeded(state, event)
+        case UpdateFailed():
+            return _failed(state, event, config)
+        case RetryDue():
+            pending = state.local.pending
+            state = replace(state, retry_scheduled=False)
+            if pending is None or state.updating:
+                return state, []
+            return state, [Verify(pending.envelope.encode(), resuming=True)]
+        case RolledBackUnconfirmed() if not state.rolling_back:
+            return state, []
+        case RolledBackUnconfirmed(manifest=m, problem=problem):
+            local = state.local.model_copy(update={"pending": None, "rolled_back_sequence": m.sequence})
+            reason = f"restarted before {m.version} was confirmed healthy; rolled back to {local.installed_version}"
+            if problem:
+                reason += f" (rollback reported: {problem})"
+            return _report(replace(state, local=local, rolling_back=False),
+                           Report(Phase.ROLLED_BACK, target_version=m.version, reason=reason,
+                                  reason_code=ReasonCode.UNCONFIRMED_RESTART))
+    raise TypeError(f"not an event: {event!r}")
+
+
+def _started(state: AgentState) -> tuple[AgentState, list[Action]]:
+    state, actions = _report(state, Report(Phase.IDLE))  # "idle" means listening
+    pending = state.local.pending
+    if pending is None:
+        return state, actions
+    if pending.phase == Phase.CONFIRMING:
+        return replace(state, rolling_back=True), [*actions, RollBackUnconfirmed(pending.envelope)]
+    return state, [*actions, Verify(pending.envelope.encode(), resuming=True)]
+
+
+def _verified(state: AgentState, event: ReleaseVerified, config: MachineConfig) -> tuple[AgentState, list[Action]]:
+    m, local = event.manifest, state.local
+    state = replace(state, awaits_timestamp=False)
+    if state.updating:
+        return state, []
+    if m.sequence == local.rolled_back_sequence and m.artifact.installed_sha256 != local.installed_sha256:
+        if state.reported is not None and state.reported.phase == Phase.ROLLED_BACK:
+            return state, []  # said once; the retained release is heard again at every reconnect
+        return _report(state, Report(Phase.ROLLED_BACK, target_version=m.version, reason_code=ReasonCode.ROLLED_BACK,
+                                     reason=f"sequence {m.sequence} was rolled back here; waiting for a newer release"))
+    if m.artifact.installed_sha256 == local.installed_sha256:
+        changed = m.sequence > local.last_sequence or local.pending is not None
+        if changed:
+            state = replace(state, retry_scheduled=False, local=local.model_copy(
+                update={"last_sequence": max(local.last_sequence, m.sequence), "pending": None}))
+        last = state.reported.phase if state.reported else None
+        if changed or last not in (Phase.IDLE, Phase.DONE):
+            return _report(state, Report(Phase.IDLE))  # a retained DONE report (and its figures) stays in place
+        return state, []
+    if local.pending is None and not rollout_admits(m, config.device_id, local.approved_sequence):
+        last = state.reported
+        if last is not None and last.phase == Phase.WAITING and last.target_version == m.version:
+            return state, []
+        return _report(state, Report(Phase.WAITING, target_version=m.version, reason_code=ReasonCode.AWAITING_ROLLOUT,
+                                     reason=f"{m.version} is rolled out in waves: waiting for an install command"))
+    attempts = local.pending.attempts if local.pending is not None else 0
+    pending = PendingUpdate(envelope=event.raw.decode(), phase=Phase.DOWNLOADING, attempts=attempts)
+    state = replace(state, running=m, retry_scheduled=False, local=local.model_copy(update={"pending": pending}))
+    return state, [RunUpdate(m, event.raw, local.installed_sha256)]
+
+
+def _refused(state: AgentState, event: ReleaseRefused) -> tuple[AgentState, list[Action]]:
+    state = replace(state, awaits_timestamp=event.awaits_timestamp)
+    if event.resuming:  # the pending release no longer verifies (expired, revoked): drop it
+        state = replace(state, retry_scheduled=False, local=state.local.model_copy(update={"pending": None}))
+    return _report(state, Report(Phase.REFUSED, reason=event.reason, reason_code=event.code))
+
+
+def _timestamp(state: AgentState, version: int) -> tuple[AgentState, list[Action]]:
+    local = state.local.model_copy(update={"timestamp_version": max(state.local.timestamp_version, version)})
+    was_frozen = state.frozen or (state.reported is not None and state.reported.phase == Phase.FROZEN)
+    state = replace(state, local=local, frozen=False)
+    if state.last_release is not None and local.pending is None and state.awaits_timestamp and not state.updating:
+        return state, [Verify(state.last_release)]  # held back for want of a timestamp: maybe this one names it
+    if was_frozen and state.reported is not None and state.reported.phase == Phase.FROZEN:
+        return _report(state, Report(Phase.IDLE))
+    return state, []
+
+
+def _succeeded(state: AgentState, event: UpdateSucceeded) -> tuple[AgentState, list[Action]]:
+    m = event.manifest
+    local = state.local.model_copy(update={
+        "installed_version": m.version, "installed_sha256": m.artifact.installed_sha256,
+        "last_sequence": max(state.local.last_sequence, m.sequence), "pending": None,
+    })
+    state = replace(state, local=local, running=None, retry_scheduled=False)
+    return _report(state, Report(Phase.DONE, target_version=m.version, progress=100, figures=event.figures))
+
+
+def _failed(state: AgentState, event: UpdateFailed, config: MachineConfig) -> tuple[AgentState, list[Action]]:
+    m, local = event.manifest, state.local
+    pending = local.pending
+    attempts = (pending.attempts if pending else 0) + 1
+    retrying = event.retryable and pending is not None and attempts < config.max_attempts
+    reason = event.reason
+    updates: dict[str, Any] = {}
+    if event.phase == Phase.ROLLED_BACK:
+        updates["rolled_back_sequence"] = m.sequence
+    actions: list[Action] = []
+    if retrying:
+        assert pending is not None
+        updates["pending"] = pending.model_copy(update={"attempts": attempts})
+        reason = f"{reason}; retry {attempts + 1} of {config.max_attempts} in {config.retry_interval:.0f} s"
+        actions.append(ScheduleRetry(config.retry_interval))
+    else:
+        updates["pending"] = None
+    state = replace(state, local=local.model_copy(update=updates), running=None, retry_scheduled=retrying)
+    figures = {**event.figures, **({"retrying": True} if retrying else {})}
+    state, reports = _report(state, Report(event.phase, target_version=m.version, reason=reason, reason_code=event.code,
+                                           figures=figures))
+    return state, [*reports, *actions]
+
+
+def _reverify_last(state: AgentState) -> list[Action]:
+    if state.last_release is None or state.local.pending is not None or state.updating:
+        return []
+    return [Verify(state.last_release)]
+
+
+def _report(state: AgentState, report: Report) -> tuple[AgentState, list[Action]]:
+    """Report a transition. Every refusal and failure is reported, even one like the last (each is a
+    message somebody sent); the states that repeat by themselves are reported once (`_verified`)."""
+    return replace(state, reported=report.key(state.local)), [report]

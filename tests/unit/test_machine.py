@@ -1,0 +1,286 @@
+"""The device's update state machine (device_client.machine), without I/O.
+
+One test per decision, then hypothesis over arbitrary event sequences for the rules that must
+hold whatever arrives: no update without a verified release, one update at a time, bounded
+retries, floors that only a root revocation lowers, and states that repeat by themselves (idle,
+waiting, rolled back, frozen) reported once.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device_client import machine as m
+from device_client.local_state import LocalState, PendingUpdate
+from schemas.errors import ReasonCode
+from schemas.models import Artifact, Phase, ReleaseManifest, Role, RolloutRule
+from tests.support.factories import manifest
+
+SHA_V1 = "1" * 64
+CONFIG = m.MachineConfig(device_id="dev-1", max_attempts=3, retry_interval=30.0)
+
+
+def release(sequence: int, version: str, sha: str, *, staged: bool = False) -> ReleaseManifest:
+    artifact = Artifact(cid="Qm" + "a" * 44, sha256=sha, size=1000)
+    rollout = RolloutRule(canary_percent=0, salt="0123456789abcdef") if staged else None
+    return manifest(sequence=sequence, version=version, artifact=artifact, rollout=rollout)
+
+
+V2 = release(2, "2.0.0", "2" * 64)
+V3 = release(3, "3.0.0", "3" * 64)
+V1_AGAIN = release(1, "1.0.0", SHA_V1)
+STAGED = release(4, "4.0.0", "4" * 64, staged=True)
+RAW_BY_VERSION = {"2.0.0": b"raw-v2", "3.0.0": b"raw-v3", "1.0.0": b"raw-v1", "4.0.0": b"raw-v4"}
+
+
+def raw(r: ReleaseManifest) -> bytes:
+    return RAW_BY_VERSION[r.version]
+
+
+def fresh(**local: object) -> m.AgentState:
+    return m.AgentState(local=LocalState(installed_version="1.0.0", installed_sha256=SHA_V1, **local))
+
+
+def run(state: m.AgentState, *events: m.Event) -> tuple[m.AgentState, list[m.Action]]:
+    actions: list[m.Action] = []
+    for event in events:
+        state, new = m.step(state, event, CONFIG)
+        actions.extend(new)
+    return state, actions
+
+
+def reports(actions: list[m.Action]) -> list[m.Report]:
+    return [a for a in actions if isinstance(a, m.Report)]
+
+
+def verified(r: ReleaseManifest, resuming: bool = False) -> m.ReleaseVerified:
+    return m.ReleaseVerified(r, raw(r), resuming=resuming)
+
+
+# -- one decision each ----------------------------------------------------------------------------
+
+
+def test_start_reports_idle_and_resumes_a_pending_update_by_verifying_it_again() -> None:
+    pending = PendingUpdate(envelope="raw-v2", phase=Phase.DOWNLOADING)
+    _, actions = run(fresh(pending=pending), m.Started())
+    assert actions == [m.Report(Phase.IDLE), m.Verify(b"raw-v2", resuming=True)]
+
+
+def test_start_in_confirming_rolls_back_instead_of_committing() -> None:
+    pending = PendingUpdate(envelope="raw-v2", phase=Phase.CONFIRMING)
+    state, actions = run(fresh(pending=pending), m.Started())
+    assert actions[-1] == m.RollBackUnconfirmed("raw-v2")
+    state, actions = run(state, m.RolledBackUnconfirmed(V2))
+    assert state.local.pending is None and state.local.rolled_back_sequence == 2
+    assert reports(actions)[0].reason_code == ReasonCode.UNCONFIRMED_RESTART
+    assert state.local.installed_version == "1.0.0"
+
+
+def test_a_heard_release_is_verified_before_anything_else() -> None:
+    state, actions = run(fresh(), m.ReleaseHeard(b"raw-v2"))
+    assert actions == [m.Verify(b"raw-v2")] and state.last_release == b"raw-v2"
+
+
+def test_a_verified_release_runs_the_update_and_persists_it_as_pending_first() -> None:
+    state, actions = run(fresh(), verified(V2))
+    assert actions == [m.RunUpdate(V2, b"raw-v2", SHA_V1)]
+    assert state.local.pending is not None and state.local.pending.envelope == "raw-v2"
+    assert state.running == V2
+
+
+def test_phases_are_recorded_and_reported_and_success_commits_the_new_version() -> None:
+    state, _ = run(fresh(), verified(V2))
+    state, actions = run(state, m.PhaseEntered(Phase.INSTALLING, "2.0.0", 95))
+    assert state.local.pending is not None and state.local.pending.phase == Phase.INSTALLING
+    assert reports(actions) == [m.Report(Phase.INSTALLING, target_version="2.0.0", progress=95)]
+    state, actions = run(state, m.UpdateSucceeded(V2, figures={"used_delta": True}))
+    assert (state.local.installed_version, state.local.installed_sha256, state.local.last_sequence) == ("2.0.0", "2" * 64, 2)
+    assert state.local.pending is None and state.running is None
+    assert reports(actions)[0].phase == Phase.DONE and reports(actions)[0].figures == {"used_delta": True}
+
+
+def test_a_fetch_failure_is_retried_a_bounded_number_of_times_then_given_up() -> None:
+    state, _ = run(fresh(), verified(V2))
+    retries = 0
+    for _ in range(10):
+        state, actions = run(state, m.UpdateFailed(V2, ReasonCode.SLOW_RETRIEVAL, "stalled", retryable=True))
+        if not any(isinstance(a, m.ScheduleRetry) for a in actions):
+            break
+        retries += 1
+        state, actions = run(state, m.RetryDue())
+        assert actions == [m.Verify(b"raw-v2", resuming=True)]
+        state, _ = run(state, verified(V2, resuming=True))
+    assert retries == CONFIG.max_attempts - 1
+    assert state.local.pending is None and reports(actions)[0].phase == Phase.FAILED
+
+
+def test_a_rolled_back_release_is_not_retried_and_said_once() -> None:
+    state, _ = run(fresh(), verified(V2))
+    state, _ = run(state, m.UpdateFailed(V2, ReasonCode.HEALTH_CHECK_FAILED, "unhealthy", phase=Phase.ROLLED_BACK))
+    assert state.local.rolled_back_sequence == 2
+    state, actions = run(state, verified(V2), verified(V2))
+    assert not any(isinstance(a, m.RunUpdate) for a in actions)
+    assert len(reports(actions)) == 0  # the failure report already said ROLLED_BACK
+    state, actions = run(state, verified(V3))
+    assert actions == [m.RunUpdate(V3, b"raw-v3", SHA_V1)]
+
+
+def test_a_staged_release_waits_for_its_admission_and_says_so_once() -> None:
+    state, actions = run(fresh(), m.ReleaseHeard(raw(STAGED)), verified(STAGED), verified(STAGED))
+    waiting = [r for r in reports(actions) if r.phase == Phase.WAITING]
+    assert len(waiting) == 1 and waiting[0].reason_code == ReasonCode.AWAITING_ROLLOUT
+    assert not any(isinstance(a, m.RunUpdate) for a in actions)
+    state, actions = run(state, m.AdmissionReceived(4))
+    assert actions == [m.Verify(raw(STAGED))] and state.local.approved_sequence == 4
+    _, actions = run(state, verified(STAGED))
+    assert isinstance(actions[0], m.RunUpdate)
+
+
+def test_the_installed_release_heard_again_says_idle_once() -> None:
+    state, actions = run(fresh(), verified(V1_AGAIN))
+    assert reports(actions) == [m.Report(Phase.IDLE)] and state.local.last_sequence == 1
+    _, actions = run(state, verified(V1_AGAIN))
+    assert actions == []
+
+
+def test_every_refusal_is_reported_even_when_it_repeats() -> None:
+    refused = m.ReleaseRefused(ReasonCode.BAD_SIGNATURE, "bad signature")
+    _, actions = run(fresh(), refused, refused)
+    assert [r.reason_code for r in reports(actions)] == [ReasonCode.BAD_SIGNATURE] * 2
+
+
+def test_a_pending_release_that_no_longer_verifies_is_dropped() -> None:
+    pending = PendingUpdate(envelope="raw-v2", phase=Phase.DOWNLOADING, attempts=1)
+    state, _ = run(fresh(pending=pending), m.ReleaseRefused(ReasonCode.EXPIRED, "expired", resuming=True))
+    assert state.local.pending is None
+
+
+def test_a_release_held_for_a_timestamp_is_verified_again_when_one_arrives() -> None:
+    state, _ = run(fresh(), m.ReleaseHeard(b"raw-v2"), m.ReleaseRefused(ReasonCode.TIMESTAMP_MISMATCH, "not named",
+                                                                           awaits_timestamp=True))
+    state, actions = run(state, m.TimestampAccepted(5))
+    assert actions == [m.Verify(b"raw-v2")] and state.local.timestamp_version == 5
+
+
+def test_frozen_is_reported_once_and_cleared_by_a_fresh_timestamp() -> None:
+    lost = m.FreshnessLost(ReasonCode.FROZEN, "no fresh timestamp")
+    state, actions = run(fresh(), lost, lost)
+    assert [r.phase for r in reports(actions)] == [Phase.FROZEN]
+    state, actions = run(state, m.TimestampAccepted(1))
+    assert reports(actions) == [m.Report(Phase.IDLE)] and not state.frozen
+
+
+def test_freshness_is_not_judged_while_an_update_is_pending() -> None:
+    state, _ = run(fresh(), verified(V2))
+    _, actions = run(state, m.FreshnessLost(ReasonCode.FROZEN, "no fresh timestamp"))
+    assert actions == []
+
+
+def test_a_root_that_revokes_a_role_drops_the_floor_that_role_raised() -> None:
+    state = fresh(last_sequence=9, timestamp_version=7)
+    state, _ = run(state, m.RootAccepted(2, frozenset({Role.RELEASE})))
+    assert (state.local.last_sequence, state.local.timestamp_version) == (0, 7)
+    state, _ = run(state, m.RootAccepted(3, frozenset({Role.TIMESTAMP})))
+    assert state.local.timestamp_version == 0
+
+
+def test_outcomes_of_an_update_not_under_way_change_nothing() -> None:
+    state = fresh()
+    after, actions = run(state, m.UpdateSucceeded(V2), m.UpdateFailed(V2, ReasonCode.IO_ERROR, "x"),
+                         m.PhaseEntered(Phase.INSTALLING, "2.0.0", 95), m.RolledBackUnconfirmed(V2))
+    assert after == state and actions == []
+
+
+# -- properties over arbitrary event sequences ----------------------------------------------------
+
+MANIFESTS = [V2, V3, V1_AGAIN, STAGED]
+manifests = st.sampled_from(MANIFESTS)
+codes = st.sampled_from(list(ReasonCode))
+events = st.one_of(
+    st.just(m.Started()),
+    manifests.map(lambda r: m.ReleaseHeard(raw(r))),
+    st.builds(verified, manifests, st.booleans()),
+    st.builds(m.ReleaseRefused, codes, st.just("refused"), st.booleans(), st.booleans()),
+    st.builds(m.TrustDocumentRefused, codes, st.just("refused")),
+    st.builds(m.TimestampAccepted, st.integers(0, 20)),
+    st.builds(m.RootAccepted, st.integers(2, 9), st.frozensets(st.sampled_from([Role.RELEASE, Role.TIMESTAMP]))),
+    st.builds(m.FreshnessLost, st.just(ReasonCode.FROZEN), st.just("stale")),
+    st.builds(m.AdmissionReceived, st.integers(0, 5)),
+    st.just(m.CheckRequested()),
+    st.just(m.StatusRequested()),
+    st.builds(m.PhaseEntered, st.sampled_from([Phase.DOWNLOADING, Phase.VERIFYING, Phase.PATCHING, Phase.INSTALLING,
+                                               Phase.CONFIRMING]), manifests.map(lambda r: r.version), st.integers(0, 100)),
+    st.builds(m.UpdateSucceeded, manifests),
+    st.builds(m.UpdateFailed, manifests, codes, st.just("failed"),
+              st.sampled_from([Phase.FAILED, Phase.REFUSED, Phase.ROLLED_BACK]), st.booleans()),
+    st.just(m.RetryDue()),
+    st.builds(m.RolledBackUnconfirmed, manifests),
+    st.just(m.InternalError("bug")),
+)
+pendings = st.one_of(st.none(), st.builds(PendingUpdate, envelope=st.sampled_from(["raw-v2", "raw-v3"]),
+                                          phase=st.sampled_from([Phase.DOWNLOADING, Phase.CONFIRMING]),
+                                          attempts=st.integers(0, 2)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(pending=pendings, sequence=st.lists(events, max_size=40))
+def test_rules_that_hold_for_every_sequence_of_events(pending: PendingUpdate | None, sequence: list[m.Event]) -> None:
+    state = fresh(pending=pending, last_sequence=1, timestamp_version=1)
+    retries_since_start = 0
+    for event in sequence:
+        before = state
+        state, actions = m.step(state, event, CONFIG)
+        assert m.step(before, event, CONFIG) == (state, actions), "step is a function of its inputs"
+        runs = [a for a in actions if isinstance(a, m.RunUpdate)]
+        # Never installs without a verified manifest, and one update at a time.
+        for action in runs:
+            assert isinstance(event, m.ReleaseVerified) and action.manifest == event.manifest
+            assert not before.updating
+            assert action.installed_sha256 == before.local.installed_sha256
+        if runs:
+            assert state.local.pending is not None and state.local.pending.envelope == raw(runs[0].manifest).decode()
+        # A staged release nobody admitted does not start by itself.
+        if runs and runs[0].manifest.rollout is not None and before.local.pending is None:
+            assert before.local.approved_sequence == runs[0].manifest.sequence
+        # The installed version changes only by the success of the update under way.
+        if state.local.installed_sha256 != before.local.installed_sha256:
+            assert isinstance(event, m.UpdateSucceeded) and event.manifest == before.running
+            assert state.local.installed_sha256 == event.manifest.artifact.installed_sha256
+        # Floors go down only by a root revoking the role that raised them.
+        if state.local.last_sequence < before.local.last_sequence:
+            assert isinstance(event, m.RootAccepted) and Role.RELEASE in event.revoked_roles
+        if state.local.timestamp_version < before.local.timestamp_version:
+            assert isinstance(event, m.RootAccepted) and Role.TIMESTAMP in event.revoked_roles
+        # Retries are bounded by max_attempts.
+        if any(isinstance(a, m.ScheduleRetry) for a in actions):
+            retries_since_start += 1
+            assert state.local.pending is not None and state.local.pending.attempts < CONFIG.max_attempts
+        if isinstance(event, (m.UpdateSucceeded, m.UpdateFailed)) and before.running == event.manifest:
+            assert state.running is None
+            retried = any(isinstance(a, m.ScheduleRetry) for a in actions)
+            assert (state.local.pending is not None) == retried
+    assert retries_since_start <= len(sequence)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefix=st.lists(events, max_size=25), again=st.sampled_from([*(verified(r) for r in MANIFESTS),
+                                                                     m.FreshnessLost(ReasonCode.FROZEN, "stale")]))
+def test_states_that_repeat_by_themselves_are_reported_once(prefix: list[m.Event], again: m.Event) -> None:
+    """A retained release heard again (every reconnect) or a freshness check repeated adds no report."""
+    state = fresh()
+    for event in prefix:
+        state, _ = m.step(state, event, CONFIG)
+    state, first = m.step(state, again, CONFIG)
+    if any(isinstance(a, m.RunUpdate) for a in first):
+        return  # it started an update: the next hearing meets a busy machine, covered above
+    _, second = m.step(state, again, CONFIG)
+    assert reports(second) == [], f"said again: {reports(second)} after {reports(first)}"
+
+
+def test_the_machine_is_deterministic_over_a_whole_update() -> None:
+    sequence: list[m.Event] = [m.Started(), m.ReleaseHeard(b"raw-v2"), verified(V2),
+                               m.PhaseEntered(Phase.DOWNLOADING, "2.0.0", 0), m.UpdateSucceeded(V2)]
+    first = run(fresh(), *sequence)
+    assert first == run(fresh(), *sequence)
+    assert first[0].local.installed_version == "2.0.0"
