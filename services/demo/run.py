@@ -30,7 +30,7 @@ from services.operator.home import OperatorHome
 from services.demo.ports import free_ports
 from services.demo.processes import AgentProcess
 from services.demo.provision import DEFAULT_TARGET, DeviceSpec, provision
-from services.operator.release import BuiltRelease, ReleasePipeline, publish_release, publish_timestamp, publish_trust
+from services.operator.release import BuiltRelease, ReleasePipeline, publish_release
 from services.demo.sample_images import RECIPES, build_image
 from services.runtime.traffic import TrafficMeter
 
@@ -159,11 +159,9 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                         device_class, version, images / f"{device_class}-{version}.img"
                     )
             async with MqttClient("127.0.0.1", broker_port, "edgeswarm-demo-operator", clean_session=True) as client:
-                await publish_trust(client, home)
                 for device_class in CLASSES:
                     v1 = await pipeline.build(device_class, "1.0.0", firmware[(device_class, "1.0.0")], target=DEFAULT_TARGET)
-                    await publish_timestamp(client, home)
-                    await publish_release(client, FLEET, device_class, v1.envelope)
+                    await publish_release(client, home, device_class, v1.envelope)
                 tracker = FleetTracker(FLEET)
                 await tracker.subscribe(client)
 
@@ -204,8 +202,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                             device_class, "2.0.0", firmware[(device_class, "2.0.0")], target=DEFAULT_TARGET,
                             summary=f"{device_class} 2.0.0: adds packages to the demo image",
                         )
-                        await publish_timestamp(client, home)
-                        await publish_release(client, FLEET, device_class, releases[device_class].envelope)
+                        await publish_release(client, home, device_class, releases[device_class].envelope)
                         target[device_class] = "2.0.0"
                     if live is None:
                         console.log("released 2.0.0 for " + ", ".join(CLASSES))

@@ -8,6 +8,7 @@ rolled_back for that version. A refusal before any download is a closed attempt 
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,3 +173,16 @@ class FleetStore:
                       bytes_from_peers, millis FROM attempts WHERE device=? ORDER BY id""", (device,)
         ).fetchall()
         return [Attempt(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else bool(r[5]), r[6], r[7], r[8]) for r in rows]
+
+
+def versions_of_class(path: Path, device_class: str) -> dict[str, int]:
+    """How many tracked devices of the class run each version (empty before `fleet serve` recorded any):
+    the release pipeline makes deltas from the versions most devices run."""
+    if not path.exists():
+        return {}
+    store = FleetStore(path)
+    try:
+        return dict(Counter(d.installed_version for d in store.devices()
+                            if d.device_class == device_class and d.installed_version))
+    finally:
+        store.close()

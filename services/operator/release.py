@@ -28,11 +28,12 @@ from schemas.models import (
 )
 from services.operator.home import OperatorHome, ReleaseRecord
 from services.runtime.confidential import encrypt_file
-from services.runtime.content import ContentStore
+from services.runtime.content import ContentStore, HashOnlyStore, KuboRpcStore
 from services.runtime.delta import create_delta
 from services.runtime.files import atomic_write, sha256_file
 from services.runtime.keys import sign_envelope
 from services.runtime.messaging import MqttClient
+from services.runtime.settings import ContentSettings
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,45 @@ async def publish_trust(client: MqttClient, home: OperatorHome) -> None:
         await client.publish(topics.root_topic(fleet, version), raw, retain=True)
 
 
-async def publish_release(client: MqttClient, fleet: str, device_class: str, envelope: bytes) -> None:
-    await client.publish(topics.release_topic(fleet, device_class), envelope, retain=True)
-
-
 async def publish_timestamp(client: MqttClient, home: OperatorHome, *, expires_in: timedelta = timedelta(hours=4)) -> int:
     """Sign and publish, retained, a fresh timestamp naming the latest release of every class."""
     metadata, envelope = home.sign_timestamp(expires_in=expires_in)
     await client.publish(topics.timestamp_topic(metadata.fleet), envelope, retain=True)
     return metadata.version
+
+
+# The publish order devices rely on lives in the two functions below, and only here: the root chain
+# first (a release may be signed by keys only a newer root names), then the timestamp, then the
+# release. A device must never hear a release that no fresh timestamp names yet: it would refuse it
+# (timestamp_mismatch) and wait for the next timestamp.
+
+
+async def publish_release(client: MqttClient, home: OperatorHome, device_class: str, envelope: bytes, *,
+                          timestamp_expires: timedelta = timedelta(hours=4)) -> None:
+    """Publish a signed release (built by ReleasePipeline, so the operator home records it) in the order
+    devices need: root chain, fresh timestamp naming it, the release itself (all retained)."""
+    await publish_trust(client, home)
+    await publish_timestamp(client, home, expires_in=timestamp_expires)
+    await client.publish(topics.release_topic(home.root().fleet, device_class), envelope, retain=True)
+
+
+async def publish_root_change(client: MqttClient, home: OperatorHome, *,
+                              timestamp_expires: timedelta = timedelta(hours=4)) -> dict[str, bytes]:
+    """After a root rotation: the root chain, each class's latest release re-signed with the current
+    release keys, then a fresh timestamp (which makes devices check the releases again).
+    Returns the re-signed envelopes by device class."""
+    await publish_trust(client, home)
+    resigned = home.resign_latest_manifests()
+    fleet = home.root().fleet
+    for device_class, envelope in resigned.items():
+        await client.publish(topics.release_topic(fleet, device_class), envelope, retain=True)
+    await publish_timestamp(client, home, expires_in=timestamp_expires)
+    return resigned
+
+
+def release_store(content: ContentSettings, home: OperatorHome) -> HashOnlyStore | KuboRpcStore:
+    """Where `edgeswarm release` puts artifacts and deltas: the Kubo daemon itself (it keeps serving),
+    or hash-only CIDs with the files copied to <home>/seed for `edgeswarm origin` to serve."""
+    if content.backend == "kubo-rpc":
+        return KuboRpcStore(content.rpc_api)
+    return HashOnlyStore(home.path / "cid-scratch", home.seed_dir)

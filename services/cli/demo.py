@@ -1,0 +1,52 @@
+"""`edgeswarm demo`: a whole fleet on this machine (services.demo does the work)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from services.cli.common import (
+    JsonOption, err, fail, setup_logging,
+)
+
+app = typer.Typer()  # a top-level command: services.cli registers it
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    devices: Annotated[int, typer.Option(min=2, max=64, help="number of simulated devices (two classes)")] = 6,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the fleet")] = 300.0,
+    keep: Annotated[bool, typer.Option(help="keep the work directory (logs, state) for inspection")] = False,
+    as_json: JsonOption = False,
+    verbose: bool = False,
+) -> None:
+    """Run a whole fleet on this machine: broker, origin, N devices; release v2; show who got what."""
+    from services.demo.run import DemoOptions, print_summary, run_demo
+
+    console = Console(stderr=as_json)
+    setup_logging(verbose, console if not as_json else err)
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        result = asyncio.run(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep), console,
+                                      live_display=not as_json and console.is_terminal))
+    except KeyboardInterrupt:
+        err.print("interrupted: every process stopped and the work directory removed")
+        raise typer.Exit(130) from None
+    except RuntimeError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        print_summary(result, console)
+        if keep:
+            console.print(f"work directory kept: {result.workdir}")
+    raise typer.Exit(0 if result.ok else 1)
