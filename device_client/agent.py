@@ -237,6 +237,14 @@ class DeviceAgent:
     # -- main loop --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until `stop` is set: start the IPFS node, connect to the broker, resume any update the
+        state machine left pending, and handle messages and timers.
+
+        Raises:
+            MqttError: the broker refused the connection or could not be reached at start.
+            RuntimeError: the IPFS node could not start.
+            ValueError: a settings file (swarm key, class key) does not hold a key.
+        """
         s = self.settings
         stop = stop or asyncio.Event()
         download_dir = self.state_dir / "downloads"

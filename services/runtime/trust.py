@@ -241,7 +241,12 @@ class TrustedSet:
 
     @staticmethod
     def load_initial_root(raw: bytes, *, max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> RootMetadata:
-        """Verify a provisioned root against itself (its own root role, its own threshold)."""
+        """Verify a provisioned root against itself (its own root role, its own threshold).
+
+        Raises:
+            MalformedMetadata, WrongType: not a signed root document.
+            UnsignedMetadata: fewer valid signatures of its own root keys than its threshold.
+        """
         envelope = _open(raw, PayloadType.ROOT, max_document_bytes)
         root = _parse_payload(payload_bytes(envelope), RootMetadata, max_document_bytes)
         verify_role(envelope, root, Role.ROOT)
@@ -250,7 +255,13 @@ class TrustedSet:
     # -- root -----------------------------------------------------------------------------------
 
     def update_root(self, raw: bytes) -> RootUpdate:
-        """Accept root N+1 signed by a threshold of root N's root keys and of its own."""
+        """Accept root N+1 signed by a threshold of root N's root keys and of its own.
+
+        Raises:
+            MalformedMetadata, WrongType, WrongFleet: not a root of this fleet.
+            RootChainGap, Rollback: not version N+1.
+            UnsignedMetadata: below either threshold (BadSignature, UnknownKey, ThresholdNotMet).
+        """
         envelope = _open(raw, PayloadType.ROOT, self.max_document_bytes)
         payload = verify_role(envelope, self.root, Role.ROOT)
         new = _parse_payload(payload, RootMetadata, self.max_document_bytes)
@@ -278,6 +289,14 @@ class TrustedSet:
     # -- timestamp -------------------------------------------------------------------------------
 
     def update_timestamp(self, raw: bytes, now: datetime) -> TimestampMetadata:
+        """Trust a newer timestamp signed by the timestamp role; it becomes the floor.
+
+        Raises:
+            MalformedMetadata, WrongType, WrongFleet, UnsignedMetadata: not a valid timestamp of this fleet.
+            Rollback: older than the floor, or made under an older root.
+            Expired: already expired at `now`.
+            RootOutdated: made under a newer root: walk the root chain first, then try again.
+        """
         envelope = _open(raw, PayloadType.TIMESTAMP, self.max_document_bytes)
         payload = verify_role(envelope, self.root, Role.TIMESTAMP)
         new = _parse_payload(payload, TimestampMetadata, self.max_document_bytes)
@@ -299,6 +318,11 @@ class TrustedSet:
         return new
 
     def check_fresh(self, now: datetime) -> TimestampMetadata:
+        """The trusted timestamp, if it is still fresh at `now`.
+
+        Raises:
+            FreezeDetected: none is trusted, or it expired (the device may be held on old metadata).
+        """
         if self.timestamp is None:
             raise FreezeDetected("no timestamp is trusted yet: waiting for a fresh one")
         if self.timestamp.expires <= now:
@@ -308,6 +332,16 @@ class TrustedSet:
     # -- releases -------------------------------------------------------------------------------
 
     def verify_release(self, raw: bytes, current: DeviceRecord, now: datetime) -> ReleaseManifest:
+        """The release manifest in `raw`, if this device may install it now.
+
+        Raises:
+            MalformedMetadata, WrongType: not a signed release document.
+            Expired: the trusted root or the manifest expired.
+            UnsignedMetadata: below the release role's threshold.
+            WrongFleet, WrongClass, WrongTarget: a manifest for another fleet, class or install target.
+            Rollback: an older sequence, or a lower version, than `current`.
+            FreezeDetected, TimestampMismatch: no fresh timestamp names this release.
+        """
         envelope = _open(raw, PayloadType.RELEASE, self.max_document_bytes)
         if self.root.expires <= now:
             raise Expired(f"trusted root v{self.root.version} expired at {self.root.expires.isoformat()}")

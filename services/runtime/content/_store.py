@@ -35,6 +35,9 @@ ProgressCallback = Callable[[int], None]
 
 
 class ContentStore(Protocol):
+    """What edgeswarm asks of an IPFS node. Implementations raise `FetchError` subclasses from
+    `fetch` and RuntimeError when the node itself fails (it could not start, add or pin)."""
+
     async def add(self, path: Path) -> str: ...
 
     async def fetch(
@@ -46,7 +49,16 @@ class ContentStore(Protocol):
         stall_timeout: float,
         deadline: float,
         progress: ProgressCallback | None = None,
-    ) -> int: ...
+    ) -> int:
+        """Fetch `cid` into `dest` (written whole or not at all); returns its size.
+
+        Raises:
+            FetchTooLarge: more than `max_bytes` arrived (endless data).
+            FetchStalled: no progress for `stall_timeout` seconds (slow retrieval).
+            FetchDeadline: not complete within `deadline` seconds.
+            FetchError: anything else the node reported.
+        """
+        ...
 
     async def connect(self, multiaddr: str) -> bool: ...
 
