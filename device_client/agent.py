@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pydantic
@@ -27,7 +26,7 @@ from device_client.local_state import LocalState, StateStore
 from device_client.machine import AgentState, Event, MachineConfig
 from device_client.rendezvous import Rendezvous, local_address
 from device_client.reporter import Reporter
-from device_client.updater import ManifestAndRaw, UpdateContext, UpdateError, Updater
+from device_client.updater import UpdateContext, UpdateError, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.errors import ReasonCode
@@ -120,7 +119,7 @@ class DeviceAgent:
 
     # -- the machine ------------------------------------------------------------------------
 
-    async def _feed(self, event: Event, *, after_save: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def _feed(self, event: Event) -> None:
         """One step of the state machine: save what it persists, then perform its actions in order.
 
         Each action's outcome is fed back at once (depth first), so effects keep their causal order."""
@@ -128,13 +127,10 @@ class DeviceAgent:
         if new.local != self.state.local:
             self.state_store.save(new.local)  # before anything it decided happens (a power cut resumes here)
         self.state = new
-        if after_save is not None:
-            await after_save()
         for action in actions:
             follow = await self._perform(action)
             if follow is not None:
-                after = self._settle(follow.manifest) if isinstance(follow, machine.UpdateSucceeded) else None
-                await self._feed(follow, after_save=after)
+                await self._feed(follow)
 
     async def _perform(self, action: machine.Action) -> Event | None:
         match action:
@@ -144,6 +140,8 @@ class DeviceAgent:
                 return self._verify(raw, resuming=resuming)
             case machine.RunUpdate():
                 return await self._run_update(action)
+            case machine.KeepReleases(installed_sequence=sequence):
+                await self._keep_releases(sequence)
             case machine.ScheduleRetry(seconds=seconds):
                 self._retry_at = time.monotonic() + seconds
             case machine.RollBackUnconfirmed(envelope=envelope):
@@ -193,7 +191,7 @@ class DeviceAgent:
 
         updater = Updater(self.update_context, enter, progress)
         try:
-            await updater.run(ManifestAndRaw(m, action.raw), action.installed_sha256)
+            await updater.run(m, action.installed_sha256)
         except FetchTooLarge as exc:
             return self._failure(m, updater, exc.code, str(exc), phase=Phase.REFUSED)
         except FetchError as exc:
@@ -213,14 +211,11 @@ class DeviceAgent:
                  phase: Phase = Phase.FAILED, retryable: bool = False) -> machine.UpdateFailed:
         return machine.UpdateFailed(m, code, reason, phase=phase, retryable=retryable, figures=_traffic_figures(updater))
 
-    def _settle(self, m: ReleaseManifest) -> Callable[[], Awaitable[None]]:
-        """After a committed install: keep the newest releases for peers and let go of the rest."""
-        async def settle() -> None:
-            try:
-                await self.keeper.settle(self.node, installed_sequence=m.sequence)
-            except (OSError, RuntimeError, ValueError) as exc:  # the update stands; only serving old content is at stake
-                log.warning("could not let go of old releases' content: %s", exc)
-        return settle
+    async def _keep_releases(self, installed_sequence: int) -> None:
+        try:
+            await self.keeper.settle(self.node, installed_sequence=installed_sequence)
+        except (OSError, RuntimeError, ValueError) as exc:  # the update stands; only serving old content is at stake
+            log.warning("could not let go of old releases' content: %s", exc)
 
     async def _roll_back_unconfirmed(self, envelope: str) -> Event:
         """The agent restarted while a new version awaited its health check: go back to the old one."""
@@ -447,8 +442,6 @@ class DeviceAgent:
         return self._freeze_check_at
 
     async def _check_freshness(self) -> None:
-        if self.state.frozen or self.state.local.pending is not None:
-            return
         try:
             self.trusted.check_fresh(datetime.now(UTC))
         except TrustError as exc:

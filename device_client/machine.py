@@ -11,7 +11,7 @@ path is a few lines of unit test (tests/unit/test_machine.py, with hypothesis ov
     ReleaseVerified ─┬─ already installed ────────────────────────► IDLE (once)
                      ├─ this sequence was rolled back here ───────► ROLLED_BACK (once)
                      ├─ staged, this device not admitted ─────────► WAITING (once per version)
-                     └─ otherwise ─► RunUpdate ─► PhaseEntered … ─┬─ UpdateSucceeded ─► DONE
+                     └─ otherwise ─► RunUpdate ─► PhaseEntered … ─┬─ UpdateSucceeded ─► KeepReleases, DONE
                                                                   └─ UpdateFailed ─┬─ retryable ─► FAILED + ScheduleRetry ─► RetryDue ─► Verify(pending)
                                                                                    └─ otherwise ─► FAILED | REFUSED | ROLLED_BACK
     ReleaseRefused ──► REFUSED (kept for a timestamp when that is all it lacks)
@@ -37,7 +37,7 @@ from services.runtime.trust import rollout_admits
 
 __all__ = [
     "Action", "AdmissionReceived", "AgentState", "CheckRequested", "Event", "FreshnessLost", "InternalError",
-    "MachineConfig",
+    "KeepReleases", "MachineConfig",
     "PhaseEntered", "ReleaseHeard", "ReleaseRefused", "ReleaseVerified", "Report", "RetryDue", "RollBackUnconfirmed",
     "RolledBackUnconfirmed", "RootAccepted", "RunUpdate", "ScheduleRetry", "Started", "StatusRequested",
     "TimestampAccepted", "TrustDocumentRefused", "UpdateFailed", "UpdateSucceeded", "Verify", "step",
@@ -55,15 +55,11 @@ class MachineConfig:
 
 
 @dataclass(frozen=True)
-class ReportKey:
-    """What makes two reports the same (the time, progress and figures do not)."""
+class Reported:
+    """The last transition reported: what the once-only rules and a status request look at."""
 
     phase: Phase
     target_version: str | None
-    reason_code: str | None
-    reason: str | None
-    installed_sha256: str
-    last_sequence: int
 
 
 @dataclass(frozen=True)
@@ -74,8 +70,7 @@ class AgentState:
     awaits_timestamp: bool = False  # the last release was refused only for want of a fresh timestamp
     running: ReleaseManifest | None = None  # the verified release a RunUpdate is installing now
     rolling_back: bool = False  # RollBackUnconfirmed was emitted and its outcome has not arrived
-    retry_scheduled: bool = False
-    reported: ReportKey | None = None
+    reported: Reported | None = None
 
     @property
     def updating(self) -> bool:
@@ -216,10 +211,6 @@ class Report:
     progress: int | None = None
     figures: dict[str, Any] = field(default_factory=dict)
 
-    def key(self, local: LocalState) -> ReportKey:
-        return ReportKey(self.phase, self.target_version, self.reason_code, self.reason,
-                         local.installed_sha256, local.last_sequence)
-
 
 @dataclass(frozen=True)
 class Verify:
@@ -234,8 +225,15 @@ class RunUpdate:
     """Fetch, verify, patch, install and confirm a verified release (the Updater)."""
 
     manifest: ReleaseManifest
-    raw: bytes
     installed_sha256: str
+
+
+@dataclass(frozen=True)
+class KeepReleases:
+    """After a committed install: keep the newest releases for peers, let go of the rest (before DONE
+    is reported, so that what a device serves matches what it said)."""
+
+    installed_sequence: int
 
 
 @dataclass(frozen=True)
@@ -250,7 +248,7 @@ class RollBackUnconfirmed:
     envelope: str
 
 
-Action = Report | Verify | RunUpdate | ScheduleRetry | RollBackUnconfirmed
+Action = Report | Verify | RunUpdate | KeepReleases | ScheduleRetry | RollBackUnconfirmed
 
 
 # -- the transition function ----------------------------------------------------------------------
@@ -307,7 +305,6 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
             return _failed(state, event, config)
         case RetryDue():
             pending = state.local.pending
-            state = replace(state, retry_scheduled=False)
             if pending is None or state.updating:
                 return state, []
             return state, [Verify(pending.envelope.encode(), resuming=True)]
@@ -347,7 +344,7 @@ def _verified(state: AgentState, event: ReleaseVerified, config: MachineConfig) 
     if m.artifact.installed_sha256 == local.installed_sha256:
         changed = m.sequence > local.last_sequence or local.pending is not None
         if changed:
-            state = replace(state, retry_scheduled=False, local=local.model_copy(
+            state = replace(state, local=local.model_copy(
                 update={"last_sequence": max(local.last_sequence, m.sequence), "pending": None}))
         last = state.reported.phase if state.reported else None
         if changed or last not in (Phase.IDLE, Phase.DONE):
@@ -361,24 +358,23 @@ def _verified(state: AgentState, event: ReleaseVerified, config: MachineConfig) 
                                      reason=f"{m.version} is rolled out in waves: waiting for an install command"))
     attempts = local.pending.attempts if local.pending is not None else 0
     pending = PendingUpdate(envelope=event.raw.decode(), phase=Phase.DOWNLOADING, attempts=attempts)
-    state = replace(state, running=m, retry_scheduled=False, local=local.model_copy(update={"pending": pending}))
-    return state, [RunUpdate(m, event.raw, local.installed_sha256)]
+    state = replace(state, running=m, local=local.model_copy(update={"pending": pending}))
+    return state, [RunUpdate(m, local.installed_sha256)]
 
 
 def _refused(state: AgentState, event: ReleaseRefused) -> tuple[AgentState, list[Action]]:
     state = replace(state, awaits_timestamp=event.awaits_timestamp)
     if event.resuming:  # the pending release no longer verifies (expired, revoked): drop it
-        state = replace(state, retry_scheduled=False, local=state.local.model_copy(update={"pending": None}))
+        state = replace(state, local=state.local.model_copy(update={"pending": None}))
     return _report(state, Report(Phase.REFUSED, reason=event.reason, reason_code=event.code))
 
 
 def _timestamp(state: AgentState, version: int) -> tuple[AgentState, list[Action]]:
     local = state.local.model_copy(update={"timestamp_version": max(state.local.timestamp_version, version)})
-    was_frozen = state.frozen or (state.reported is not None and state.reported.phase == Phase.FROZEN)
     state = replace(state, local=local, frozen=False)
     if state.last_release is not None and local.pending is None and state.awaits_timestamp and not state.updating:
         return state, [Verify(state.last_release)]  # held back for want of a timestamp: maybe this one names it
-    if was_frozen and state.reported is not None and state.reported.phase == Phase.FROZEN:
+    if state.reported is not None and state.reported.phase == Phase.FROZEN:
         return _report(state, Report(Phase.IDLE))
     return state, []
 
@@ -389,8 +385,9 @@ def _succeeded(state: AgentState, event: UpdateSucceeded) -> tuple[AgentState, l
         "installed_version": m.version, "installed_sha256": m.artifact.installed_sha256,
         "last_sequence": max(state.local.last_sequence, m.sequence), "pending": None,
     })
-    state = replace(state, local=local, running=None, retry_scheduled=False)
-    return _report(state, Report(Phase.DONE, target_version=m.version, progress=100, figures=event.figures))
+    state, done = _report(replace(state, local=local, running=None),
+                          Report(Phase.DONE, target_version=m.version, progress=100, figures=event.figures))
+    return state, [KeepReleases(m.sequence), *done]
 
 
 def _failed(state: AgentState, event: UpdateFailed, config: MachineConfig) -> tuple[AgentState, list[Action]]:
@@ -410,7 +407,7 @@ def _failed(state: AgentState, event: UpdateFailed, config: MachineConfig) -> tu
         actions.append(ScheduleRetry(config.retry_interval))
     else:
         updates["pending"] = None
-    state = replace(state, local=local.model_copy(update=updates), running=None, retry_scheduled=retrying)
+    state = replace(state, local=local.model_copy(update=updates), running=None)
     figures = {**event.figures, **({"retrying": True} if retrying else {})}
     state, reports = _report(state, Report(event.phase, target_version=m.version, reason=reason, reason_code=event.code,
                                            figures=figures))
@@ -426,4 +423,4 @@ def _reverify_last(state: AgentState) -> list[Action]:
 def _report(state: AgentState, report: Report) -> tuple[AgentState, list[Action]]:
     """Report a transition. Every refusal and failure is reported, even one like the last (each is a
     message somebody sent); the states that repeat by themselves are reported once (`_verified`)."""
-    return replace(state, reported=report.key(state.local)), [report]
+    return replace(state, reported=Reported(report.phase, report.target_version)), [report]

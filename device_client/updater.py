@@ -56,12 +56,6 @@ class Traffic:
     peers_relayed: int | None = None
 
 
-@dataclass(frozen=True)
-class ManifestAndRaw:
-    manifest: ReleaseManifest
-    raw: bytes
-
-
 @dataclass
 class UpdateContext:
     store: ContentStore
@@ -91,8 +85,8 @@ class Updater:
         self.elapsed_ms = 0
         self._origin_connected = False  # this fetch dialed the origin (peers did not deliver in time)
 
-    async def run(self, manifest: ManifestAndRaw, installed_sha256: str) -> None:
-        """Install `manifest` over the version whose hash is `installed_sha256`, and confirm its health.
+    async def run(self, m: ReleaseManifest, installed_sha256: str) -> None:
+        """Install `m` over the version whose hash is `installed_sha256`, and confirm its health.
 
         Raises:
             UpdateError: refused (wrong bytes, handler not allowed) or rolled back (install or health
@@ -100,7 +94,6 @@ class Updater:
             FetchError: the content could not be fetched (stalled, deadline, too large).
             OSError: the device's disk or files failed.
         """
-        m = manifest.manifest
         started = time.monotonic()
         if m.install.handler not in self.ctx.install.allowed_handlers:
             raise UpdateError(ReasonCode.HANDLER_NOT_ALLOWED,
@@ -110,7 +103,7 @@ class Updater:
             # A cut after the rename but before the state was saved: the install already happened.
             log.info("target already holds %s; committing", m.version)
             return
-        new_file = await self._obtain(manifest, installed_sha256)
+        new_file = await self._obtain(m, installed_sha256)
         installer = installer_for(m.install, target, command_timeout=self.ctx.install.command_timeout)
         await self.enter(Phase.INSTALLING, 95)
         try:
@@ -127,13 +120,12 @@ class Updater:
             leftover.unlink(missing_ok=True)
         self.elapsed_ms = int((time.monotonic() - started) * 1000)
 
-    async def _obtain(self, manifest: ManifestAndRaw, installed_sha256: str) -> Path:
-        m = manifest.manifest
+    async def _obtain(self, m: ReleaseManifest, installed_sha256: str) -> Path:
         delta = m.deltas.get(installed_sha256)
         if delta is not None:
             result = self.ctx.download_dir / f"{m.artifact.installed_sha256}.patched"
             try:
-                patch = await self._fetch_verified(manifest, delta, "delta")
+                patch = await self._fetch_verified(m, delta, "delta")
                 await self.enter(Phase.PATCHING, 85)
                 await asyncio.to_thread(apply_delta, self.ctx.target, patch, result, expected_size=m.artifact.installed_size)
                 if sha256_file(result) == m.artifact.installed_sha256:
@@ -143,13 +135,13 @@ class Updater:
             except (FetchError, BadPatch) as exc:
                 log.warning("delta unusable (%s); fetching the full artifact", exc)
         self.used_delta = False
-        return await self._fetch_verified(manifest, m.artifact, "full")
+        return await self._fetch_verified(m, m.artifact, "full")
 
-    async def _fetch_verified(self, manifest: ManifestAndRaw, item: Artifact | Delta, kind: str) -> Path:
+    async def _fetch_verified(self, m: ReleaseManifest, item: Artifact | Delta, kind: str) -> Path:
         """Download `item`, check the signed sha256 and size of what travelled, then reveal the plaintext."""
         dest = self.ctx.download_dir / f"{item.sha256}.{kind}"
         if not (dest.exists() and sha256_file(dest) == item.sha256):  # else verified before a restart
-            await self._download(manifest, item, dest)
+            await self._download(m, item, dest)
             await self.enter(Phase.VERIFYING, 80)
             actual_size = dest.stat().st_size
             actual = await asyncio.to_thread(sha256_file, dest)
@@ -181,7 +173,7 @@ class Updater:
             raise UpdateError(ReasonCode.HASH_MISMATCH, f"decrypted {kind} does not match the signed plaintext hash", Phase.REFUSED)
         return plain
 
-    async def _download(self, manifest: ManifestAndRaw, item: Artifact | Delta, dest: Path) -> None:
+    async def _download(self, m: ReleaseManifest, item: Artifact | Delta, dest: Path) -> None:
         await self.enter(Phase.DOWNLOADING, 0)
         before = self.ctx.meter.snapshot() if self.ctx.meter else {}
 
@@ -194,7 +186,6 @@ class Updater:
                 self.progress(int(80 * min(done, item.size) / max(item.size, 1)))
 
         if self.ctx.keeper is not None:
-            m = manifest.manifest
             self.ctx.keeper.hold(m.sequence, m.version, item.cid, item.size)
         self._origin_connected = False
         watchdog = asyncio.ensure_future(self._dial_origin_when_stalled(last_growth))

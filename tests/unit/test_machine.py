@@ -84,7 +84,7 @@ def test_a_heard_release_is_verified_before_anything_else() -> None:
 
 def test_a_verified_release_runs_the_update_and_persists_it_as_pending_first() -> None:
     state, actions = run(fresh(), verified(V2))
-    assert actions == [m.RunUpdate(V2, b"raw-v2", SHA_V1)]
+    assert actions == [m.RunUpdate(V2, SHA_V1)]
     assert state.local.pending is not None and state.local.pending.envelope == "raw-v2"
     assert state.running == V2
 
@@ -98,6 +98,7 @@ def test_phases_are_recorded_and_reported_and_success_commits_the_new_version() 
     assert (state.local.installed_version, state.local.installed_sha256, state.local.last_sequence) == ("2.0.0", "2" * 64, 2)
     assert state.local.pending is None and state.running is None
     assert reports(actions)[0].phase == Phase.DONE and reports(actions)[0].figures == {"used_delta": True}
+    assert actions.index(m.KeepReleases(2)) < actions.index(reports(actions)[0]), "serving settled before DONE is said"
 
 
 def test_a_fetch_failure_is_retried_a_bounded_number_of_times_then_given_up() -> None:
@@ -123,7 +124,7 @@ def test_a_rolled_back_release_is_not_retried_and_said_once() -> None:
     assert not any(isinstance(a, m.RunUpdate) for a in actions)
     assert len(reports(actions)) == 0  # the failure report already said ROLLED_BACK
     state, actions = run(state, verified(V3))
-    assert actions == [m.RunUpdate(V3, b"raw-v3", SHA_V1)]
+    assert actions == [m.RunUpdate(V3, SHA_V1)]
 
 
 def test_a_staged_release_waits_for_its_admission_and_says_so_once() -> None:
