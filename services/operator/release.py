@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zstandard
 from packaging.version import Version
@@ -28,12 +29,15 @@ from schemas.models import (
 )
 from services.operator.home import OperatorHome, ReleaseRecord
 from services.runtime.confidential import encrypt_file
-from services.runtime.content import ContentStore, HashOnlyStore, KuboRpcStore
+from services.runtime.content import ContentStore, HashOnlyStore
 from services.runtime.delta import create_delta
 from services.runtime.files import atomic_write, sha256_file
 from services.runtime.keys import sign_envelope
 from services.runtime.messaging import MqttClient
 from services.runtime.settings import ContentSettings
+
+if TYPE_CHECKING:
+    from services.runtime.content import KuboRpcStore
 
 log = logging.getLogger(__name__)
 
@@ -215,5 +219,7 @@ def release_store(content: ContentSettings, home: OperatorHome) -> HashOnlyStore
     """Where `edgeswarm release` puts artifacts and deltas: the Kubo daemon itself (it keeps serving),
     or hash-only CIDs with the files copied to <home>/seed for `edgeswarm origin` to serve."""
     if content.backend == "kubo-rpc":
+        from services.runtime.content import KuboRpcStore  # ipfshttpclient: ~90 ms to import
+
         return KuboRpcStore(content.rpc_api)
     return HashOnlyStore(home.path / "cid-scratch", home.seed_dir)

@@ -18,7 +18,6 @@ from services.runtime.content._factory import open_store
 from services.runtime.content._hash_only import HashOnlyStore
 from services.runtime.content._kubo_config import KuboConfig
 from services.runtime.content._process import prepare_process_dir
-from services.runtime.content._rpc import KuboRpcStore
 from services.runtime.content._store import (
     ContentStore, FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback,
 )
@@ -29,3 +28,12 @@ __all__ = [
     "FetchTooLarge", "HashOnlyStore", "KuboConfig", "KuboRpcStore", "ProgressCallback", "create_repo", "generate_swarm_key",
     "load_swarm_key", "open_store", "prepare_process_dir",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ipfshttpclient takes ~90 ms to import: only processes that use the kubo-rpc backend pay for it.
+    if name == "KuboRpcStore":
+        from services.runtime.content._rpc import KuboRpcStore
+
+        return KuboRpcStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

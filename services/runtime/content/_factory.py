@@ -6,7 +6,6 @@ import contextlib
 
 from services.runtime.content._embedded import EmbeddedKuboNode
 from services.runtime.content._kubo_config import KuboConfig
-from services.runtime.content._rpc import KuboRpcStore
 
 __all__ = ["open_store"]
 
@@ -14,6 +13,8 @@ __all__ = ["open_store"]
 def open_store(backend: str, *, kubo: KuboConfig, rpc_api: str) -> contextlib.AbstractAsyncContextManager:
     """The configured content store as an async context manager; peers in `kubo.peers` are dialed."""
     if backend == "kubo-rpc":
+        from services.runtime.content._rpc import KuboRpcStore  # ipfshttpclient: ~90 ms to import
+
         return _RpcWithPeers(KuboRpcStore(rpc_api), kubo.peers)
     return EmbeddedKuboNode(kubo)
 
