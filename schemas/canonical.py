@@ -23,9 +23,12 @@ class MalformedDocument(EdgeswarmError, ValueError):
 
 
 def canonical_json(obj: Any) -> bytes:
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    """Raises MalformedDocument for what has no canonical form (a lone surrogate has no UTF-8)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MalformedDocument(f"a string holds {exc.object[exc.start:exc.end]!a}, which UTF-8 cannot encode") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -51,16 +54,24 @@ def _reject_float(text: str) -> Any:
     raise MalformedDocument(f"floating point number {text[:20]} is not allowed")
 
 
-def _depth(obj: Any, limit: int) -> None:
+def _check_tree(obj: Any, limit: int) -> None:
+    """Nesting within `limit`, and every string encodable as UTF-8: a `\\ud800` escape parses to a lone
+    surrogate, which no canonical (UTF-8) form can hold."""
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         item, level = stack.pop()
         if level > limit:
             raise MalformedDocument(f"nesting deeper than {limit}")
         if isinstance(item, dict):
+            stack.extend((k, level) for k in item)
             stack.extend((v, level + 1) for v in item.values())
         elif isinstance(item, list):
             stack.extend((v, level + 1) for v in item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MalformedDocument("a string holds a lone surrogate (an escape with no UTF-8 form)") from None
 
 
 def strict_loads(raw: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
@@ -86,7 +97,7 @@ def strict_loads(raw: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEP
         raise
     except (ValueError, RecursionError) as exc:
         raise MalformedDocument(f"invalid JSON: {exc}") from None
-    _depth(obj, max_depth)
+    _check_tree(obj, max_depth)
     return obj
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from schemas.models import Role, RoleKeys, RootMetadata
-from services.runtime.keys import SigningKey
-from services.runtime.trust import DeviceRecord, TrustedSet, TrustError, UnknownKey
+from schemas.canonical import MalformedDocument, canonical_json, strict_loads
+from schemas.errors import ReasonCode
+from schemas.models import PayloadType, Role, RoleKeys, RootMetadata
+from services.runtime.keys import SigningKey, sign_envelope
+from services.runtime.trust import DeviceRecord, MalformedMetadata, TrustedSet, TrustError, UnknownKey
 from tests.support.factories import NOW, SHA_V1, TARGET, Keyring, manifest, sign_release, sign_root, sign_timestamp, timestamp
 
 ON_V1 = DeviceRecord("1.0.0", SHA_V1, 1)
@@ -101,3 +104,60 @@ def test_every_valid_chain_of_rotations_is_walked_and_only_current_keys_sign(cha
     if stale:
         with pytest.raises(UnknownKey):
             trusted.verify_release(sign_release(manifest(), stale), ON_V1, NOW)
+
+
+# -- canonical JSON over arbitrary unicode (issue 20: a lone surrogate was an internal error) -------
+
+any_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, categories=None), max_size=12)
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**6), any_text),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(any_text, inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+@example({"\ud800": "\udfff x"})
+@example(["\ud83d\ude00", "\ud83d"])
+def test_the_canonical_check_gives_a_typed_answer_for_any_unicode_including_surrogates(value: object) -> None:
+    """Every JSON text (escaped with ensure_ascii, so lone surrogates travel as \\ud800) either parses
+    to a document whose canonical form parses back to itself, or is refused as malformed."""
+    raw = json.dumps(value, ensure_ascii=True).encode()
+    try:
+        parsed = strict_loads(raw, max_bytes=1 << 20)
+    except MalformedDocument:
+        assert _has_surrogate(value)
+        return
+    assert not _has_surrogate(value)
+    canonical = canonical_json(parsed)
+    assert strict_loads(canonical, max_bytes=1 << 20) == parsed and canonical_json(strict_loads(canonical, max_bytes=1 << 20)) == canonical
+
+
+@settings(max_examples=200, deadline=None)
+@given(any_text)
+@example("\ud800")
+@example("plain")
+def test_a_signed_payload_with_any_string_is_accepted_or_refused_as_malformed(text: str) -> None:
+    """The payload is signed as given, so only the trust core's own checks stand between it and the parser."""
+    payload = json.dumps({**manifest().model_dump(mode="json"), "summary": text}, sort_keys=True, separators=(",", ":"),
+                         ensure_ascii=_has_surrogate(text)).encode()
+    envelope = sign_envelope(PayloadType.RELEASE, payload, KEYS.release[:2]).canonical_bytes()
+    try:
+        fresh_set().verify_release(envelope, ON_V1, NOW)
+    except MalformedMetadata:
+        assert _has_surrogate(text)  # no canonical form: the only reason to refuse it as malformed
+    except TrustError as exc:
+        assert exc.code == ReasonCode.TIMESTAMP_MISMATCH and not _has_surrogate(text), exc  # just not the named release
+    else:
+        raise AssertionError("a release no timestamp names was accepted")
+
+
+def _has_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    return False
