@@ -296,12 +296,14 @@ class CommandName(str, enum.Enum):
 class DeviceCommand(WireModel):
     command: CommandName
     request_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
-    sequence: Sequence | None = None  # install: the release sequence the rollout admits
+    sequence: Sequence | None = None  # install: the release the rollout admits, by sequence ...
+    release_sha256: Sha256Hex | None = None  # ... and by the sha256 of its signed payload
 
     @model_validator(mode="after")
-    def _install_names_a_sequence(self) -> DeviceCommand:
-        if (self.command == CommandName.INSTALL) != (self.sequence is not None):
-            raise ValueError("`sequence` is required by the install command and allowed for no other")
+    def _install_names_a_release(self) -> DeviceCommand:
+        naming = (self.sequence is not None, self.release_sha256 is not None)
+        if naming != ((True, True) if self.command == CommandName.INSTALL else (False, False)):
+            raise ValueError("`sequence` and `release_sha256` are required by the install command and allowed for no other")
         return self
 
 

@@ -78,13 +78,15 @@ def fleet_serve(
     home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
     homeassistant: Annotated[Optional[bool], typer.Option("--homeassistant/--no-homeassistant", help="publish Home Assistant MQTT discovery (default from settings)")] = None,
     discovery_prefix: Annotated[Optional[str], typer.Option(help="Home Assistant's discovery prefix (default from settings: homeassistant)")] = None,
+    trusted_root: Annotated[Optional[Path], typer.Option(help="the fleet's signed root.json, against which every release is verified (default: <home>/root.json)")] = None,
     verbose: bool = False,
 ) -> None:
     """Run the fleet service: tracking, staged rollouts, operator requests, Home Assistant.
 
     Records the fleet in <home>/fleet.sqlite, runs staged rollouts, answers operator requests on
     edgeswarm/<fleet>/ops/ and (with --homeassistant) shows every device in Home Assistant as an
-    update entity.
+    update entity. Releases are verified against the root of trust (and the root chain published
+    on the broker) as devices verify them: one that does not verify is neither shown nor rolled out.
     """
     from importlib.metadata import version as package_version
 
@@ -92,6 +94,7 @@ def fleet_serve(
     from services.operator.fleet_service import FleetService, OpsTokens
     from services.operator.fleet_store import FleetStore
     from services.operator.homeassistant import HomeAssistantBridge
+    from services.runtime.trust import TrustedSet, TrustError
 
     settings = operator_settings(config)
     operator = operator_home(settings, home)
@@ -104,8 +107,18 @@ def fleet_serve(
                                          tokens.homeassistant, origin_version=package_version("edgeswarm"))
         except ValueError as exc:
             fail(str(exc))
+    root_file = trusted_root or operator.root_file
+    try:
+        root = TrustedSet.load_initial_root(root_file.read_bytes())
+    except FileNotFoundError:
+        fail(f"{root_file} does not exist: the fleet service verifies every release against the fleet's root of "
+             "trust; pass --trusted-root with the operator's root.json")
+    except TrustError as exc:
+        fail(f"{root_file} is not a valid signed root: {exc}")
+    if root.fleet != settings.fleet:
+        fail(f"{root_file} is the root of fleet {root.fleet!r}, the settings say {settings.fleet!r}")
     store = FleetStore(operator.path / "fleet.sqlite")
-    service = FleetService(settings.fleet, store, tokens, bridge=bridge)
+    service = FleetService(settings.fleet, store, tokens, root, bridge=bridge)
 
     async def main(stop: asyncio.Event) -> None:
         # A persistent session: reports sent while this service was down are queued for it.

@@ -9,6 +9,7 @@ device facts come back as retained messages.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
@@ -23,7 +24,7 @@ import pydantic
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.errors import EdgeswarmError, ReasonCode
-from schemas.models import CommandName, DeviceCommand, ReleaseManifest
+from schemas.models import CommandName, DeviceCommand, ReleaseManifest, RootMetadata
 from schemas.ops import (
     ControlRollout,
     DeviceRequest,
@@ -35,12 +36,14 @@ from services.operator.fleet import FleetTracker
 from services.operator.fleet_store import FleetStore
 from services.operator.homeassistant import HomeAssistantBridge, Retained
 from services.operator.rollout import Member, Rollout
-from services.runtime.messaging import Message, MqttClient
-from services.runtime.trust import TrustError, decode_envelope, payload_bytes
+from services.runtime.messaging import Message, MqttClient, topic_matches
+from services.runtime.trust import TrustError, next_root, open_release
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256 * 1024
+MAX_ROOTS_AHEAD = 8  # root versions kept while an earlier one is missing (the lowest: needed first)
+MAX_UNVERIFIED_CLASSES = 256  # releases kept until the root they need arrives, one per class
 OPERATOR_ONLY = {"rollout/start", "rollout/pause", "rollout/resume", "rollout/abort", "device/retire"}
 
 
@@ -74,17 +77,31 @@ class RequestRefused(EdgeswarmError):
     code = ReasonCode.REQUEST_REFUSED
 
 
+@dataclass(frozen=True)
+class KnownRelease:
+    """A release that verified against the fleet's root: shown, scheduled and admitted by its hash."""
+
+    manifest: ReleaseManifest
+    payload_sha256: str
+
+
 class FleetService:
-    def __init__(self, fleet: str, store: FleetStore, tokens: OpsTokens, *, bridge: HomeAssistantBridge | None = None,
+    def __init__(self, fleet: str, store: FleetStore, tokens: OpsTokens, root: RootMetadata, *,
+                 bridge: HomeAssistantBridge | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC), tick: float = 1.0) -> None:
+        if root.fleet != fleet:
+            raise ValueError(f"the trusted root is for fleet {root.fleet!r}, not {fleet!r}")
         self.fleet = fleet
+        self.root = root
         self.store = store
         self.tokens = tokens
         self.bridge = bridge
         self.clock = clock
         self.tick = tick
         self.tracker = FleetTracker(fleet)
-        self.releases: dict[str, ReleaseManifest] = {}
+        self.releases: dict[str, KnownRelease] = {}
+        self._roots_ahead: dict[int, bytes] = {}
+        self._unverified: dict[str, bytes] = {}  # by topic: refused, maybe only for want of a newer root
         self.rollouts: dict[str, Rollout] = {}
         for device_class, raw in store.rollouts().items():
             self.rollouts[device_class] = Rollout.model_validate_json(raw)
@@ -96,6 +113,7 @@ class FleetService:
 
     async def run(self, client: MqttClient, stop: asyncio.Event) -> None:
         await self.tracker.subscribe(client)
+        await client.subscribe(topics.root_wildcard(self.fleet))
         await client.subscribe(topics.releases_wildcard(self.fleet))
         await client.subscribe(topics.ops_wildcard(self.fleet))
         if self.bridge is not None:
@@ -132,7 +150,10 @@ class FleetService:
             self._dirty.add(device)
             return
         if topics.topic_matches_release(self.fleet, message.topic):
-            self._on_release(message.payload)
+            self._on_release(message.topic, message.payload)
+            return
+        if topic_matches(topics.root_wildcard(self.fleet), message.topic):
+            self._on_root(message.topic, message.payload)
             return
         if self.bridge is not None and message.topic == self.bridge.status_topic:
             if message.payload == b"online":
@@ -145,21 +166,46 @@ class FleetService:
         if parsed is not None and not message.retain:
             await self._on_request(client, parsed[0], parsed[1], message.payload)
 
-    def _on_release(self, raw: bytes) -> None:
-        # Read for display and scheduling only: devices verify every release against their own root.
+    def _on_release(self, topic: str, raw: bytes) -> None:
+        """Record a release only if it verifies against the fleet's root (signatures of the release
+        role, fleet, expiry), as devices do: an unsigned one is never shown nor rolled out."""
         try:
-            manifest = ReleaseManifest.from_bytes(payload_bytes(decode_envelope(raw, max_bytes=MAX_REQUEST_BYTES)),
-                                                  max_bytes=MAX_REQUEST_BYTES)
-        except (TrustError, MalformedDocument, pydantic.ValidationError) as exc:
-            log.warning("ignoring an unreadable release: %s", exc)
+            manifest, payload = open_release(self.root, raw, self.clock(), max_bytes=MAX_REQUEST_BYTES)
+        except TrustError as exc:
+            log.warning("refusing the release on %s: %s", topic, exc)
+            if len(self._unverified) < MAX_UNVERIFIED_CLASSES or topic in self._unverified:
+                self._unverified[topic] = raw  # verified again once a newer root is walked
             return
-        if manifest.fleet != self.fleet:
-            return
+        self._unverified.pop(topic, None)
         current = self.releases.get(manifest.device_class)
-        if current is None or manifest.sequence >= current.sequence:
-            self.releases[manifest.device_class] = manifest
+        if current is None or manifest.sequence >= current.manifest.sequence:
+            self.releases[manifest.device_class] = KnownRelease(manifest, hashlib.sha256(payload).hexdigest())
             self._dirty |= {d for d, v in self.tracker.devices.items()
                             if v.state is not None and v.state.device_class == manifest.device_class}
+
+    def _on_root(self, topic: str, raw: bytes) -> None:
+        """Walk the root chain as devices do, so releases signed by rotated keys verify."""
+        try:
+            version = int(topic.rsplit("/", 1)[1])
+        except ValueError:
+            return
+        if version <= self.root.version or len(raw) > MAX_REQUEST_BYTES:
+            return
+        self._roots_ahead[version] = raw
+        while len(self._roots_ahead) > MAX_ROOTS_AHEAD:
+            del self._roots_ahead[max(self._roots_ahead)]
+        walked = False
+        while (next_raw := self._roots_ahead.pop(self.root.version + 1, None)) is not None:
+            try:
+                self.root = next_root(self.root, next_raw, max_bytes=MAX_REQUEST_BYTES).root
+            except TrustError as exc:
+                log.warning("refusing root v%d: %s", self.root.version + 1, exc)
+                break
+            log.info("now trusting root v%d", self.root.version)
+            walked = True
+        if walked:
+            for waiting_topic, waiting in list(self._unverified.items()):
+                self._on_release(waiting_topic, waiting)
 
     # -- operator requests ----------------------------------------------------------------------
 
@@ -210,8 +256,9 @@ class FleetService:
 
     def _start(self, request: StartRollout, now: datetime) -> str:
         plan = request.plan
-        release = self.releases.get(plan.device_class)
-        if release is None or release.version != plan.version:
+        known = self.releases.get(plan.device_class)
+        release = known.manifest if known else None
+        if known is None or release is None or release.version != plan.version:
             have = f"the latest is {release.version}" if release else "none is published"
             raise RequestRefused(f"{plan.device_class} {plan.version} is not the class's latest release ({have})")
         if release.rollout is None:
@@ -222,7 +269,7 @@ class FleetService:
             raise RequestRefused(f"a rollout of {plan.device_class} {current.plan.version} is {current.state.value}: "
                                  "abort it first")
         self.rollouts[plan.device_class] = Rollout(plan=plan, sequence=release.sequence, salt=release.rollout.salt,
-                                                   wave_started=now)
+                                                   release_sha256=known.payload_sha256, wave_started=now)
         self._save(plan.device_class)
         return (f"rollout of {plan.device_class} {plan.version} started: {len(plan.waves)} wave(s), "
                 f"soak {plan.soak_seconds} s, pause above {plan.max_failed_percent}% failed")
@@ -231,9 +278,10 @@ class FleetService:
         view = self.tracker.devices.get(device)
         if view is None or view.state is None:
             raise RequestRefused(f"no device {device!r} has reported")
-        release = self.releases.get(view.state.device_class)
-        if release is None:
+        known = self.releases.get(view.state.device_class)
+        if known is None:
             raise RequestRefused(f"no release is published for {view.state.device_class}")
+        release = known.manifest
         if view.state.installed_version == release.version:
             return f"{device} runs {release.version} already"
         if release.rollout is None:
@@ -244,7 +292,8 @@ class FleetService:
                 RolloutState.PAUSED, RolloutState.ABORTED):
             raise RequestRefused(f"the rollout of {release.device_class} {release.version} is {rollout.state.value}: "
                                  f"{device} is not installed while it is")
-        await self._command(client, device, DeviceCommand(command=CommandName.INSTALL, sequence=release.sequence))
+        await self._command(client, device, DeviceCommand(command=CommandName.INSTALL, sequence=release.sequence,
+                                                          release_sha256=known.payload_sha256))
         if rollout is not None and rollout.sequence == release.sequence:
             rollout.commanded[device] = now
             self._save(release.device_class)
@@ -271,6 +320,16 @@ class FleetService:
             for d, v in self.tracker.devices.items() if v.state is not None and v.state.device_class == device_class
         }
 
+    def _admission_hash(self, device_class: str, rollout: Rollout) -> str | None:
+        """The hash install commands of this rollout name; a rollout persisted before hashes were
+        recorded takes the verified release's, if it is the same sequence."""
+        if rollout.release_sha256 is not None:
+            return rollout.release_sha256
+        known = self.releases.get(device_class)
+        if known is not None and known.manifest.sequence == rollout.sequence:
+            return known.payload_sha256
+        return None
+
     def _save(self, device_class: str) -> None:
         self.store.save_rollout(device_class, self.rollouts[device_class].model_dump_json())
 
@@ -279,10 +338,12 @@ class FleetService:
         for device_class, rollout in self.rollouts.items():
             members = self._members(device_class)
             before = rollout.model_dump_json()
-            for device in rollout.step(members, now):
+            admits = self._admission_hash(device_class, rollout)
+            for device in rollout.step(members, now) if admits else []:
                 log.info("rollout %s %s wave %d: install command to %s", device_class, rollout.plan.version,
                          rollout.wave_index + 1, device)
-                await self._command(client, device, DeviceCommand(command=CommandName.INSTALL, sequence=rollout.sequence))
+                await self._command(client, device, DeviceCommand(command=CommandName.INSTALL, sequence=rollout.sequence,
+                                                                  release_sha256=admits))
             if rollout.model_dump_json() != before:
                 self._save(device_class)
             status = rollout.status(members, now)
@@ -299,7 +360,8 @@ class FleetService:
             for device in sorted(dirty):
                 view = self.tracker.devices.get(device)
                 if view is not None and view.state is not None:
-                    for message in self.bridge.device(view.state, self.releases.get(view.state.device_class)):
+                    known = self.releases.get(view.state.device_class)
+                    for message in self.bridge.device(view.state, known.manifest if known else None):
                         await self._publish(client, message)
 
     async def _publish(self, client: MqttClient, message: Retained, *, force: bool = False) -> None:

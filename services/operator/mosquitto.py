@@ -117,6 +117,7 @@ def _acl(plan: BrokerPlan) -> str:
         f"topic write {root}/devices/+/cmd",
         f"topic readwrite {root}/ops/#",
         f"topic read {root}/releases/+",
+        f"topic read {root}/trust/root/+",
         f"topic read {root}/timestamp",
         f"topic write {root}/ha/#",
         f"topic write {root}/devices/+/state",

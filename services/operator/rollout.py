@@ -52,6 +52,7 @@ class Rollout(BaseModel):
     model_config = ConfigDict(extra="forbid")
     plan: RolloutPlan
     sequence: int
+    release_sha256: str | None = None  # of the signed payload: install commands name the release by it
     salt: str
     state: RolloutState = RolloutState.RUNNING
     wave_index: int = 0

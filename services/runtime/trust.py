@@ -194,6 +194,59 @@ def _open(raw: bytes, payload_type: PayloadType, max_bytes: int) -> SignedEnvelo
     return envelope
 
 
+def _names(timestamp: TimestampMetadata, device_class: str, sequence: int, payload: bytes) -> bool:
+    pointer = timestamp.releases.get(device_class)
+    return pointer is not None and pointer.sequence == sequence and pointer.sha256 == hashlib.sha256(payload).hexdigest()
+
+
+def next_root(current: RootMetadata, raw: bytes, *, max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> RootUpdate:
+    """Root N+1, signed by a threshold of root N's root keys and of its own (see `TrustedSet.update_root`)."""
+    envelope = _open(raw, PayloadType.ROOT, max_bytes)
+    payload = verify_role(envelope, current, Role.ROOT)
+    new = _parse_payload(payload, RootMetadata, max_bytes)
+    try:
+        verify_role(envelope, new, Role.ROOT)
+    except UnsignedMetadata as exc:
+        # Old keys alone cannot hand the fleet to keys that never proved they exist.
+        raise ThresholdNotMet(f"root v{new.version} is not signed by a threshold of its own root keys ({exc})") from None
+    if new.fleet != current.fleet:
+        raise WrongFleet(f"root for fleet {new.fleet!r}, this device trusts {current.fleet!r}")
+    if new.version <= current.version:
+        raise Rollback(f"root v{new.version} is not newer than trusted v{current.version}")
+    if new.version != current.version + 1:
+        raise RootChainGap(f"root v{new.version} skips versions after trusted v{current.version}")
+    revoked = frozenset(
+        role for role, spec in current.roles.items()
+        if role in new.roles and not set(spec.keyids) <= set(new.roles[role].keyids)
+    )
+    return RootUpdate(new, revoked)
+
+
+def open_release(root: RootMetadata, raw: bytes, now: datetime, *,
+                 max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> tuple[ReleaseManifest, bytes]:
+    """A release manifest signed by a threshold of `root`'s release keys, for `root`'s fleet, unexpired
+    (with its payload bytes). The checks every reader of a release makes: a device adds its class,
+    target, floors and the timestamp (`TrustedSet.verify_release`); the fleet service records only
+    what passes these.
+
+    Raises:
+        MalformedMetadata, WrongType: not a signed release document.
+        Expired: the root or the manifest expired.
+        UnsignedMetadata: below the release role's threshold.
+        WrongFleet: a manifest for another fleet.
+    """
+    envelope = _open(raw, PayloadType.RELEASE, max_bytes)
+    if root.expires <= now:
+        raise Expired(f"trusted root v{root.version} expired at {root.expires.isoformat()}")
+    payload = verify_role(envelope, root, Role.RELEASE)
+    manifest = _parse_payload(payload, ReleaseManifest, max_bytes)
+    if manifest.fleet != root.fleet:
+        raise WrongFleet(f"manifest for fleet {manifest.fleet!r}, device is in {root.fleet!r}")
+    if manifest.expires <= now:
+        raise Expired(f"manifest sequence {manifest.sequence} expired at {manifest.expires.isoformat()}")
+    return manifest, payload
+
+
 # -- the trusted set ------------------------------------------------------------------------------
 
 
@@ -262,29 +315,12 @@ class TrustedSet:
             RootChainGap, Rollback: not version N+1.
             UnsignedMetadata: below either threshold (BadSignature, UnknownKey, ThresholdNotMet).
         """
-        envelope = _open(raw, PayloadType.ROOT, self.max_document_bytes)
-        payload = verify_role(envelope, self.root, Role.ROOT)
-        new = _parse_payload(payload, RootMetadata, self.max_document_bytes)
-        try:
-            verify_role(envelope, new, Role.ROOT)
-        except UnsignedMetadata as exc:
-            # Old keys alone cannot hand the fleet to keys that never proved they exist.
-            raise ThresholdNotMet(f"root v{new.version} is not signed by a threshold of its own root keys ({exc})") from None
-        if new.fleet != self.root.fleet:
-            raise WrongFleet(f"root for fleet {new.fleet!r}, this device trusts {self.root.fleet!r}")
-        if new.version <= self.root.version:
-            raise Rollback(f"root v{new.version} is not newer than trusted v{self.root.version}")
-        if new.version != self.root.version + 1:
-            raise RootChainGap(f"root v{new.version} skips versions after trusted v{self.root.version}")
-        revoked = frozenset(
-            role for role, spec in self.root.roles.items()
-            if role in new.roles and not set(spec.keyids) <= set(new.roles[role].keyids)
-        )
-        self.root = new
-        if Role.TIMESTAMP in revoked:
+        update = next_root(self.root, raw, max_bytes=self.max_document_bytes)
+        self.root = update.root
+        if Role.TIMESTAMP in update.revoked_roles:
             self.timestamp = None
             self.timestamp_floor = 0
-        return RootUpdate(new, revoked)
+        return update
 
     # -- timestamp -------------------------------------------------------------------------------
 
@@ -342,19 +378,11 @@ class TrustedSet:
             Rollback: an older sequence, or a lower version, than `current`.
             FreezeDetected, TimestampMismatch: no fresh timestamp names this release.
         """
-        envelope = _open(raw, PayloadType.RELEASE, self.max_document_bytes)
-        if self.root.expires <= now:
-            raise Expired(f"trusted root v{self.root.version} expired at {self.root.expires.isoformat()}")
-        payload = verify_role(envelope, self.root, Role.RELEASE)
-        manifest = _parse_payload(payload, ReleaseManifest, self.max_document_bytes)
-        if manifest.fleet != self.root.fleet:
-            raise WrongFleet(f"manifest for fleet {manifest.fleet!r}, device is in {self.root.fleet!r}")
+        manifest, payload = open_release(self.root, raw, now, max_bytes=self.max_document_bytes)
         if manifest.device_class != self.device_class:
             raise WrongClass(f"manifest for class {manifest.device_class!r}, device is {self.device_class!r}")
         if manifest.install.target != self.install_target:
             raise WrongTarget(f"manifest installs to {manifest.install.target}, device to {self.install_target}")
-        if manifest.expires <= now:
-            raise Expired(f"manifest sequence {manifest.sequence} expired at {manifest.expires.isoformat()}")
         same_content = manifest.artifact.installed_sha256 == current.installed_sha256
         if manifest.sequence < current.last_sequence or (
             manifest.sequence == current.last_sequence and not same_content
@@ -365,14 +393,27 @@ class TrustedSet:
         if Version(manifest.version) < Version(current.installed_version):
             raise Rollback(f"version {manifest.version} is older than installed {current.installed_version}")
         timestamp = self.check_fresh(now)
-        pointer = timestamp.releases.get(self.device_class)
-        digest = hashlib.sha256(payload).hexdigest()
-        if pointer is None or pointer.sequence != manifest.sequence or pointer.sha256 != digest:
+        if not _names(timestamp, self.device_class, manifest.sequence, payload):
+            pointer = timestamp.releases.get(self.device_class)
             named = f"sequence {pointer.sequence}" if pointer else "no release"
             raise TimestampMismatch(
                 f"timestamp v{timestamp.version} names {named} for {self.device_class}, not this sequence {manifest.sequence}"
             )
         return manifest
+
+    def vouches_for(self, manifest: ReleaseManifest, raw: bytes, now: datetime) -> bool:
+        """Does a fresh trusted timestamp name this release (its sequence and payload hash)?
+
+        `verify_release` accepts the release of what is already installed without one (nothing will
+        be installed); such a release alone must not move the device's floors, since the release
+        role alone could then push the sequence floor out of reach of every later release.
+        """
+        try:
+            timestamp = self.check_fresh(now)
+            payload = payload_bytes(decode_envelope(raw, max_bytes=self.max_document_bytes))
+        except TrustError:
+            return False
+        return _names(timestamp, manifest.device_class, manifest.sequence, payload)
 
 
 # -- staged rollouts ------------------------------------------------------------------------------
@@ -389,11 +430,21 @@ def rollout_bucket(salt: str, device: str) -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
-def rollout_admits(manifest: ReleaseManifest, device: str, approved_sequence: int) -> bool:
-    """May `device` install this verified release now? By the signed canary rule, or an install command."""
+@dataclass(frozen=True)
+class Admission:
+    """An install command: admits exactly the release it names, by sequence and signed payload hash, so
+    that an admission of a forged (or another) release with the same sequence admits nothing."""
+
+    sequence: int
+    release_sha256: str
+
+
+def rollout_admits(manifest: ReleaseManifest, payload_sha256: str, device: str, admission: Admission | None) -> bool:
+    """May `device` install this verified release (whose signed payload hashes to `payload_sha256`)
+    now? By the signed canary rule, or an install command naming this release."""
     rule = manifest.rollout
     if rule is None:
         return True
     if rollout_bucket(rule.salt, device) < rule.canary_percent * (BUCKETS // 100):
         return True
-    return approved_sequence == manifest.sequence
+    return admission == Admission(manifest.sequence, payload_sha256)

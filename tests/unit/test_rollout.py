@@ -13,11 +13,12 @@ from schemas.models import CommandName, DeviceCommand, Phase, RolloutRule
 from schemas.ops import RolloutPlan, RolloutState, Wave
 from services.operator.fleet_service import OpsTokens
 from services.operator.rollout import RESEND_AFTER, Member, Rollout
-from services.runtime.trust import BUCKETS, rollout_admits, rollout_bucket
+from services.runtime.trust import BUCKETS, Admission, rollout_admits, rollout_bucket
 from tests.support.factories import manifest as make_manifest
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 SALT = "0123456789abcdef"
+DIGEST = "d" * 64
 
 
 def plan(*waves: Wave, soak: int = 0, failed_percent: int = 20) -> RolloutPlan:
@@ -76,7 +77,7 @@ def test_the_signed_canary_devices_come_first_in_every_wave() -> None:
     manifest = make_manifest(version="2.0.0", sequence=7).model_copy(
         update={"rollout": RolloutRule(canary_percent=25, salt=SALT)})
     devices = [f"dev-{i}" for i in range(200)]
-    canaries = {d for d in devices if rollout_admits(manifest, d, approved_sequence=0)}
+    canaries = {d for d in devices if rollout_admits(manifest, DIGEST, d, None)}
     assert 25 <= len(canaries) <= 75  # ~25% of 200
     first_wave = rollout(plan(pct(50))).members(devices, 0)
     assert canaries <= first_wave
@@ -87,10 +88,12 @@ def test_admission_follows_the_bucket_rule_or_an_install_command(device: str, pe
     manifest = make_manifest(version="2.0.0", sequence=7).model_copy(
         update={"rollout": RolloutRule(canary_percent=percent, salt=SALT)})
     canary = rollout_bucket(SALT, device) < percent * BUCKETS // 100
-    assert rollout_admits(manifest, device, approved_sequence=0) == canary
-    assert rollout_admits(manifest, device, approved_sequence=7)  # the command for exactly this release
-    assert rollout_admits(manifest, device, approved_sequence=6) == canary  # an older command does not carry over
-    assert rollout_admits(make_manifest(version="2.0.0", sequence=7), device, approved_sequence=0)  # not staged
+    assert rollout_admits(manifest, DIGEST, device, None) == canary
+    assert rollout_admits(manifest, DIGEST, device, Admission(7, DIGEST))  # the command for exactly this release
+    assert rollout_admits(manifest, DIGEST, device, Admission(6, DIGEST)) == canary  # an older command does not carry over
+    # A command for another release with the same sequence (a forged one, say) admits nothing.
+    assert rollout_admits(manifest, DIGEST, device, Admission(7, "f" * 64)) == canary
+    assert rollout_admits(make_manifest(version="2.0.0", sequence=7), DIGEST, device, None)  # not staged
 
 
 def test_buckets_are_spread_evenly() -> None:
@@ -217,8 +220,11 @@ def test_wire_rules_for_plans_and_commands() -> None:
         Wave(percent=5, devices=["a"])
     with pytest.raises(pydantic.ValidationError, match="sequence"):
         DeviceCommand(command=CommandName.INSTALL)
+    with pytest.raises(pydantic.ValidationError, match="release_sha256"):
+        DeviceCommand(command=CommandName.INSTALL, sequence=3)  # an admission names the release by hash too
     with pytest.raises(pydantic.ValidationError, match="sequence"):
         DeviceCommand(command=CommandName.CHECK, sequence=3)
+    assert DeviceCommand(command=CommandName.INSTALL, sequence=3, release_sha256=DIGEST).sequence == 3
     with pytest.raises(pydantic.ValidationError):
         RolloutRule(canary_percent=101, salt=SALT)
 

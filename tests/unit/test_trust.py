@@ -346,3 +346,20 @@ def test_non_canonical_base64_of_the_same_payload_is_refused(trusted: TrustedSet
     assert base64.b64decode(envelope["payload"]) == base64.b64decode(payload)
     with pytest.raises(MalformedMetadata, match="canonical base64"):
         trusted.verify_release(json.dumps(envelope).encode(), ON_V1, NOW)
+
+
+def test_a_release_of_the_installed_bytes_is_accepted_but_vouched_only_by_a_timestamp_naming_it(
+        trusted: TrustedSet, keys: Keyring) -> None:
+    """The release role alone may say "this is what you run" (the device says idle), but only the
+    timestamp role's vouching lets that move a floor (issue 20: a sequence of 2^53 signed by the
+    release keys alone would otherwise refuse every later release)."""
+    same = manifest(sequence=2**53, version="1.0.0", artifact=manifest().artifact.model_copy(update={"sha256": SHA_V1}))
+    envelope = sign_release(same, keys.release[:2])
+    assert trusted.verify_release(envelope, ON_V1, NOW).sequence == 2**53
+    assert not trusted.vouches_for(same, envelope, NOW), "no timestamp at all"
+    other = sign_release(manifest(sequence=5), keys.release[:2])
+    vouch(trusted, keys, other, manifest(sequence=5))
+    assert not trusted.vouches_for(same, envelope, NOW), "a timestamp naming another release"
+    vouch(trusted, keys, envelope, same, version=2)
+    assert trusted.vouches_for(same, envelope, NOW)
+    assert not trusted.vouches_for(same, envelope, NOW + timedelta(days=1)), "an expired timestamp vouches for nothing"
