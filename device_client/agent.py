@@ -13,37 +13,45 @@ version untouched.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pydantic
 
 from device_client import machine
 from device_client.content_keeper import ContentKeeper
-from device_client.installer import InstallError, installer_for, sha256_file
+from device_client.installer import UnsafePath, check_install_directory, installer_for, sha256_file
 from device_client.local_state import LocalState, StateStore
 from device_client.machine import AgentState, Event, MachineConfig
 from device_client.rendezvous import Rendezvous, local_address
 from device_client.reporter import Reporter
+from device_client.switch import SwitchJournal, SwitchRecord, SwitchStep, Unreadable
 from device_client.updater import UpdateContext, UpdateError, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
-from schemas.errors import ReasonCode
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, ReleaseManifest, Role
 from services.runtime import natpmp
 from services.runtime.confidential import load_class_key
 from services.runtime.content import FetchError, FetchTooLarge, KuboConfig, load_swarm_key, open_store
-from services.runtime.files import atomic_write
+from services.runtime.files import atomic_write, read_capped, set_aside
 from services.runtime.messaging import Message, MqttClient, MqttError, Will, topic_matches
 from services.runtime.settings import DeviceSettings
 from services.runtime.traffic import Endpoint, TrafficMeter
 from services.runtime.trust import (
-    BUCKETS, DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError, decode_envelope,
-    payload_bytes, rollout_bucket,
+    BUCKETS, Admission, DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError,
+    decode_envelope, payload_bytes, payload_digest, rollout_bucket,
 )
 
 log = logging.getLogger(__name__)
+
+# Root versions heard ahead of a gap in the chain, kept until the gap is filled: the lowest are the
+# ones needed next, so past this many the highest are dropped (retained topics send them again).
+MAX_ROOTS_AHEAD = 8
 
 
 def origin_endpoint(multiaddr: str | None) -> Endpoint | None:
@@ -62,12 +70,16 @@ class DeviceAgent:
 
         Raises:
             ValueError: the trusted root is for another fleet.
-            TrustError: the provisioned or stored root does not parse or verify.
+            TrustError: the provisioned root does not parse or verify (a damaged stored one is set aside).
+            PermissionError: state_dir belongs to another user.
         """
         self.settings = settings
         self.state_dir = settings.state_dir
         self.rendezvous: Rendezvous | None = None
+        self._problems: list[tuple[ReasonCode, str]] = []  # found while loading: reported once connected
+        self._prepare_state_dir()
         self.state_store = StateStore(self.state_dir / "state.json")
+        self.journal = SwitchJournal(self.state_dir / "switch.json")
         budget = settings.content.disk_budget_mb
         self.keeper = ContentKeeper(self.state_dir / "held.json", keep_releases=settings.content.keep_releases,
                                     budget_bytes=int(budget * 1_000_000) if budget is not None else None)
@@ -79,6 +91,10 @@ class DeviceAgent:
         )
         self.state = AgentState(local=self._load_state())
         self.trusted = self._load_trust()
+        if self.trusted.timestamp_floor > self.state.local.timestamp_version:  # state.json was rebuilt
+            local = self.state.local.model_copy(update={"timestamp_version": self.trusted.timestamp_floor})
+            self.state_store.save(local)
+            self.state = AgentState(local=local)
         self._pending_roots: dict[int, bytes] = {}
         self._pending_timestamp: bytes | None = None
         self._retry_at: float | None = None
@@ -86,10 +102,29 @@ class DeviceAgent:
 
     # -- start-up -------------------------------------------------------------------------
 
+    def _prepare_state_dir(self) -> None:
+        """The state directory is the agent's alone: nobody else may create names in it (a planted
+        link there could redirect a download or a state write)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = self.state_dir.stat()
+        if info.st_uid != os.geteuid():
+            raise PermissionError(f"state_dir {self.state_dir} belongs to uid {info.st_uid}, not to this agent")
+        if info.st_mode & 0o077:
+            log.warning("state_dir %s had mode %o; making it private (700)", self.state_dir, info.st_mode & 0o777)
+            os.chmod(self.state_dir, 0o700)
+
     def _load_trust(self) -> TrustedSet:
         limit = self.settings.limits.max_message_bytes
-        source = self.root_path if self.root_path.exists() else self.settings.trusted_root
-        root = TrustedSet.load_initial_root(source.read_bytes(), max_document_bytes=limit)
+        root = None
+        if self.root_path.exists():
+            try:
+                root = TrustedSet.load_initial_root(read_capped(self.root_path, limit), max_document_bytes=limit)
+            except (TrustError, OSError, ValueError) as exc:
+                # The chain is walked again from the provisioned root, through the retained root topics.
+                set_aside(self.root_path)
+                self._problem(ReasonCode.STATE_RESET, f"stored root unreadable ({exc}); back to the provisioned root")
+        if root is None:
+            root = TrustedSet.load_initial_root(self.settings.trusted_root.read_bytes(), max_document_bytes=limit)
         if root.fleet != self.settings.fleet:
             raise ValueError(f"trusted root is for fleet {root.fleet!r}, settings say {self.settings.fleet!r}")
         trusted = TrustedSet(
@@ -101,21 +136,57 @@ class DeviceAgent:
         )
         if self.timestamp_path.exists():
             try:
-                trusted.update_timestamp(self.timestamp_path.read_bytes(), datetime.now(UTC))
-            except TrustError as exc:
+                trusted.update_timestamp(read_capped(self.timestamp_path, limit), datetime.now(UTC))
+            except (TrustError, OSError, ValueError) as exc:
                 log.info("stored timestamp no longer usable (%s); waiting for a fresh one", exc)
         return trusted
 
     def _load_state(self) -> LocalState:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        state = self.state_store.load()
+        try:
+            state = self.state_store.load()
+        except (OSError, ValueError) as exc:
+            # Rebuilt from what is on disk: the installed bytes' hash is certain, the version label is
+            # the provisioned one until a release a timestamp vouches for names these bytes. The
+            # timestamp floor comes back from timestamp.json; any pending update is dropped.
+            set_aside(self.state_store.path)
+            self._problem(ReasonCode.STATE_RESET, f"state.json was unreadable ({str(exc)[:200]}); rebuilt from the "
+                                                  "installed bytes, any pending update dropped")
+            state = None
         if state is None:
-            state = LocalState(
-                installed_version=self.settings.initial_version,
-                installed_sha256=sha256_file(self.settings.install_path),
-            )
+            state = LocalState(installed_version=self.settings.initial_version, installed_sha256=self._active_sha256())
             self.state_store.save(state)
         return state
+
+    def _active_sha256(self) -> str:
+        """The hash of the bytes at the install target (through an A/B link); of nothing if it is missing."""
+        try:
+            return sha256_file(self.settings.install_path)
+        except OSError as exc:
+            self._problem(ReasonCode.IO_ERROR, f"install target {self.settings.install_path} unreadable: {exc.strerror}")
+            return hashlib.sha256(b"").hexdigest()
+
+    def _problem(self, code: ReasonCode, reason: str) -> None:
+        log.error("%s", reason)
+        self._problems.append((code, reason[:1000]))
+
+    def _started(self) -> machine.Started:
+        """What the machine must know to finish what a cut interrupted: the switch journal and the
+        bytes active now (read from disk, not from state.json)."""
+        try:
+            check_install_directory(self.settings.install_path.parent)
+        except UnsafePath as exc:
+            self._problem(exc.code, f"{exc}: installs will be refused")
+        record = self.journal.load()
+        if isinstance(record, SwitchRecord):
+            installer = installer_for(record.install, self.settings.install_path,
+                                      command_timeout=self.settings.install.command_timeout)
+            try:
+                active = installer.active_sha256()
+            except (OSError, EdgeswarmError) as exc:
+                log.error("cannot tell what is active at %s: %s", self.settings.install_path, exc)
+                active = None  # unknown counts as moved: the rollback finds the old bytes by their hash
+            return machine.Started(switch=record, active_sha256=active, problems=tuple(self._problems))
+        return machine.Started(switch_unreadable=isinstance(record, Unreadable), problems=tuple(self._problems))
 
     # -- the machine ------------------------------------------------------------------------
 
@@ -144,8 +215,10 @@ class DeviceAgent:
                 await self._keep_releases(sequence)
             case machine.ScheduleRetry(seconds=seconds):
                 self._retry_at = time.monotonic() + seconds
-            case machine.RollBackUnconfirmed(envelope=envelope):
-                return await self._roll_back_unconfirmed(envelope)
+            case machine.RollBack(record=record, envelope=envelope):
+                return await self._roll_back(record, envelope)
+            case machine.ClearSwitch():
+                await asyncio.to_thread(self.journal.settle)
         return None
 
     async def _report(self, report: machine.Report) -> None:
@@ -167,12 +240,15 @@ class DeviceAgent:
     def _verify(self, raw: bytes, *, resuming: bool) -> Event:
         local = self.state.local
         record = DeviceRecord(local.installed_version, local.installed_sha256, local.last_sequence)
+        now = datetime.now(UTC)
         try:
-            manifest = self.trusted.verify_release(raw, record, datetime.now(UTC))
+            manifest = self.trusted.verify_release(raw, record, now)
+            digest = payload_digest(decode_envelope(raw, max_bytes=self.settings.limits.max_message_bytes))
         except TrustError as exc:
             return machine.ReleaseRefused(exc.code, str(exc), resuming=resuming,
                                           awaits_timestamp=isinstance(exc, (FreezeDetected, TimestampMismatch)))
-        return machine.ReleaseVerified(manifest, raw, resuming=resuming)
+        return machine.ReleaseVerified(manifest, raw, digest, resuming=resuming,
+                                       vouched=self.trusted.vouches_for(manifest, raw, now))
 
     async def _run_update(self, action: machine.RunUpdate) -> Event:
         m = action.manifest
@@ -217,17 +293,32 @@ class DeviceAgent:
         except (OSError, RuntimeError, ValueError) as exc:  # the update stands; only serving old content is at stake
             log.warning("could not let go of old releases' content: %s", exc)
 
-    async def _roll_back_unconfirmed(self, envelope: str) -> Event:
-        """The agent restarted while a new version awaited its health check: go back to the old one."""
-        # The manifest was verified before it was installed; only its install spec is needed now.
-        manifest = ReleaseManifest.model_validate_json(payload_bytes(decode_envelope(envelope.encode())))
-        installer = installer_for(manifest.install, self.settings.install_path,
+    async def _roll_back(self, record: SwitchRecord | None, envelope: str | None) -> Event:
+        """Undo a switch found unconfirmed at start: to the slot or file the journal recorded, or, with
+        no readable journal, to the installed bytes wherever the handler keeps them."""
+        local = self.state.local
+        if record is None:
+            try:
+                # Verified before it was installed; only its install spec, version and hashes are needed now.
+                m = ReleaseManifest.model_validate_json(payload_bytes(decode_envelope((envelope or "").encode())))
+            except (TrustError, ValueError) as exc:
+                record = SwitchRecord(sequence=0, version=local.installed_version,
+                                      install={"handler": "file", "target": self.settings.install_target},
+                                      old_sha256=local.installed_sha256, new_sha256=local.installed_sha256,
+                                      back_to=None, step=SwitchStep.SWITCHING)
+                return machine.RolledBack(record, problem=f"the pending release is unreadable ({exc})")
+            record = SwitchRecord(sequence=m.sequence, version=m.version, install=m.install,
+                                  old_sha256=local.installed_sha256, new_sha256=m.artifact.installed_sha256,
+                                  back_to=None, step=SwitchStep.SWITCHING)
+        installer = installer_for(record.install, self.settings.install_path,
                                   command_timeout=self.settings.install.command_timeout)
         try:
-            await asyncio.to_thread(installer.rollback)
-        except (InstallError, OSError) as exc:
-            return machine.RolledBackUnconfirmed(manifest, problem=str(exc))
-        return machine.RolledBackUnconfirmed(manifest)
+            await asyncio.to_thread(self.journal.roll_back, installer, record, record.reason or "unconfirmed restart",
+                                    record.reason_code or ReasonCode.UNCONFIRMED_RESTART)
+        except Exception as exc:  # noqa: BLE001 - reported; the journal keeps the rollback for the next start
+            log.exception("rollback of %s failed", record.version)
+            return machine.RolledBack(record, problem=f"{type(exc).__name__}: {exc}")
+        return machine.RolledBack(record)
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -265,7 +356,7 @@ class DeviceAgent:
             clean_session=False,
             will=Will(online, OFFLINE),
             birth=Will(online, ONLINE),
-            keepalive=s.mqtt.keepalive, **s.mqtt.client_options(),
+            keepalive=s.mqtt.keepalive, max_payload_bytes=s.limits.max_message_bytes, **s.mqtt.client_options(),
         )
         async with open_store(s.content.backend, kubo=node_config, rpc_api=s.content.rpc_api) as node, client:
             self.node, self.client = node, client
@@ -274,7 +365,7 @@ class DeviceAgent:
             self.update_context = UpdateContext(
                 store=node, target=s.install_path, download_dir=download_dir,
                 meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),
-                stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
+                journal=self.journal, stall_timeout=s.limits.stall_timeout, fetch_deadline=s.limits.fetch_deadline,
                 class_key=load_class_key(s.content.class_key_file) if s.content.class_key_file else None,
                 install=s.install,
                 origin_peer=s.content.origin if s.content.origin_grace is not None else None,
@@ -293,7 +384,7 @@ class DeviceAgent:
                 await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
             if self.state.local.pending is not None:
                 log.info("resuming the update interrupted in phase %s", self.state.local.pending.phase.value)
-            await self._feed(machine.Started())
+            await self._guarded("start-up", self._feed_started)
             stopper = asyncio.ensure_future(stop.wait())
             try:
                 while not stop.is_set():
@@ -307,10 +398,10 @@ class DeviceAgent:
                     getter.cancel()
                     if stop.is_set():
                         break
-                    await self._check_freshness()
+                    await self._guarded("the freshness check", self._check_freshness)
                     if self._retry_at is not None and self._retry_at <= time.monotonic():
                         self._retry_at = None
-                        await self._feed(machine.RetryDue())
+                        await self._guarded("a retry", lambda: self._feed(machine.RetryDue()))
             finally:
                 stopper.cancel()
                 if self.rendezvous is not None:
@@ -322,13 +413,31 @@ class DeviceAgent:
                 except MqttError as exc:
                     log.info("could not publish offline (%s); the broker's last will says it instead", exc)
 
-    async def _dispatch_guarded(self, message: Message) -> None:
-        """A bug met while handling one message must not take a remote device offline for good."""
+    async def _feed_started(self) -> None:
+        await self._feed(self._started())
+
+    async def _guarded(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        """A bug (or a disk error) met while handling one message, a timer or the start must not take a
+        remote device offline for good, nor make it exit at every start: reported, then the agent goes on."""
         try:
-            await self._dispatch(message)
-        except Exception as exc:  # noqa: BLE001 - logged with its traceback and reported, then the agent goes on
-            log.exception("internal error while handling %s", message.topic)
-            await self._feed(machine.InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+            await work()
+        except MqttError:
+            raise  # the session is gone: `run` ends and the caller reconnects
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback and reported
+            log.exception("internal error during %s", what)
+            try:
+                await self._feed(machine.InternalError(f"internal error during {what}: {type(exc).__name__}: {exc}"[:1000]))
+            except Exception:  # noqa: BLE001 - not even the report went out; the log has it
+                log.exception("could not report the internal error")
+
+    async def _dispatch_guarded(self, message: Message) -> None:
+        limit = self.settings.limits.max_message_bytes
+        size = message.dropped_bytes or len(message.payload)
+        if size > limit:  # nothing unverified this large is kept, parsed or stored (the client dropped the bytes)
+            await self._feed(machine.TrustDocumentRefused(
+                ReasonCode.MALFORMED, f"message of {size} bytes on {message.topic[-80:]} exceeds the limit of {limit}"))
+            return
+        await self._guarded(f"handling {message.topic[-80:]}", lambda: self._dispatch(message))
 
     async def _dispatch(self, message: Message) -> None:
         s = self.settings
@@ -398,6 +507,8 @@ class DeviceAgent:
         if version <= self.trusted.root.version:
             return
         self._pending_roots[version] = message.payload
+        while len(self._pending_roots) > MAX_ROOTS_AHEAD:
+            del self._pending_roots[max(self._pending_roots)]
         if self.trusted.root.version + 1 not in self._pending_roots:
             await self._feed(machine.TrustDocumentRefused(
                 ReasonCode.ROOT_CHAIN_GAP,
@@ -433,8 +544,8 @@ class DeviceAgent:
         await self._feed(machine.TimestampAccepted(timestamp.version))
 
     def _next_freeze_check(self) -> float | None:
-        if self.state.frozen:
-            return None
+        if self.state.frozen or self.state.local.pending is not None:
+            return None  # (the machine does not judge freshness while an update is pending: no timer to spin on)
         timestamp = self.trusted.timestamp
         if timestamp is not None:
             seconds_left = (timestamp.expires - datetime.now(UTC)).total_seconds()
@@ -455,9 +566,9 @@ class DeviceAgent:
         except (MalformedDocument, pydantic.ValidationError) as exc:
             await self._feed(machine.TrustDocumentRefused(ReasonCode.MALFORMED_COMMAND, f"bad command: {exc}"[:1000]))
             return
-        if command.command == CommandName.INSTALL and command.sequence is not None:
+        if command.command == CommandName.INSTALL and command.sequence is not None and command.release_sha256:
             # Only an admission: the release itself must still arrive signed and verify like any other.
-            await self._feed(machine.AdmissionReceived(command.sequence))
+            await self._feed(machine.AdmissionReceived(Admission(command.sequence, command.release_sha256)))
         elif command.command == CommandName.CHECK:
             await self._feed(machine.CheckRequested())
         else:

@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict
 
 from device_client.retention import HeldRelease, releases_to_drop
 from services.runtime.content import ContentStore
-from services.runtime.files import atomic_write
+from services.runtime.files import atomic_write, read_capped, set_aside
 
 log = logging.getLogger(__name__)
+
+MAX_RECORD_BYTES = 4 << 20
 
 
 class HeldContent(BaseModel):
@@ -32,9 +34,15 @@ class ContentKeeper:
         self.budget_bytes = budget_bytes
 
     def load(self) -> HeldContent:
-        if not self.path.exists():
+        """What is held; a damaged record is set aside (its blocks are then only swept by Kubo's GC)."""
+        try:
+            return HeldContent.model_validate_json(read_capped(self.path, MAX_RECORD_BYTES))
+        except FileNotFoundError:
             return HeldContent()
-        return HeldContent.model_validate_json(self.path.read_bytes())
+        except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            log.error("%s is damaged (%s); starting a new record of held content", self.path, str(exc)[:200])
+            set_aside(self.path)
+            return HeldContent()
 
     def hold(self, sequence: int, version: str, cid: str, size: int) -> None:
         """Record that `cid` of this release is about to land in the blockstore."""

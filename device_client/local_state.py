@@ -7,7 +7,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from schemas.models import Phase
-from services.runtime.files import atomic_write
+from services.runtime.files import atomic_write, read_capped
+
+MAX_STATE_BYTES = 1 << 20  # a pending envelope is at most 64 KiB
 
 
 class PendingUpdate(BaseModel):
@@ -26,7 +28,8 @@ class LocalState(BaseModel):
     last_sequence: int = 0
     timestamp_version: int = 0  # floor for timestamps: never lowered, except by a key revocation in root
     rolled_back_sequence: int = 0  # a release that failed its install or health check is not retried by itself
-    approved_sequence: int = 0  # a staged release this device was told to install (an install command)
+    approved_sequence: int = 0  # a staged release this device was told to install (an install command) ...
+    approved_release_sha256: str | None = None  # ... named also by its signed payload's sha256
     pending: PendingUpdate | None = None
 
 
@@ -35,9 +38,16 @@ class StateStore:
         self.path = path
 
     def load(self) -> LocalState | None:
-        if not self.path.exists():
+        """The saved state, or None if there is none.
+
+        Raises:
+            ValueError: it is damaged (pydantic's ValidationError, too large, not JSON).
+            OSError: it cannot be read.
+        """
+        try:
+            return LocalState.model_validate_json(read_capped(self.path, MAX_STATE_BYTES))
+        except FileNotFoundError:
             return None
-        return LocalState.model_validate_json(self.path.read_bytes())
 
     def save(self, state: LocalState) -> None:
         atomic_write(self.path, state.model_dump_json(indent=2).encode())

@@ -5,13 +5,14 @@ events, saves the persisted part of the new state before it performs the actions
 outcome of each action back as the next event. Every decision of the agent lives here, so every
 path is a few lines of unit test (tests/unit/test_machine.py, with hypothesis over event sequences).
 
-    Started ──► pending in CONFIRMING? ──► RollBackUnconfirmed ──► RolledBackUnconfirmed ──► ROLLED_BACK
-            └─► pending in another phase ──► Verify(pending, resuming)
+    Started ─┬─ a switch journal that moved something (or is rolling back) ─► RollBack ─► RolledBack ─► ROLLED_BACK
+             ├─ pending in CONFIRMING with no readable journal ─► RollBack (to the installed bytes)
+             └─ pending in another phase (a journal that moved nothing is cleared) ─► Verify(pending, resuming)
     ReleaseHeard ──► Verify(raw)
     ReleaseVerified ─┬─ already installed ────────────────────────► IDLE (once)
                      ├─ this sequence was rolled back here ───────► ROLLED_BACK (once)
                      ├─ staged, this device not admitted ─────────► WAITING (once per version)
-                     └─ otherwise ─► RunUpdate ─► PhaseEntered … ─┬─ UpdateSucceeded ─► KeepReleases, DONE
+                     └─ otherwise ─► RunUpdate ─► PhaseEntered … ─┬─ UpdateSucceeded ─► ClearSwitch, KeepReleases, DONE
                                                                   └─ UpdateFailed ─┬─ retryable ─► FAILED + ScheduleRetry ─► RetryDue ─► Verify(pending)
                                                                                    └─ otherwise ─► FAILED | REFUSED | ROLLED_BACK
     ReleaseRefused ──► REFUSED (kept for a timestamp when that is all it lacks)
@@ -22,7 +23,9 @@ path is a few lines of unit test (tests/unit/test_machine.py, with hypothesis ov
     InternalError (a bug met while handling a message) ──► FAILED, and the agent goes on
 
 The persisted part is `LocalState` (state.json): each phase is recorded in `pending` before the
-phase starts (Mender's rule), so after a power cut `Started` resumes in the right place.
+phase starts (Mender's rule), so after a power cut `Started` resumes in the right place. The slot
+switch has its own journal (switch.py), cleared (`ClearSwitch`) only once state.json records the
+outcome; a release of what is installed already moves no floor unless a timestamp vouches for it.
 """
 
 from __future__ import annotations
@@ -31,15 +34,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from device_client.local_state import LocalState, PendingUpdate
+from device_client.switch import SwitchRecord, SwitchStep
 from schemas.errors import ReasonCode
 from schemas.models import Phase, ReleaseManifest, Role
-from services.runtime.trust import rollout_admits
+from services.runtime.trust import Admission, rollout_admits
 
 __all__ = [
     "Action", "AdmissionReceived", "AgentState", "CheckRequested", "Event", "FreshnessLost", "InternalError",
-    "KeepReleases", "MachineConfig",
-    "PhaseEntered", "ReleaseHeard", "ReleaseRefused", "ReleaseVerified", "Report", "RetryDue", "RollBackUnconfirmed",
-    "RolledBackUnconfirmed", "RootAccepted", "RunUpdate", "ScheduleRetry", "Started", "StatusRequested",
+    "ClearSwitch", "KeepReleases", "MachineConfig",
+    "PhaseEntered", "ReleaseHeard", "ReleaseRefused", "ReleaseVerified", "Report", "RetryDue", "RollBack",
+    "RolledBack", "RootAccepted", "RunUpdate", "ScheduleRetry", "Started", "StatusRequested",
     "TimestampAccepted", "TrustDocumentRefused", "UpdateFailed", "UpdateSucceeded", "Verify", "step",
 ]
 
@@ -82,7 +86,13 @@ class AgentState:
 
 @dataclass(frozen=True)
 class Started:
-    """The agent is connected and listening; `local` was loaded from disk."""
+    """The agent is connected and listening; `local` was loaded from disk, and with it what the
+    switch journal holds (`switch`, or `switch_unreadable`) and the hash of the bytes active now."""
+
+    switch: SwitchRecord | None = None
+    switch_unreadable: bool = False
+    active_sha256: str | None = None
+    problems: tuple[tuple[ReasonCode, str], ...] = ()  # found at start (state.json rebuilt, an unsafe install dir)
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,9 @@ class ReleaseVerified:
 
     manifest: ReleaseManifest
     raw: bytes
+    payload_sha256: str  # of the signed payload: what an admission names
     resuming: bool = False
+    vouched: bool = False  # a fresh timestamp names it (always so, unless it is what is installed already)
 
 
 @dataclass(frozen=True)
@@ -134,9 +146,9 @@ class FreshnessLost:
 
 @dataclass(frozen=True)
 class AdmissionReceived:
-    """An install command: admits the staged release with this sequence (the release must still verify)."""
+    """An install command: admits the staged release it names (the release must still verify)."""
 
-    sequence: int
+    admission: Admission
 
 
 @dataclass(frozen=True)
@@ -187,15 +199,17 @@ class InternalError:
 
 
 @dataclass(frozen=True)
-class RolledBackUnconfirmed:
-    manifest: ReleaseManifest
-    problem: str | None = None  # what the rollback itself reported, if anything
+class RolledBack:
+    """The switch in `record` was undone at start (`problem`: what the rollback reported, if it failed)."""
+
+    record: SwitchRecord
+    problem: str | None = None
 
 
 Event = (
     Started | ReleaseHeard | ReleaseVerified | ReleaseRefused | TrustDocumentRefused | TimestampAccepted | RootAccepted
     | FreshnessLost | AdmissionReceived | CheckRequested | StatusRequested | PhaseEntered | UpdateSucceeded
-    | UpdateFailed | RetryDue | RolledBackUnconfirmed | InternalError
+    | UpdateFailed | RetryDue | RolledBack | InternalError
 )
 
 
@@ -242,13 +256,20 @@ class ScheduleRetry:
 
 
 @dataclass(frozen=True)
-class RollBackUnconfirmed:
-    """Undo an install whose health was never confirmed (the agent restarted in CONFIRMING)."""
+class RollBack:
+    """Undo a switch that was never confirmed healthy (found at start): the one `record` describes,
+    or, with no readable journal, the pending release's (`envelope`) back to the installed bytes."""
 
-    envelope: str
+    record: SwitchRecord | None
+    envelope: str | None = None
 
 
-Action = Report | Verify | RunUpdate | KeepReleases | ScheduleRetry | RollBackUnconfirmed
+@dataclass(frozen=True)
+class ClearSwitch:
+    """state.json now agrees with the active bytes: the switch journal can go."""
+
+
+Action = Report | Verify | RunUpdate | KeepReleases | ScheduleRetry | RollBack | ClearSwitch
 
 
 # -- the transition function ----------------------------------------------------------------------
@@ -258,7 +279,7 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
     """The next state and what to do, for one event. Pure: the same inputs give the same outputs."""
     match event:
         case Started():
-            return _started(state)
+            return _started(state, event)
         case ReleaseHeard(raw=raw):
             state = replace(state, last_release=raw)
             return (state, []) if state.updating else (state, [Verify(raw)])
@@ -281,8 +302,9 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
             if state.frozen or state.local.pending is not None:
                 return state, []
             return _report(replace(state, frozen=True), Report(Phase.FROZEN, reason=reason, reason_code=code))
-        case AdmissionReceived(sequence=sequence):
-            state = replace(state, local=state.local.model_copy(update={"approved_sequence": sequence}))
+        case AdmissionReceived(admission=admission):
+            state = replace(state, local=state.local.model_copy(update={
+                "approved_sequence": admission.sequence, "approved_release_sha256": admission.release_sha256}))
             return state, _reverify_last(state)
         case CheckRequested() if state.last_release is not None:
             return state, [] if state.updating else [Verify(state.last_release)]
@@ -308,27 +330,54 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
             if pending is None or state.updating:
                 return state, []
             return state, [Verify(pending.envelope.encode(), resuming=True)]
-        case RolledBackUnconfirmed() if not state.rolling_back:
+        case RolledBack() if not state.rolling_back:
             return state, []
-        case RolledBackUnconfirmed(manifest=m, problem=problem):
-            local = state.local.model_copy(update={"pending": None, "rolled_back_sequence": m.sequence})
-            reason = f"restarted before {m.version} was confirmed healthy; rolled back to {local.installed_version}"
-            if problem:
-                reason += f" (rollback reported: {problem})"
-            return _report(replace(state, local=local, rolling_back=False),
-                           Report(Phase.ROLLED_BACK, target_version=m.version, reason=reason,
-                                  reason_code=ReasonCode.UNCONFIRMED_RESTART))
+        case RolledBack():
+            return _rolled_back(state, event)
     raise TypeError(f"not an event: {event!r}")
 
 
-def _started(state: AgentState) -> tuple[AgentState, list[Action]]:
-    state, actions = _report(state, Report(Phase.IDLE))  # "idle" means listening
-    pending = state.local.pending
+def _started(state: AgentState, event: Started) -> tuple[AgentState, list[Action]]:
+    """Finish what a cut interrupted before anything else: a switch that moved (or may have) is
+    rolled back; one that moved nothing is forgotten and the update resumes."""
+    actions: list[Action] = []
+    for code, reason in event.problems:
+        state, said = _report(state, Report(Phase.FAILED, reason=reason, reason_code=code))
+        actions += said
+    local, pending, record = state.local, state.local.pending, event.switch
+    if record is not None:
+        nothing_moved = record.step == SwitchStep.SWITCHING and (
+            event.active_sha256 == local.installed_sha256 if record.install.handler != "command" else pending is None)
+        if not nothing_moved:  # the rollback reports; nothing is said before the old version is back
+            return replace(state, rolling_back=True), [*actions, RollBack(record)]
+        actions.append(ClearSwitch())
+    elif pending is not None and (pending.phase == Phase.CONFIRMING or (
+            event.switch_unreadable and pending.phase == Phase.INSTALLING)):
+        return replace(state, rolling_back=True), [*actions, RollBack(None, pending.envelope)]
+    elif event.switch_unreadable:
+        actions.append(ClearSwitch())
+    state, idle = _report(state, Report(Phase.IDLE))  # "idle" means listening
+    actions += idle
     if pending is None:
         return state, actions
-    if pending.phase == Phase.CONFIRMING:
-        return replace(state, rolling_back=True), [*actions, RollBackUnconfirmed(pending.envelope)]
     return state, [*actions, Verify(pending.envelope.encode(), resuming=True)]
+
+
+def _rolled_back(state: AgentState, event: RolledBack) -> tuple[AgentState, list[Action]]:
+    record = event.record
+    local = state.local.model_copy(update={
+        "pending": None, "rolled_back_sequence": max(state.local.rolled_back_sequence, record.sequence)})
+    if record.step == SwitchStep.SWITCHING:
+        reason, code = f"restarted before {record.version} was confirmed healthy", ReasonCode.UNCONFIRMED_RESTART
+    else:
+        reason = record.reason or f"{record.version} was being rolled back"
+        code = record.reason_code or ReasonCode.ROLLED_BACK
+    reason += f"; rolled back to {local.installed_version}"
+    if event.problem:
+        reason += f" (the rollback reported: {event.problem})"
+    state, actions = _report(replace(state, local=local, rolling_back=False),
+                             Report(Phase.ROLLED_BACK, target_version=record.version, reason=reason, reason_code=code))
+    return state, actions if event.problem else [*actions, ClearSwitch()]
 
 
 def _verified(state: AgentState, event: ReleaseVerified, config: MachineConfig) -> tuple[AgentState, list[Action]]:
@@ -342,15 +391,21 @@ def _verified(state: AgentState, event: ReleaseVerified, config: MachineConfig) 
         return _report(state, Report(Phase.ROLLED_BACK, target_version=m.version, reason_code=ReasonCode.ROLLED_BACK,
                                      reason=f"sequence {m.sequence} was rolled back here; waiting for a newer release"))
     if m.artifact.installed_sha256 == local.installed_sha256:
-        changed = m.sequence > local.last_sequence or local.pending is not None
+        # Floors move only with the timestamp role's vouching: the release role alone could otherwise
+        # push last_sequence to 2^53 with a manifest of the installed bytes, and refuse every later release.
+        raise_floor = event.vouched and m.sequence > local.last_sequence
+        changed = raise_floor or local.pending is not None
         if changed:
-            state = replace(state, local=local.model_copy(
-                update={"last_sequence": max(local.last_sequence, m.sequence), "pending": None}))
+            updates: dict[str, Any] = {"pending": None}
+            if raise_floor:
+                updates |= {"last_sequence": m.sequence, "installed_version": m.version}
+            state = replace(state, local=local.model_copy(update=updates))
         last = state.reported.phase if state.reported else None
         if changed or last not in (Phase.IDLE, Phase.DONE):
             return _report(state, Report(Phase.IDLE))  # a retained DONE report (and its figures) stays in place
         return state, []
-    if local.pending is None and not rollout_admits(m, config.device_id, local.approved_sequence):
+    admission = Admission(local.approved_sequence, local.approved_release_sha256) if local.approved_release_sha256 else None
+    if local.pending is None and not rollout_admits(m, event.payload_sha256, config.device_id, admission):
         last = state.reported
         if last is not None and last.phase == Phase.WAITING and last.target_version == m.version:
             return state, []
@@ -387,7 +442,7 @@ def _succeeded(state: AgentState, event: UpdateSucceeded) -> tuple[AgentState, l
     })
     state, done = _report(replace(state, local=local, running=None),
                           Report(Phase.DONE, target_version=m.version, progress=100, figures=event.figures))
-    return state, [KeepReleases(m.sequence), *done]
+    return state, [ClearSwitch(), KeepReleases(m.sequence), *done]
 
 
 def _failed(state: AgentState, event: UpdateFailed, config: MachineConfig) -> tuple[AgentState, list[Action]]:
@@ -411,7 +466,7 @@ def _failed(state: AgentState, event: UpdateFailed, config: MachineConfig) -> tu
     figures = {**event.figures, **({"retrying": True} if retrying else {})}
     state, reports = _report(state, Report(event.phase, target_version=m.version, reason=reason, reason_code=event.code,
                                            figures=figures))
-    return state, [*reports, *actions]
+    return state, [*reports, ClearSwitch(), *actions]
 
 
 def _reverify_last(state: AgentState) -> list[Action]:

@@ -9,9 +9,10 @@
 The Updater does the I/O of one update and nothing else: before each phase it calls `enter`, and
 the agent records the phase (the state machine's `PhaseEntered`, persisted before the phase starts)
 and reports it. So after a power cut the agent re-verifies the same signed manifest and resumes:
-downloads already verified are reused, and an install that completed before the cut is
-recognised by the target's hash. It raises `UpdateError` (or a content/OS error) and never
-changes the agent's state itself.
+downloads already verified are reused. The switch itself is journaled (switch.py): an install a
+cut interrupted is finished by a rollback at start, never committed without its health check.
+Whatever stops an install after the intent is recorded, the old version goes back in place. It
+raises `UpdateError` (or a content/OS error) and never changes the agent's state itself.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from device_client.content_keeper import ContentKeeper
 from device_client.health import wait_healthy
-from device_client.installer import InstallError, installer_for, sha256_file
+from device_client.installer import Installer, InstallError, installer_for, sha256_file
+from device_client.switch import SwitchJournal, SwitchRecord
 from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import Artifact, Delta, Phase, ReleaseManifest
 from services.runtime.confidential import DecryptError, decrypt_file
@@ -60,6 +62,7 @@ class Traffic:
 class UpdateContext:
     store: ContentStore
     target: Path
+    journal: SwitchJournal  # the switch's intent, recorded before anything moves (switch.py)
     download_dir: Path
     meter: TrafficMeter | None
     origin: Endpoint | None
@@ -98,27 +101,42 @@ class Updater:
         if m.install.handler not in self.ctx.install.allowed_handlers:
             raise UpdateError(ReasonCode.HANDLER_NOT_ALLOWED,
                               f"install handler {m.install.handler!r} is not allowed on this device", Phase.REFUSED)
-        target = self.ctx.target
-        if target.exists() and sha256_file(target) == m.artifact.installed_sha256:
-            # A cut after the rename but before the state was saved: the install already happened.
-            log.info("target already holds %s; committing", m.version)
-            return
         new_file = await self._obtain(m, installed_sha256)
-        installer = installer_for(m.install, target, command_timeout=self.ctx.install.command_timeout)
+        installer = installer_for(m.install, self.ctx.target, command_timeout=self.ctx.install.command_timeout)
         await self.enter(Phase.INSTALLING, 95)
         try:
+            record = await asyncio.to_thread(
+                self.ctx.journal.begin, installer, sequence=m.sequence, version=m.version, install=m.install,
+                old_sha256=installed_sha256, new_sha256=m.artifact.installed_sha256)
+        except InstallError as exc:  # the handler refuses this target (unsafe_path): nothing recorded, nothing moved
+            raise UpdateError(exc.code, str(exc), Phase.FAILED) from None
+        try:
             await asyncio.to_thread(installer.install, new_file)
-        except InstallError as exc:
-            await asyncio.to_thread(_roll_back_after_failed_install, installer)
-            raise UpdateError(exc.code, str(exc), Phase.ROLLED_BACK) from None
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the install, the old version goes back in place
+            code = exc.code if isinstance(exc, InstallError) else ReasonCode.IO_ERROR if isinstance(exc, OSError) \
+                else ReasonCode.INTERNAL_ERROR
+            problem = await self._roll_back(installer, record, f"install failed: {exc}", code)
+            if isinstance(exc, OSError) and problem is None:
+                raise  # the disk failed, and nothing changed: worth another attempt
+            raise UpdateError(code, f"{exc}{problem or ''}", Phase.ROLLED_BACK) from None
         await self.enter(Phase.CONFIRMING, 97)
         healthy, why = await wait_healthy(self.ctx.install)
         if not healthy:
-            await asyncio.to_thread(installer.rollback)
-            raise UpdateError(ReasonCode.HEALTH_CHECK_FAILED, why, Phase.ROLLED_BACK)
+            problem = await self._roll_back(installer, record, why, ReasonCode.HEALTH_CHECK_FAILED)
+            raise UpdateError(ReasonCode.HEALTH_CHECK_FAILED, f"{why}{problem or ''}", Phase.ROLLED_BACK)
         for leftover in self.ctx.download_dir.iterdir():
             leftover.unlink(missing_ok=True)
         self.elapsed_ms = int((time.monotonic() - started) * 1000)
+
+    async def _roll_back(self, installer: Installer, record: SwitchRecord, reason: str, code: ReasonCode) -> str | None:
+        """Undo the switch; a problem doing so is returned for the report (the journal keeps the
+        rollback pending, and the next start tries again)."""
+        try:
+            await asyncio.to_thread(self.ctx.journal.roll_back, installer, record, reason, code)
+        except Exception as exc:  # noqa: BLE001 - reported, and retried at the next start
+            log.error("rollback of %s failed: %s", record.version, exc)
+            return f"; the rollback failed too: {exc}"
+        return None
 
     async def _obtain(self, m: ReleaseManifest, installed_sha256: str) -> Path:
         delta = m.deltas.get(installed_sha256)
@@ -246,14 +264,3 @@ class Updater:
 def origin_patience(grace: float, stall_timeout: float, *, peers_delivered: bool) -> float:
     """Seconds without progress before a device dials the origin (again)."""
     return max(grace, stall_timeout / 2) if peers_delivered else grace
-
-
-def _roll_back_after_failed_install(installer: object) -> None:
-    """A failed install may have changed nothing (a file or A/B install fails before switching)."""
-    from device_client.installer import CommandInstaller
-
-    if isinstance(installer, CommandInstaller):
-        try:
-            installer.rollback()
-        except InstallError as exc:
-            log.error("rollback after a failed install also failed: %s", exc)

@@ -44,12 +44,14 @@ class ReasonCode(StrEnum):
     # Installing and confirming (device_client).
     HANDLER_NOT_ALLOWED = "handler_not_allowed"
     INSTALL_FAILED = "install_failed"
+    UNSAFE_PATH = "unsafe_path"
     HEALTH_CHECK_FAILED = "health_check_failed"
     UNCONFIRMED_RESTART = "unconfirmed_restart"
     ROLLED_BACK = "rolled_back"
     AWAITING_ROLLOUT = "awaiting_rollout"
     IO_ERROR = "io_error"
     INTERNAL_ERROR = "internal_error"
+    STATE_RESET = "state_reset"
     # The device's network and broker.
     BROKER_ERROR = "broker_error"
     NAT_PMP_FAILED = "nat_pmp_failed"

@@ -32,6 +32,7 @@ class Message:
     payload: bytes
     retain: bool
     qos: int
+    dropped_bytes: int = 0  # the payload was larger than the client's max_payload_bytes: this many, not kept
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class MqttClient:
         keepalive: int = 15,
         connect_timeout: float = 15.0,
         max_queued: int = 10_000,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
@@ -91,6 +93,9 @@ class MqttClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected: asyncio.Event | None = None
         self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=max_queued)
+        # Bytes nobody verified yet are bounded where they arrive: a larger payload is dropped on
+        # paho's thread and only its size is queued (so a flood costs at most max_queued x this).
+        self.max_payload_bytes = max_payload_bytes
         self._subscriptions: dict[str, int] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._connect_error: str | None = None
@@ -127,7 +132,11 @@ class MqttClient:
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
         assert self._loop is not None
-        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos)
+        size = len(msg.payload)
+        if self.max_payload_bytes is not None and size > self.max_payload_bytes:
+            message = Message(msg.topic, b"", bool(msg.retain), msg.qos, dropped_bytes=size)
+        else:
+            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos)
         self._loop.call_soon_threadsafe(self._enqueue, message)
 
     def _enqueue(self, message: Message) -> None:

@@ -111,6 +111,12 @@ def signed_dict(lab: Lab, change: Callable[[dict], None]) -> bytes:
     return lab.raw_release(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
 
 
+def signed_text(lab: Lab, **fields: str) -> bytes:
+    """A payload signed as given, with escapes (`\\ud800`) that no UTF-8 text holds."""
+    doc = {**json.loads(lab.good.canonical_bytes()), **fields}
+    return lab.raw_release(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+
+
 def release_case(build: Callable[[Lab], bytes], code: str, phase: Phase = Phase.REFUSED):  # noqa: ANN201
     return ("release", build, code, phase)
 
@@ -151,6 +157,7 @@ CASES = {
     "signed-negative-size": release_case(lambda lab: signed_dict(lab, lambda d: d["artifact"].update(size=-1)), "malformed"),
     "signed-huge-field": release_case(lambda lab: lab.release(lab.good.model_copy(update={"summary": "x" * 5000})), "malformed"),
     "signed-non-canonical-json": release_case(lambda lab: lab.raw_release(json.dumps(json.loads(lab.good.canonical_bytes()), indent=1).encode()), "malformed"),
+    "signed-lone-surrogate": release_case(lambda lab: signed_text(lab, summary="\ud800"), "malformed"),
     # validly signed and timestamped, but the bytes betray it
     "delta-hash-mismatch": release_case(lambda lab: lab.vouched(lab.good.model_copy(update={"sequence": 60, "deltas": {k: d.model_copy(update={"sha256": "0" * 64}) for k, d in lab.good.deltas.items()}})), "hash_mismatch"),
     "artifact-hash-mismatch": release_case(lambda lab: lab.vouched(lab.good.model_copy(update={"sequence": 61, "deltas": {}, "artifact": lab.good.artifact.model_copy(update={"sha256": "0" * 64})})), "hash_mismatch"),
@@ -202,6 +209,48 @@ def test_attack_is_refused_and_the_device_stays_on_its_working_version(lab: Lab,
     assert device.installed_sha256() == lab.v1_sha, "the installed file was touched"
     assert device.local_state()["installed_version"] == "1.0.0"
     assert device.process.alive()
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_large_messages_on_root_topics_are_dropped_not_kept(lab: Lab) -> None:
+    """Six 8 MB payloads on trust/root/1000..1005 kept 52-74 MiB in the agent before (issue 20).
+
+    The allocator keeps some of what paho read (glibc raises its mmap threshold after a free), so
+    "not kept" is measured as no growth across rounds of six: kept, each round adds 48 MiB."""
+    device = lab.fleet.devices["target"]
+    rss = []
+    for first in (1000, 1006, 1012):
+        sent = datetime.now(UTC)
+        for version in range(first, first + 6):
+            lab.fleet.publish(topics.root_topic(FLEET, version), b"x" * (8 << 20))
+        lab.fleet.watcher.wait("target", lambda s: s.timestamp >= sent and f"root/{first + 5}" in (s.reason or ""),  # noqa: B023
+                               timeout=60)
+        said = {s.reason for s in lab.fleet.watcher.history["target"] if s.timestamp >= sent and s.reason_code == "malformed"}
+        assert all(any(f"root/{v} exceeds the limit" in (r or "") for r in said) for v in range(first, first + 6)), said
+        rss.append(rss_kib(device.process.proc.pid) / 1024)
+    figures = f"agent RSS after each round of 6 x 8 MB: {', '.join(f'{r:.0f}' for r in rss)} MiB"
+    print(figures)
+    assert max(rss) - min(rss) < 24, figures  # kept, the last round would be 96 MiB above the first
+    assert device.process.alive() and device.installed_sha256() == lab.v1_sha
+
+
+def test_the_release_role_alone_cannot_raise_the_sequence_floor(lab: Lab) -> None:
+    """A manifest of the installed bytes with sequence 2^53 and no timestamp naming it is taken as
+    "already installed" (idle), and moves nothing: the genuine release below still installs."""
+    fleet, device = lab.fleet, lab.fleet.devices["target"]
+    floor = device.local_state()["last_sequence"]
+    installed = lab.good.artifact.model_copy(update={"sha256": lab.v1_sha})
+    same = lab.good.model_copy(update={"sequence": 2**53, "version": "1.0.0", "deltas": {}, "artifact": installed})
+    lab.fleet.publish(topics.release_topic(FLEET, IPC), b"")  # a refusal first, so that idle is said again
+    sent = fleet.publish(topics.release_topic(FLEET, IPC), lab.release(same))
+    state = fleet.watcher.wait("target", lambda s: s.timestamp >= sent and s.phase == Phase.IDLE, timeout=60)
+    assert state.last_sequence == floor == device.local_state()["last_sequence"]
 
 
 def test_after_every_attack_the_genuine_release_still_installs(lab: Lab) -> None:

@@ -8,13 +8,17 @@ waiting, rolled back, frozen) reported once.
 
 from __future__ import annotations
 
+import hashlib
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_client import machine as m
 from device_client.local_state import LocalState, PendingUpdate
+from device_client.switch import SwitchRecord, SwitchStep
 from schemas.errors import ReasonCode
-from schemas.models import Artifact, Phase, ReleaseManifest, Role, RolloutRule
+from schemas.models import Artifact, InstallSpec, Phase, ReleaseManifest, Role, RolloutRule
+from services.runtime.trust import Admission
 from tests.support.factories import manifest
 
 SHA_V1 = "1" * 64
@@ -54,8 +58,20 @@ def reports(actions: list[m.Action]) -> list[m.Report]:
     return [a for a in actions if isinstance(a, m.Report)]
 
 
-def verified(r: ReleaseManifest, resuming: bool = False) -> m.ReleaseVerified:
-    return m.ReleaseVerified(r, raw(r), resuming=resuming)
+def digest(r: ReleaseManifest) -> str:
+    return hashlib.sha256(raw(r)).hexdigest()
+
+
+def verified(r: ReleaseManifest, resuming: bool = False, vouched: bool = True) -> m.ReleaseVerified:
+    return m.ReleaseVerified(r, raw(r), digest(r), resuming=resuming, vouched=vouched)
+
+
+def switch(r: ReleaseManifest, step: SwitchStep = SwitchStep.SWITCHING, handler: str = "ab") -> SwitchRecord:
+    install = InstallSpec(handler=handler, target=r.install.target, command=["cp"] if handler == "command" else None)
+    return SwitchRecord(sequence=r.sequence, version=r.version, install=install, old_sha256=SHA_V1,
+                        new_sha256=r.artifact.installed_sha256, back_to="a", step=step,
+                        reason="health check failed" if step != SwitchStep.SWITCHING else None,
+                        reason_code="health_check_failed" if step != SwitchStep.SWITCHING else None)
 
 
 # -- one decision each ----------------------------------------------------------------------------
@@ -67,14 +83,63 @@ def test_start_reports_idle_and_resumes_a_pending_update_by_verifying_it_again()
     assert actions == [m.Report(Phase.IDLE), m.Verify(b"raw-v2", resuming=True)]
 
 
-def test_start_in_confirming_rolls_back_instead_of_committing() -> None:
+def test_start_in_confirming_without_a_journal_rolls_back_to_the_installed_bytes() -> None:
     pending = PendingUpdate(envelope="raw-v2", phase=Phase.CONFIRMING)
     state, actions = run(fresh(pending=pending), m.Started())
-    assert actions[-1] == m.RollBackUnconfirmed("raw-v2")
-    state, actions = run(state, m.RolledBackUnconfirmed(V2))
+    assert actions == [m.RollBack(None, "raw-v2")], "nothing is reported before the old version is back"
+    state, actions = run(state, m.RolledBack(switch(V2)))
     assert state.local.pending is None and state.local.rolled_back_sequence == 2
     assert reports(actions)[0].reason_code == ReasonCode.UNCONFIRMED_RESTART
-    assert state.local.installed_version == "1.0.0"
+    assert state.local.installed_version == "1.0.0" and actions[-1] == m.ClearSwitch()
+
+
+def test_a_switch_that_moved_is_rolled_back_at_start_whatever_phase_state_json_recorded() -> None:
+    """The cut between the switch and saving `confirming`: the target holds the new bytes, state.json
+    still says installing. The new version was never confirmed healthy: it is not committed."""
+    for phase in (Phase.INSTALLING, Phase.CONFIRMING):
+        pending = PendingUpdate(envelope="raw-v2", phase=phase)
+        started = m.Started(switch=switch(V2), active_sha256=V2.artifact.installed_sha256)
+        state, actions = run(fresh(pending=pending), started)
+        assert actions == [m.RollBack(switch(V2))] and state.rolling_back
+        state, actions = run(state, m.RolledBack(switch(V2)))
+        assert state.local.installed_sha256 == SHA_V1 and state.local.pending is None
+        assert [r.phase for r in reports(actions)] == [Phase.ROLLED_BACK] and actions[-1] == m.ClearSwitch()
+
+
+def test_a_switch_that_moved_nothing_is_forgotten_and_the_install_resumes() -> None:
+    pending = PendingUpdate(envelope="raw-v2", phase=Phase.INSTALLING)
+    _, actions = run(fresh(pending=pending), m.Started(switch=switch(V2), active_sha256=SHA_V1))
+    assert actions == [m.ClearSwitch(), m.Report(Phase.IDLE), m.Verify(b"raw-v2", resuming=True)]
+
+
+def test_a_rollback_cut_short_is_finished_at_start_with_its_reason() -> None:
+    record = switch(V2, SwitchStep.ROLLING_BACK)
+    pending = PendingUpdate(envelope="raw-v2", phase=Phase.CONFIRMING)
+    for active in (SHA_V1, V2.artifact.installed_sha256, None):  # before, after the link moved, unreadable
+        state, actions = run(fresh(pending=pending), m.Started(switch=record, active_sha256=active))
+        assert actions == [m.RollBack(record)]
+        state, actions = run(state, m.RolledBack(record))
+        assert reports(actions)[0].reason_code == ReasonCode.HEALTH_CHECK_FAILED
+        assert state.local.rolled_back_sequence == 2 and state.local.installed_sha256 == SHA_V1
+
+
+def test_a_rollback_that_fails_keeps_its_journal_for_the_next_start() -> None:
+    state, _ = run(fresh(pending=PendingUpdate(envelope="raw-v2", phase=Phase.CONFIRMING)),
+                   m.Started(switch=switch(V2), active_sha256=None))
+    _, actions = run(state, m.RolledBack(switch(V2), problem="disk error"))
+    assert m.ClearSwitch() not in actions and "disk error" in (reports(actions)[0].reason or "")
+
+
+def test_a_committed_switch_whose_journal_outlived_the_commit_is_forgotten() -> None:
+    state = m.AgentState(local=LocalState(installed_version="2.0.0", installed_sha256=V2.artifact.installed_sha256))
+    _, actions = run(state, m.Started(switch=switch(V2), active_sha256=V2.artifact.installed_sha256))
+    assert actions == [m.ClearSwitch(), m.Report(Phase.IDLE)]
+
+
+def test_problems_found_at_start_are_reported_before_anything_else() -> None:
+    _, actions = run(fresh(), m.Started(problems=((ReasonCode.STATE_RESET, "state.json rebuilt"),)))
+    assert [(r.phase, r.reason_code) for r in reports(actions)] == [(Phase.FAILED, ReasonCode.STATE_RESET),
+                                                                    (Phase.IDLE, None)]
 
 
 def test_a_heard_release_is_verified_before_anything_else() -> None:
@@ -99,6 +164,7 @@ def test_phases_are_recorded_and_reported_and_success_commits_the_new_version() 
     assert state.local.pending is None and state.running is None
     assert reports(actions)[0].phase == Phase.DONE and reports(actions)[0].figures == {"used_delta": True}
     assert actions.index(m.KeepReleases(2)) < actions.index(reports(actions)[0]), "serving settled before DONE is said"
+    assert actions[0] == m.ClearSwitch(), "the journal goes once state.json holds the commit"
 
 
 def test_a_fetch_failure_is_retried_a_bounded_number_of_times_then_given_up() -> None:
@@ -132,10 +198,18 @@ def test_a_staged_release_waits_for_its_admission_and_says_so_once() -> None:
     waiting = [r for r in reports(actions) if r.phase == Phase.WAITING]
     assert len(waiting) == 1 and waiting[0].reason_code == ReasonCode.AWAITING_ROLLOUT
     assert not any(isinstance(a, m.RunUpdate) for a in actions)
-    state, actions = run(state, m.AdmissionReceived(4))
+    state, actions = run(state, m.AdmissionReceived(Admission(4, digest(STAGED))))
     assert actions == [m.Verify(raw(STAGED))] and state.local.approved_sequence == 4
     _, actions = run(state, verified(STAGED))
     assert isinstance(actions[0], m.RunUpdate)
+
+
+def test_an_admission_admits_only_the_release_it_names_by_hash() -> None:
+    """An install command for a forged (or any other) release with the same sequence admits nothing."""
+    state, _ = run(fresh(), m.ReleaseHeard(raw(STAGED)), m.AdmissionReceived(Admission(4, "f" * 64)))
+    _, actions = run(state, verified(STAGED))
+    assert not any(isinstance(a, m.RunUpdate) for a in actions)
+    assert [r.phase for r in reports(actions)] == [Phase.WAITING]
 
 
 def test_the_installed_release_heard_again_says_idle_once() -> None:
@@ -143,6 +217,15 @@ def test_the_installed_release_heard_again_says_idle_once() -> None:
     assert reports(actions) == [m.Report(Phase.IDLE)] and state.local.last_sequence == 1
     _, actions = run(state, verified(V1_AGAIN))
     assert actions == []
+
+
+def test_a_release_of_the_installed_bytes_moves_no_floor_without_a_timestamp() -> None:
+    """The release role alone (no timestamp names it) cannot push the sequence floor up."""
+    huge = release(2**53, "1.0.0", SHA_V1)
+    state, actions = run(fresh(), m.ReleaseVerified(huge, b"raw-huge", "e" * 64, vouched=False))
+    assert state.local.last_sequence == 0 and reports(actions) == [m.Report(Phase.IDLE)]
+    state, _ = run(state, m.ReleaseVerified(huge, b"raw-huge", "e" * 64, vouched=True))
+    assert state.local.last_sequence == 2**53
 
 
 def test_every_refusal_is_reported_even_when_it_repeats() -> None:
@@ -189,7 +272,7 @@ def test_a_root_that_revokes_a_role_drops_the_floor_that_role_raised() -> None:
 def test_outcomes_of_an_update_not_under_way_change_nothing() -> None:
     state = fresh()
     after, actions = run(state, m.UpdateSucceeded(V2), m.UpdateFailed(V2, ReasonCode.IO_ERROR, "x"),
-                         m.PhaseEntered(Phase.INSTALLING, "2.0.0", 95), m.RolledBackUnconfirmed(V2))
+                         m.PhaseEntered(Phase.INSTALLING, "2.0.0", 95), m.RolledBack(switch(V2)))
     assert after == state and actions == []
 
 
@@ -198,16 +281,23 @@ def test_outcomes_of_an_update_not_under_way_change_nothing() -> None:
 MANIFESTS = [V2, V3, V1_AGAIN, STAGED]
 manifests = st.sampled_from(MANIFESTS)
 codes = st.sampled_from(list(ReasonCode))
-events = st.one_of(
+records = st.builds(switch, manifests, st.sampled_from(list(SwitchStep)), st.sampled_from(["file", "ab", "command"]))
+starts = st.one_of(
     st.just(m.Started()),
+    st.builds(m.Started, switch=records, active_sha256=st.sampled_from([SHA_V1, "2" * 64, None])),
+    st.just(m.Started(switch_unreadable=True)),
+)
+events = st.one_of(
+    starts,
     manifests.map(lambda r: m.ReleaseHeard(raw(r))),
-    st.builds(verified, manifests, st.booleans()),
+    st.builds(verified, manifests, st.booleans(), st.booleans()),
     st.builds(m.ReleaseRefused, codes, st.just("refused"), st.booleans(), st.booleans()),
     st.builds(m.TrustDocumentRefused, codes, st.just("refused")),
     st.builds(m.TimestampAccepted, st.integers(0, 20)),
     st.builds(m.RootAccepted, st.integers(2, 9), st.frozensets(st.sampled_from([Role.RELEASE, Role.TIMESTAMP]))),
     st.builds(m.FreshnessLost, st.just(ReasonCode.FROZEN), st.just("stale")),
-    st.builds(m.AdmissionReceived, st.integers(0, 5)),
+    st.builds(m.AdmissionReceived, st.builds(Admission, st.integers(1, 5),
+                                             st.sampled_from([digest(STAGED), digest(V2), "f" * 64]))),
     st.just(m.CheckRequested()),
     st.just(m.StatusRequested()),
     st.builds(m.PhaseEntered, st.sampled_from([Phase.DOWNLOADING, Phase.VERIFYING, Phase.PATCHING, Phase.INSTALLING,
@@ -216,11 +306,12 @@ events = st.one_of(
     st.builds(m.UpdateFailed, manifests, codes, st.just("failed"),
               st.sampled_from([Phase.FAILED, Phase.REFUSED, Phase.ROLLED_BACK]), st.booleans()),
     st.just(m.RetryDue()),
-    st.builds(m.RolledBackUnconfirmed, manifests),
+    st.builds(m.RolledBack, records, st.sampled_from([None, "disk error"])),
     st.just(m.InternalError("bug")),
 )
 pendings = st.one_of(st.none(), st.builds(PendingUpdate, envelope=st.sampled_from(["raw-v2", "raw-v3"]),
-                                          phase=st.sampled_from([Phase.DOWNLOADING, Phase.CONFIRMING]),
+                                          phase=st.sampled_from([Phase.DOWNLOADING, Phase.INSTALLING,
+                                                                 Phase.CONFIRMING]),
                                           attempts=st.integers(0, 2)))
 
 
@@ -241,13 +332,24 @@ def test_rules_that_hold_for_every_sequence_of_events(pending: PendingUpdate | N
             assert action.installed_sha256 == before.local.installed_sha256
         if runs:
             assert state.local.pending is not None and state.local.pending.envelope == raw(runs[0].manifest).decode()
-        # A staged release nobody admitted does not start by itself.
+        # A staged release nobody admitted (by sequence and hash) does not start by itself.
         if runs and runs[0].manifest.rollout is not None and before.local.pending is None:
             assert before.local.approved_sequence == runs[0].manifest.sequence
+            assert before.local.approved_release_sha256 == digest(runs[0].manifest)
+        # A switch found at start that moved something is rolled back before anything else happens.
+        if isinstance(event, m.Started) and event.switch is not None and not before.updating and (
+                event.switch.step != SwitchStep.SWITCHING or event.active_sha256 != before.local.installed_sha256):
+            if event.switch.install.handler != "command" or before.local.pending is not None \
+                    or event.switch.step != SwitchStep.SWITCHING:
+                assert actions == [*(a for a in actions if isinstance(a, m.Report) and a.phase == Phase.FAILED),
+                                   m.RollBack(event.switch)]
         # The installed version changes only by the success of the update under way.
         if state.local.installed_sha256 != before.local.installed_sha256:
             assert isinstance(event, m.UpdateSucceeded) and event.manifest == before.running
             assert state.local.installed_sha256 == event.manifest.artifact.installed_sha256
+        # The sequence floor rises only by a committed update or a release a timestamp vouches for.
+        if state.local.last_sequence > before.local.last_sequence:
+            assert isinstance(event, m.UpdateSucceeded) or (isinstance(event, m.ReleaseVerified) and event.vouched)
         # Floors go down only by a root revoking the role that raised them.
         if state.local.last_sequence < before.local.last_sequence:
             assert isinstance(event, m.RootAccepted) and Role.RELEASE in event.revoked_roles

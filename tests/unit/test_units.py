@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import stat
 from pathlib import Path
@@ -113,7 +115,7 @@ def test_the_installer_replaces_atomically_and_keeps_the_previous_version(tmp_pa
     installer = FileInstaller(target)
     installer.install(new)
     assert target.read_bytes() == b"v2" and installer.previous.read_bytes() == b"v1"
-    installer.rollback()
+    installer.rollback(None, hashlib.sha256(b"v1").hexdigest())
     assert target.read_bytes() == b"v1"
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,23 @@ class EmbeddedKuboNode:
         await self.stop()
 
     async def start(self) -> None:
-        await asyncio.to_thread(create_repo, self.config.repo)
-        write_repo_config(self.config)
+        """Start the node, creating its repo if there is none. A repo whose config is damaged (not
+        JSON, no identity) is set aside (`<repo>.damaged`) and a new one made: a new identity and no
+        blocks, which peers and the origin serve again, rather than a node that never starts.
+
+        Raises:
+            RuntimeError: libkubo could not create or start it.
+        """
+        try:
+            await asyncio.to_thread(create_repo, self.config.repo)
+            write_repo_config(self.config)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            aside = self.config.repo.with_name(self.config.repo.name + ".damaged")
+            log.error("IPFS repo %s is damaged (%s); set aside as %s, starting a new one", self.config.repo, exc, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(self.config.repo, aside)
+            await asyncio.to_thread(create_repo, self.config.repo)
+            write_repo_config(self.config)
         await self._run()
         for peer in self.config.peers:
             await self.connect(peer)
