@@ -99,6 +99,9 @@ class DeviceAgent:
         self._pending_timestamp: bytes | None = None
         self._retry_at: float | None = None
         self._freeze_check_at: float | None = time.monotonic() + settings.limits.freeze_grace
+        # Until the node and the broker are up, only what undoes a cut switch is performed; the
+        # machine's other actions (reports, verifying, updating) wait here, in order.
+        self._held: list[machine.Action] | None = []
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -199,6 +202,16 @@ class DeviceAgent:
             self.state_store.save(new.local)  # before anything it decided happens (a power cut resumes here)
         self.state = new
         for action in actions:
+            if self._held is not None and not isinstance(action, (machine.RollBack, machine.ClearSwitch)):
+                self._held.append(action)
+                continue
+            follow = await self._perform(action)
+            if follow is not None:
+                await self._feed(follow)
+
+    async def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for action in held:
             follow = await self._perform(action)
             if follow is not None:
                 await self._feed(follow)
@@ -323,8 +336,9 @@ class DeviceAgent:
     # -- main loop --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Run until `stop` is set: start the IPFS node, connect to the broker, resume any update the
-        state machine left pending, and handle messages and timers.
+        """Run until `stop` is set: finish or undo a switch a cut interrupted, start the IPFS node,
+        connect to the broker, resume any update the state machine left pending, and handle
+        messages and timers.
 
         Raises:
             MqttError: the broker refused the connection or could not be reached at start.
@@ -333,6 +347,9 @@ class DeviceAgent:
         """
         s = self.settings
         stop = stop or asyncio.Event()
+        # First finish what a power cut interrupted, before the node starts or the broker answers: a
+        # device that stays offline must not keep running a version nobody confirmed healthy.
+        await self._guarded("start-up", self._feed_started)
         download_dir = self.state_dir / "downloads"
         download_dir.mkdir(exist_ok=True)
         mapped = await self._map_swarm_port() if s.content.nat_pmp else None
@@ -384,7 +401,7 @@ class DeviceAgent:
                 await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
             if self.state.local.pending is not None:
                 log.info("resuming the update interrupted in phase %s", self.state.local.pending.phase.value)
-            await self._guarded("start-up", self._feed_started)
+            await self._guarded("start-up", self._release_held)
             stopper = asyncio.ensure_future(stop.wait())
             try:
                 while not stop.is_set():

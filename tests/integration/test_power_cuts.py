@@ -171,6 +171,13 @@ def moves(record: Path) -> list[str]:
     return record.read_text().splitlines() if record.exists() else []
 
 
+def switch_point(points: list[str]) -> int:
+    """The move that switches: the first rename onto the target after the intent was journaled (an
+    A/B adoption renames a link onto it before that)."""
+    journaled = next(i for i, p in enumerate(points, 1) if p.endswith("-> switch.json"))
+    return next(i for i, p in enumerate(points, 1) if i > journaled and p.endswith(f"-> {Path(TARGET).name}"))
+
+
 @pytest.mark.parametrize("name", list(PATHS))
 def test_a_cut_at_any_move_of_install_confirm_or_rollback_leaves_a_consistent_device(lab: Lab, name: str,
                                                                                     tmp_path: Path) -> None:
@@ -199,12 +206,7 @@ def test_a_second_cut_during_recovery_still_ends_consistent(lab: Lab, name: str,
     path = PATHS[name]
     listing = tmp_path / "listing"
     trial(lab, path, [None], listing)
-    points = moves(listing.with_suffix(".0"))
-    # The move that switches: the first rename onto the target after the intent was journaled (an
-    # A/B adoption renames a link onto it before that).
-    journaled = next(i for i, p in enumerate(points, 1) if p.endswith("-> switch.json"))
-    switch = next(i for i, p in enumerate(points, 1) if i > journaled and p.endswith(f"-> {Path(TARGET).name}"))
-    first = switch + 1  # cut right after it: the recovery must roll back
+    first = switch_point(moves(listing.with_suffix(".0"))) + 1  # cut right after it: the recovery must roll back
     trial(lab, path, [first, None], tmp_path / "recovery")
     recovery = moves((tmp_path / "recovery").with_suffix(".1"))
     assert recovery, "the recovery moved nothing"
@@ -216,3 +218,32 @@ def test_a_second_cut_during_recovery_still_ends_consistent(lab: Lab, name: str,
         elif state.installed_version != "1.0.0":
             failures[f"recovery cut before {recovery[m - 1]}"] = ["an unconfirmed version was committed"]
     assert not failures, json.dumps(failures, indent=1)
+
+
+def test_an_unconfirmed_switch_is_undone_at_start_even_when_the_broker_cannot_be_reached(lab: Lab,
+                                                                                      tmp_path: Path) -> None:
+    """A device that stays offline must not keep running what no health check confirmed: the
+    rollback happens before the node starts or the broker is dialed; the report follows later."""
+    path = PATHS["ab-healthy"]
+    trial(lab, path, [None], tmp_path / "listing")
+    cut = switch_point(moves((tmp_path / "listing").with_suffix(".0"))) + 1
+    lab.counter += 1
+    device = lab.fleet.add_device(f"cut-{lab.counter}", path.device_class, start=False, extra_toml=path.settings)
+    agent = CutAgent(device, tmp_path / "first", cut_at=cut, from_start=False)
+    agent.wait_cut()
+    assert sha256_file(device.spec.installed_file) == lab.v2, "the cut came after the switch"
+    offline = device.process.config.with_name("offline.toml")
+    offline.write_text(device.process.config.read_text().replace(f"port = {lab.fleet.broker_port}\n", "port = 9\n"))
+    result = subprocess.run([sys.executable, "-m", "services.cli", "device", "run", "--config", str(offline)],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0, "no broker: the agent gives up (its supervisor restarts it)"
+    assert sha256_file(device.spec.installed_file) == lab.v1 and not (device.spec.state_dir / "switch.json").exists()
+    restarted = datetime.now(UTC)
+    device.process.start()
+    state = settle(lab, device, restarted)
+    assert not check(lab, path, device, state) and state.installed_version == "1.0.0"
+    # The report of the rollback went with the process that could not connect; the retained release
+    # heard again says it: rolled back here, waiting for a newer one.
+    state = lab.fleet.watcher.wait(device.name, lambda s: s.phase == Phase.ROLLED_BACK and s.timestamp >= restarted)
+    assert state.installed_sha256 == lab.v1
+    device.process.stop()
