@@ -30,6 +30,7 @@ def test_an_encrypted_release_in_a_private_swarm_reaches_only_devices_holding_th
         outsider = fleet.add_device("outsider", "ipc-x86_64", class_key_file=class_key, stall_timeout=3.0)
         for name in ("member", "keyless", "outsider"):
             fleet.watcher.wait(name, lambda s: s.phase == Phase.IDLE and s.last_sequence == 1)
+        v1 = member.installed_sha256()
 
         v2 = fleet.release("ipc-x86_64", "2.0.0")
         assert v2.artifact.encryption is not None and all(d.encryption for d in v2.deltas.values())
@@ -42,11 +43,11 @@ def test_an_encrypted_release_in_a_private_swarm_reaches_only_devices_holding_th
 
         refused = fleet.watcher.wait("keyless", lambda s: s.reason_code == "no_class_key", timeout=60)
         assert refused.phase == Phase.REFUSED and refused.installed_version == "1.0.0"
-        assert keyless.installed_sha256() != plain_v2
+        assert keyless.installed_sha256() == v1, "refused: the working version is intact, byte for byte"
 
         stuck = fleet.watcher.wait("outsider", lambda s: s.reason_code == "slow_retrieval", timeout=60)
         assert stuck.installed_version == "1.0.0" and stuck.bytes_from_origin == 0
-        assert outsider.installed_sha256() != plain_v2
+        assert outsider.installed_sha256() == v1
 
         # What the origin serves (and any peer caches) is ciphertext: no plaintext marker in it.
         marker = b'VERSION_ID="2.0.0"'

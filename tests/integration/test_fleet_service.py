@@ -52,7 +52,9 @@ def test_attempts_are_recorded_and_survive_a_crash_of_the_fleet_service(fleet: F
     refused, done = record["attempts"]
     assert (refused["target_version"], refused["outcome"]) == ("2.0.0", "refused") and "sha256" in refused["reason"]
     assert (done["target_version"], done["outcome"], done["used_delta"]) == ("2.0.0", "done", True)
-    # The delta's blocks were already in the device's blockstore from the refused attempt: no bytes moved.
+    # The delta's blocks were already in the device's blockstore from the refused attempt: no bytes
+    # moved. The byte meter (ss) only reads 0 meaningfully if it counted the first attempt's bytes.
+    assert refused["bytes_from_origin"] > 0, "the byte meter counted nothing: 0 below would prove nothing"
     assert done["bytes_from_origin"] == 0 and done["millis"] > 0
     assert record["device"]["installed_version"] == "2.0.0" and record["device"]["online"] is True
     assert record["device"]["last_error"].startswith("hash_mismatch")

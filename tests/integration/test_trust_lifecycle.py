@@ -10,6 +10,7 @@ import pytest
 
 from schemas import topics
 from schemas.models import PayloadType, Phase, Role
+from services.runtime.files import sha256_file
 from services.runtime.keys import sign_envelope
 from tests.support.harness import FLEET, Fleet
 
@@ -25,6 +26,7 @@ def test_a_fetch_that_makes_no_progress_is_abandoned_and_retried_later(fleet: Fl
     fleet.release(IPC, "1.0.0")
     device = fleet.add_device("patient", IPC, stall_timeout=2.0, retry_interval=2.0)
     fleet.watcher.wait("patient", idle_on_v1)
+    v1 = device.installed_sha256()
     good = fleet.build_only(IPC, "2.0.0").manifest
     # A CID nobody serves: bytes that exist only on the attacker's side of a partition.
     from services.runtime.content import HashOnlyStore
@@ -44,7 +46,7 @@ def test_a_fetch_that_makes_no_progress_is_abandoned_and_retried_later(fleet: Fl
     fleet.vouch_and_publish(IPC, withheld)
     first = fleet.watcher.wait("patient", lambda s: s.reason_code == "slow_retrieval", timeout=30)
     assert first.phase == Phase.FAILED and "retry 2 of" in (first.reason or "")
-    assert first.installed_version == "1.0.0" and device.installed_sha256() != good.artifact.sha256
+    assert first.installed_version == "1.0.0" and device.installed_sha256() == v1
     again = fleet.watcher.wait("patient", lambda s: s.reason_code == "slow_retrieval" and "retry 3 of" in (s.reason or ""), timeout=30)
     assert again.timestamp > first.timestamp
     assert device.process.alive()
@@ -117,7 +119,8 @@ def test_root_rotation_by_the_cli_is_walked_by_devices_and_revokes_the_old_relea
     sent = datetime.now(UTC)
     fleet.publish_release(IPC, envelope)
     refused = fleet.watcher.wait("loyal", lambda s: s.timestamp >= sent and s.reason_code == "unknown_key", timeout=30)
-    assert refused.installed_version == "1.0.0" and device.installed_sha256() != stolen.artifact.sha256
+    assert refused.installed_version == "1.0.0" and device.installed_sha256() == refused.installed_sha256 == sha256_file(
+        fleet.image(IPC, "1.0.0")), "refused: the working version is intact, byte for byte"
 
     # The operator's next release, signed with the new keys, goes through.
     v3 = fleet.release(IPC, "3.0.0")

@@ -96,6 +96,18 @@ def test_admission_follows_the_bucket_rule_or_an_install_command(device: str, pe
     assert rollout_admits(make_manifest(version="2.0.0", sequence=7), DIGEST, device, None)  # not staged
 
 
+@pytest.mark.parametrize(("salt", "device", "bucket"), [
+    ("0123456789abcdef", "dev-1", 3661), ("0123456789abcdef", "gateway-7", 5350), ("fedcba9876543210", "dev-1", 4625),
+])
+def test_buckets_are_pinned_because_devices_and_the_service_must_agree(salt: str, device: str, bucket: int) -> None:
+    """Known values (docs/wire-contract.md gives the formula): a change here would split a fleet's
+    view of who is a canary between devices on the old and the new code."""
+    assert rollout_bucket(salt, device) == bucket
+    manifest = make_manifest(version="2.0.0", sequence=7).model_copy(
+        update={"rollout": RolloutRule(canary_percent=37, salt=salt)})
+    assert rollout_admits(manifest, DIGEST, device, None) == (bucket < 3700)
+
+
 def test_buckets_are_spread_evenly() -> None:
     buckets = [rollout_bucket(SALT, f"device-{i}") for i in range(10_000)]
     below_half = sum(b < BUCKETS // 2 for b in buckets)
