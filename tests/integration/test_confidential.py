@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from schemas.models import Phase
-from services.runtime.confidential import DEFAULT_CHUNK
+from services.runtime.confidential import DEFAULT_CHUNK, generate_class_key
 from services.runtime.files import sha256_file
 from tests.support.harness import Fleet
 
@@ -28,7 +28,10 @@ def test_an_encrypted_release_in_a_private_swarm_reaches_only_devices_holding_th
         member = fleet.add_device("member", "ipc-x86_64", swarm_key_file=swarm_key, class_key_file=class_key)
         keyless = fleet.add_device("keyless", "ipc-x86_64", swarm_key_file=swarm_key)
         outsider = fleet.add_device("outsider", "ipc-x86_64", class_key_file=class_key, stall_timeout=3.0)
-        for name in ("member", "keyless", "outsider"):
+        wrong_key = tmp_path / "another-class.key"
+        generate_class_key(wrong_key)
+        stranger = fleet.add_device("stranger", "ipc-x86_64", swarm_key_file=swarm_key, class_key_file=wrong_key)
+        for name in ("member", "keyless", "outsider", "stranger"):
             fleet.watcher.wait(name, lambda s: s.phase == Phase.IDLE and s.last_sequence == 1)
         v1 = member.installed_sha256()
 
@@ -48,6 +51,12 @@ def test_an_encrypted_release_in_a_private_swarm_reaches_only_devices_holding_th
         stuck = fleet.watcher.wait("outsider", lambda s: s.reason_code == "slow_retrieval", timeout=60)
         assert stuck.installed_version == "1.0.0" and stuck.bytes_from_origin == 0
         assert outsider.installed_sha256() == v1
+
+        # In the swarm, with a class key, but not this class's: the ciphertext fetches and verifies
+        # (its signed hash), the decryption fails, nothing is installed.
+        wrong = fleet.watcher.wait("stranger", lambda s: s.reason_code == "decrypt_failed", timeout=60)
+        assert wrong.phase == Phase.REFUSED and wrong.installed_version == "1.0.0"
+        assert stranger.installed_sha256() == v1
 
         # What the origin serves (and any peer caches) is ciphertext: no plaintext marker in it.
         marker = b'VERSION_ID="2.0.0"'

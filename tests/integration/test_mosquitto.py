@@ -42,24 +42,37 @@ def client(fleet: Fleet, principal: str, **overrides: object) -> MqttClient:
 
 
 async def delivered(fleet: Fleet, publisher: str, topic: str, observer: str, observe: str) -> bool:
-    """Does a retained publish by `publisher` on `topic` reach `observer` subscribed to `observe`?"""
-    marker = f"probe-{time.monotonic_ns()}".encode()
+    """Does a retained publish by `publisher` on `topic` reach `observer` subscribed to `observe`?
+
+    Denial is not read from silence: right after the probe the publisher sends a marker on a topic
+    it may write and the observer may read. The broker handles one connection's messages in order,
+    so once the marker arrives a probe that was let through has arrived too."""
+    probe = f"probe-{time.monotonic_ns()}".encode()
+    marker, marker_topic = probe + b"-marker", MARKERS[(publisher, observer)]
+    seen = False
     async with client(fleet, observer) as watch:
         await watch.subscribe(observe)
+        await watch.subscribe(marker_topic)
         async with client(fleet, publisher) as pub:
-            await pub.publish(topic, marker, retain=True)
-        end = time.monotonic() + 1.5
-        while time.monotonic() < end:
-            try:
-                message = await watch.next_message(end - time.monotonic())
-            except TimeoutError:
-                return False
+            await pub.publish(topic, probe, retain=True)
+            await pub.publish(marker_topic, marker)
+        while True:
+            message = await watch.next_message(30)  # a TimeoutError here is a failure, not a denial
+            seen = seen or message.payload == probe
             if message.payload == marker:
-                return True
-    return False
+                return seen
 
 
 ROOT = f"edgeswarm/{FLEET}"
+MARKERS = {  # (publisher, observer) -> a topic the publisher may write and the observer may read
+    ("dev-a", "edgeswarm-operator"): f"{ROOT}/devices/dev-a/state",
+    ("dev-a", "dev-b"): f"{ROOT}/devices/dev-a/peer",
+    ("edgeswarm-homeassistant", "edgeswarm-operator"): f"{ROOT}/ops/device/dev-a/check",
+    ("edgeswarm-nodered", "edgeswarm-operator"): f"{ROOT}/ops/rollout/marker",
+    ("edgeswarm-release", "dev-a"): f"{ROOT}/releases/{IPC}",
+    ("dev-b", "dev-a"): f"{ROOT}/devices/dev-b/peer",
+    ("other-release", "dev-a"): f"{ROOT}/devices/other/peer",
+}
 
 
 @pytest.mark.parametrize(
@@ -105,7 +118,9 @@ def test_a_device_reads_its_class_release_but_not_other_classes_devices_or_fleet
     acl = locked.broker_dir / "acl"
     # A second fleet sharing the broker, with its own release principal.
     passwd.write_text(passwd.read_text() + f"other-release:{password_hash('pw')}\n")
-    acl.write_text(acl.read_text() + "\nuser other-release\ntopic write edgeswarm/other-fleet/#\n")
+    # (and, for the marker that ends the probe, one topic dev-a may read)
+    acl.write_text(acl.read_text() + f"\nuser other-release\ntopic write edgeswarm/other-fleet/#\n"
+                   f"topic write {MARKERS[('other-release', 'dev-a')]}\n")
     locked.mosquitto.stop()
     locked.mosquitto.start()
 
@@ -115,16 +130,18 @@ def test_a_device_reads_its_class_release_but_not_other_classes_devices_or_fleet
         results["other-class-release"] = await delivered(locked, "edgeswarm-release", f"{ROOT}/releases/gateway-armv7", "dev-a", f"{ROOT}/releases/+")
         results["other-device-state"] = await delivered(locked, "dev-b", f"{ROOT}/devices/dev-b/state", "dev-a", f"{ROOT}/devices/#")
         other = client(locked, "dev-a")
+        marker_topic = MARKERS[("other-release", "dev-a")]
         async with other:
             await other.subscribe("edgeswarm/other-fleet/#")
+            await other.subscribe(marker_topic)
             async with MqttClient("127.0.0.1", locked.broker_port, "other", clean_session=True, username="other-release",
                                   password="pw", ca_file=Path(credentials(locked.broker_dir, "dev-a")["ca_file"])) as pub:
                 await pub.publish("edgeswarm/other-fleet/releases/x", b"theirs", retain=True)
-            try:
-                await other.next_message(1.5)
-                results["other-fleet"] = True
-            except TimeoutError:
-                results["other-fleet"] = False
+                await pub.publish(marker_topic, b"marker")
+            payloads = []
+            while not payloads or payloads[-1] != b"marker":
+                payloads.append((await other.next_message(30)).payload)
+            results["other-fleet"] = b"theirs" in payloads
         return results
 
     assert asyncio.run(scenario()) == {
