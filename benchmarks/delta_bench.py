@@ -54,6 +54,7 @@ class ToolResult:
     apply: Run | None = None
     correct: bool | None = None
     note: str = ""
+    apply_working_mb: float | None = None  # apply's peak RSS minus the same tool's on a 4 KiB pair
 
 
 @dataclass
@@ -206,7 +207,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tools(old: Path, new: Path, work: Path) -> dict[str, tuple[list[str] | None, list[str], Path]]:
     """name -> (create argv, apply argv, patch path); the apply writes work/out-<name>."""
     big = max(old.stat().st_size, new.stat().st_size)
-    window = str(1 << max(big - 1, 1).bit_length())
+    window = str(max(1 << 19, 1 << max(big - 1, 1).bit_length()))  # xdelta3's minimum -B is 512 KiB
     return {
         "xz -9 (full)": ([ "xz", "-9", "-T1", "-k", "-c", str(new)], ["xz", "-d", "-c", str(work / "full.xz")], work / "full.xz"),
         "bsdiff4": ([PY, "-c", "import bsdiff4,sys; bsdiff4.file_diff(*sys.argv[1:])", str(old), str(new), str(work / "p.bsdiff4")],
@@ -248,30 +249,41 @@ def bench_pair(name: str, old: Path, new: Path, work: Path, skip: set[str], time
             continue
         print(f"  {tool} ...", file=sys.stderr, flush=True)
         try:
-            if tool.startswith("xz"):
-                row.create = measure(create, stdout=patch, timeout=timeout)
-                row.apply = measure(apply, stdout=work / "out-xz", timeout=timeout)
-                out = work / "out-xz"
-            else:
-                row.create = measure(create, timeout=timeout)
-                row.apply = measure(apply, timeout=timeout)
-                out = work / f"out-{tool}"
+            row.create, row.apply, out = _run_tool(tool, create, apply, patch, work, timeout)
             row.size = patch.stat().st_size
             row.correct = subprocess.run(["cmp", "-s", str(out), str(new)]).returncode == 0
             out.unlink()
+            # The same rule for every tool: what applying needs beyond the tool's own process (an
+            # interpreter, a binary), measured by the same tool on a 4 KiB pair.
+            baseline = _tiny_apply(tool, work / "tiny", timeout)
+            row.apply_working_mb = round(row.apply.peak_rss_mb - baseline.peak_rss_mb, 1)
         except RuntimeError as exc:
             row.note = str(exc)[:200]
-    tiny_old, tiny_new, tiny_patch = work / "tiny-old", work / "tiny-new", work / "tiny.esd"
-    tiny_old.write_bytes(bytes(range(256)) * 16)
-    tiny_new.write_bytes(tiny_old.read_bytes() + b"x")
-    measure([PY, "-m", "services.cli", "delta", "create", str(tiny_old), str(tiny_new), "-o", str(tiny_patch), "--json"])
-    baseline = measure([PY, "-m", "services.cli", "delta", "apply", str(tiny_old), str(tiny_patch), "-o", str(work / "tiny-out"), "--json"])
     ours = next(t for t in result.tools if t.tool.startswith("ESDELTA1"))
-    if ours.apply:
-        result.esd_apply_working_mb = round(ours.apply.peak_rss_mb - baseline.peak_rss_mb, 1)
+    result.esd_apply_working_mb = ours.apply_working_mb
+    shutil.rmtree(work / "tiny", ignore_errors=True)
     for leftover in work.iterdir():
         leftover.unlink()
     return result
+
+
+def _run_tool(tool: str, create: list[str], apply: list[str], patch: Path, work: Path,
+              timeout: float) -> tuple[Run, Run, Path]:
+    if tool.startswith("xz"):
+        out = work / "out-xz"
+        return measure(create, stdout=patch, timeout=timeout), measure(apply, stdout=out, timeout=timeout), out
+    return measure(create, timeout=timeout), measure(apply, timeout=timeout), work / f"out-{tool}"
+
+
+def _tiny_apply(tool: str, work: Path, timeout: float) -> Run:
+    work.mkdir(exist_ok=True)
+    tiny_old, tiny_new = work / "tiny-old", work / "tiny-new"
+    tiny_old.write_bytes(bytes(range(256)) * 16)
+    tiny_new.write_bytes(tiny_old.read_bytes() + b"x")
+    create, apply, patch = tools(tiny_old, tiny_new, work)[tool]
+    _, run, out = _run_tool(tool, create, apply, patch, work, timeout)
+    out.unlink(missing_ok=True)
+    return run
 
 
 def print_table(pair: PairResult) -> None:
@@ -281,7 +293,8 @@ def print_table(pair: PairResult) -> None:
     reference = next((t for t in pair.tools if t.tool == "bsdiff4" and t.size), None)
     zstd = next((t for t in pair.tools if t.tool.startswith("zstd") and t.size), None)
     table = Table(title=f"{pair.name}: old {pair.old_size / 1e6:.1f} MB, new {pair.new_size / 1e6:.1f} MB")
-    for column in ("tool", "size", "x bsdiff4", "create s", "x", "create MB", "apply s", "apply MB", "ok", "note"):
+    for column in ("tool", "size", "x bsdiff4", "create s", "x", "create MB", "apply s", "apply MB", "working MB", "ok",
+                   "note"):
         table.add_column(column, justify="left" if column in ("tool", "note") else "right")
     for t in pair.tools:
         def ratio(value: float | None, base: float | None) -> str:
@@ -291,7 +304,9 @@ def print_table(pair: PairResult) -> None:
             f"{t.create.seconds:.1f}" if t.create else "-",
             ratio(t.create.seconds if t.create else None, reference.create.seconds if reference and reference.create else None),
             f"{t.create.peak_rss_mb:.0f}" if t.create else "-", f"{t.apply.seconds:.1f}" if t.apply else "-",
-            f"{t.apply.peak_rss_mb:.0f}" if t.apply else "-", {True: "yes", False: "NO", None: "-"}[t.correct], t.note,
+            f"{t.apply.peak_rss_mb:.0f}" if t.apply else "-",
+            f"{t.apply_working_mb:.0f}" if t.apply_working_mb is not None else "-",
+            {True: "yes", False: "NO", None: "-"}[t.correct], t.note,
         )
     Console(width=max(Console().width, 150)).print(table)
     ours = next(t for t in pair.tools if t.tool.startswith("ESDELTA1"))

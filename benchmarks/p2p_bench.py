@@ -50,15 +50,19 @@ def nat_plan(devices: int, nats: int) -> tuple[NatPlan, ...]:
     return tuple(NatPlan(kind, count) for kind, count in zip(kinds, counts, strict=True) if count)  # type: ignore[arg-type]
 
 
-def summary(result: Result, size: int) -> dict:
-    seconds = sorted(d.seconds for d in result.devices if d.seconds is not None)
+def summary(result: Result, size: int, timeout: float) -> dict:
+    # A device that did not finish counts at the timeout (a lower bound on its time), never as absent.
+    unfinished = [d.device for d in result.devices if d.version != "2.0.0" or d.seconds is None]
+    seconds = sorted(d.seconds if d.device not in unfinished and d.seconds is not None else timeout
+                     for d in result.devices)
     received = sum(d.from_origin + d.from_peers for d in result.devices) or 1
     paths = {d.device: {"nat": d.nat, "lan_peer": d.from_lan_peers, "peer_across_nats": d.from_peers - d.from_lan_peers,
                         "origin": d.from_origin} for d in result.devices}
     http = sorted(result.http_device_seconds)
     return {
         "devices": len(result.devices),
-        "completed": sum(d.version == "2.0.0" for d in result.devices),
+        "completed": len(result.devices) - len(unfinished),
+        "unfinished": unfinished,
         "artifact_bytes": size,
         "origin_egress_p2p": result.origin_egress,
         "origin_egress_http": result.http_origin_egress,
@@ -125,10 +129,11 @@ def main() -> int:
         if not args.no_baseline:
             print("the same artifact over HTTP ...", file=sys.stderr)
             fleet.http_baseline(result)
-    figures = summary(result, size)
+    figures = summary(result, size, plan.timeout)
+    status = 1 if figures["unfinished"] else 0  # an incomplete run is a failed run, whatever else it measured
     if args.json:
         print(json.dumps(figures, indent=2))
-        return 0
+        return status
     from rich.console import Console
     from rich.table import Table
 
@@ -153,7 +158,10 @@ def main() -> int:
     print(f"completed {figures['completed']}/{figures['devices']}; bytes from peers {figures['share_of_bytes_from_peers']:.1%} "
           f"(LAN {figures['share_from_lan_peers']:.1%}); connections when fetches ended: "
           f"{figures['connections_direct']} direct, {figures['connections_relayed']} relayed")
-    return 0
+    if figures["unfinished"]:
+        print(f"INCOMPLETE: {', '.join(figures['unfinished'])} did not finish within {plan.timeout:.0f} s "
+              "(counted at the timeout in p50/p95)", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

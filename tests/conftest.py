@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.deadlines import slowness
 from tests.support.harness import Fleet
 
 
@@ -17,3 +18,17 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Per-test timeouts (the ini's, or a test's own `timeout` mark) scaled by EDGESWARM_TEST_SLOWNESS,
+    like every deadline the tests wait on (tests/support/deadlines.py)."""
+    factor = slowness()
+    if factor == 1.0:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        base = float(marker.args[0]) if marker is not None and marker.args else default
+        if base:
+            item.add_marker(pytest.mark.timeout(base * factor), append=False)

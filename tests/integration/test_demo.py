@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 ENV = {**os.environ, "COLUMNS": "400"}
 
 
+@pytest.mark.timeout(700)  # the demo's own deadline is 600 s
 def test_demo_updates_every_device_to_v2_and_prints_json(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", "demo", "--devices", "4", "--json"],

@@ -55,11 +55,14 @@ def setup(tmp_path: Path) -> Iterator[tuple[Fleet, homeassistant.HomeAssistant, 
         ha = homeassistant.start(tmp_path / "ha", free_port())
         yield fleet, ha, service_config
     finally:
-        if ha is not None:
-            ha.stop()
-        fleet.stop()
+        try:
+            if ha is not None:
+                ha.stop()
+        finally:
+            fleet.stop()
 
 
+@pytest.mark.timeout(900)  # a first run installs Home Assistant (~90 s), which boots in up to 240 s
 def test_devices_are_update_entities_and_install_from_home_assistant(setup) -> None:  # noqa: ANN001
     fleet, ha, service_config = setup
     started = time.monotonic()

@@ -88,7 +88,7 @@ def test_the_shipped_flow_starts_a_rollout_watches_it_and_pauses_it_on_failures(
             if node["type"] == "mqtt-broker":  # what an operator types into the broker node's Security tab
                 node["credentials"] = {"user": login["username"], "password": login["password"]}
         red.deploy(flow)
-        time.sleep(2)  # the MQTT nodes connect
+        red.wait_log("Connected to broker")  # the MQTT nodes are connected (was: a 2 s pause)
         red.inject("es-inject-start")
         done = status_when(fleet, service_config, lambda s: s["state"] == "completed")
         assert done["version"] == "2.0.0" and done["done"] == 2 and done["waves"] == 2

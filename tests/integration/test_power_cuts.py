@@ -33,7 +33,7 @@ from services.demo.processes import PARENT_ENV, terminate
 from services.runtime.files import sha256_file
 from tests.support.harness import Device, Fleet
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # up to 20 agent starts per test
 
 TARGET = "/opt/edgeswarm/firmware.img"
 IN_FLIGHT = {Phase.DOWNLOADING, Phase.VERIFYING, Phase.PATCHING, Phase.INSTALLING, Phase.CONFIRMING}

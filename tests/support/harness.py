@@ -36,11 +36,13 @@ from services.demo.processes import AgentProcess, terminate
 from services.demo.provision import DeviceSpec, provision
 from services.operator.release import BuiltRelease, ReleasePipeline
 from services.demo.sample_images import build_image
+from tests.support.deadlines import scaled
 
 FLEET = "testfleet"
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
+    timeout = scaled(timeout)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         with socket.socket() as sock:
@@ -102,6 +104,7 @@ class StateWatcher:
             self._cond.notify_all()
 
     def wait(self, device: str, predicate: Callable[[DeviceState], bool], timeout: float = 60.0) -> DeviceState:
+        timeout = scaled(timeout)
         end = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -114,7 +117,7 @@ class StateWatcher:
                 self._cond.wait(remaining)
 
     def wait_online(self, device: str, value: bytes, timeout: float = 30.0) -> None:
-        end = time.monotonic() + timeout
+        end = time.monotonic() + scaled(timeout)
         with self._cond:
             while self.online.get(device) != value:
                 remaining = end - time.monotonic()
@@ -205,7 +208,7 @@ class Fleet:
         address_file.unlink(missing_ok=True)
         self.origin_process = ServiceProcess(["origin", "--config", str(self.operator_config)], self.root / "origin.log", self.root)
         self.processes.append(self.origin_process)
-        end = time.monotonic() + 30
+        end = time.monotonic() + scaled(30)
         while not address_file.exists():
             if time.monotonic() > end:
                 raise TimeoutError("origin did not start: " + (self.root / "origin.log").read_text()[-2000:])
@@ -244,14 +247,22 @@ class Fleet:
         return path
 
     def stop(self) -> None:
-        for device in self.devices.values():
-            device.process.stop()
+        """Stop everything this fleet started, each step even if an earlier one failed (a test that
+        errors must not leave a broker, an origin or agents running); the first failure is raised last."""
+        steps: list[Callable[[], object]] = [device.process.stop for device in self.devices.values()]
         if hasattr(self, "watcher"):
-            self.watcher.close()
-        for process in reversed(self.processes):
-            process.stop()
+            steps.append(self.watcher.close)
+        steps += [process.stop for process in reversed(self.processes)]
         if hasattr(self, "broker_dir"):
-            shutil.rmtree(self.broker_dir.parent, ignore_errors=True)
+            steps.append(lambda: shutil.rmtree(self.broker_dir.parent, ignore_errors=True))
+        failures: list[BaseException] = []
+        for step in steps:
+            try:
+                step()
+            except BaseException as exc:  # noqa: BLE001 - every process gets its stop; the first error is raised below
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     # -- images and releases ---------------------------------------------------------------------
 

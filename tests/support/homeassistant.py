@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.demo.processes import terminate
+from tests.support.deadlines import scaled
 
 VERSION = "2025.4.4"
 CACHE = Path(os.environ.get("EDGESWARM_HA_CACHE", Path.home() / ".cache" / "edgeswarm" / f"homeassistant-{VERSION}"))
@@ -156,6 +157,7 @@ def start(config_dir: Path, port: int, *, timeout: float = 240) -> HomeAssistant
         process = subprocess.Popen([str(hass), "-c", str(config_dir), "--skip-pip"], stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:

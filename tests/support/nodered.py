@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.demo.processes import terminate
+from tests.support.deadlines import scaled
 
 VERSION = "4.1"
 CACHE = Path(os.environ.get("EDGESWARM_NODERED_CACHE", Path.home() / ".cache" / "edgeswarm" / "node-red"))
@@ -73,6 +74,14 @@ class NodeRed:
     def inject(self, node_id: str) -> None:
         self.request("POST", f"/inject/{node_id}")
 
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        """Until `text` appears in Node-RED's log (how its nodes say they connected, for one)."""
+        end = time.monotonic() + scaled(timeout)
+        while text not in self.log.read_text(errors="replace"):
+            if time.monotonic() > end or self.process.poll() is not None:
+                raise TimeoutError(f"Node-RED never logged {text!r}: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
     def stop(self) -> None:
         terminate(self.process, timeout=20)
 
@@ -87,6 +96,7 @@ def start(user_dir: Path, port: int, env: dict[str, str], *, timeout: float = 60
         process = subprocess.Popen(["node", str(red), "--settings", str(settings)], stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True)
     red_ = NodeRed(f"http://127.0.0.1:{port}", process, log)
+    timeout = scaled(timeout)
     end = time.monotonic() + timeout
     while True:
         if process.poll() is not None:

@@ -1,0 +1,18 @@
+"""One factor for every deadline the tests wait on: `EDGESWARM_TEST_SLOWNESS=3` gives a slow or
+loaded machine three times the time for start-ups, waits and pytest's per-test timeouts. It
+never weakens a check: only how long a test waits for the event it checks."""
+
+from __future__ import annotations
+
+import os
+
+
+def slowness() -> float:
+    try:
+        return max(1.0, float(os.environ.get("EDGESWARM_TEST_SLOWNESS", "1")))
+    except ValueError:
+        return 1.0
+
+
+def scaled(seconds: float) -> float:
+    return seconds * slowness()
