@@ -1,6 +1,6 @@
 """Promises the docs make that no other test held to (issue 22): the fallback from an unusable
-delta to the full artifact, the signed canary share of a staged release, and `timestamp --every`
-keeping a fleet out of `frozen`."""
+delta to the full artifact, the signed canary share of a staged release, `timestamp --every`
+keeping a fleet out of `frozen`, and the total fetch deadline against a peer that trickles."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from schemas.models import Delta, Phase, ReleaseManifest
+from services.demo.ports import free_port
 from services.demo.processes import terminate
 from services.runtime.content import HashOnlyStore
 from services.runtime.trust import BUCKETS, decode_envelope, payload_bytes, rollout_bucket
@@ -112,3 +113,41 @@ def test_timestamp_every_keeps_devices_out_of_frozen_and_stopping_it_freezes_the
     stopped = datetime.now(UTC)
     state = fleet.watcher.wait("fresh", lambda s: s.timestamp >= stopped and s.phase == Phase.FROZEN, timeout=30)
     assert state.reason_code in ("frozen", "expired")
+
+
+def test_a_peer_that_trickles_is_stopped_by_the_total_fetch_deadline(fleet: Fleet) -> None:
+    """docs/security.md: slow retrieval is abandoned after stall_timeout without progress *and* a
+    total deadline. A peer sending ~100 KB/s never stalls (a block every few seconds), so only the
+    deadline stops it; the device fails the attempt (retried later) and keeps its version."""
+    fleet.release(IPC, "1.0.0")
+    host, port = fleet.origin_addr.split("/")[2], int(fleet.origin_addr.split("/")[4])
+    proxy_port = free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "tests.support.trickle_proxy", "--port", str(proxy_port),
+                              "--to", f"{host}:{port}", "--rate", "100000", "--count", str(fleet.root / "trickled")],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        through_proxy = fleet.origin_addr.replace(f"/tcp/{port}/", f"/tcp/{proxy_port}/")
+        device = fleet.add_device("trickled", IPC, start=False, stall_timeout=30.0, origin=through_proxy)
+        config = device.process.config
+        config.write_text(config.read_text().replace("stall_timeout = 30.0\n", "stall_timeout = 30.0\nfetch_deadline = 8\n"))
+        fleet.start_device("trickled")
+        fleet.watcher.wait("trickled", lambda s: s.phase == Phase.IDLE and s.last_sequence == 1)
+        v1 = device.installed_sha256()
+        full_only = fleet.build_only(IPC, "2.0.0").manifest.model_copy(update={"deltas": {}})  # ~6 MB to fetch
+        assert full_only.artifact.size > 2_000_000
+        sent = datetime.now(UTC)
+        fleet.vouch_and_publish(IPC, full_only)
+        state = fleet.watcher.wait("trickled", lambda s: s.timestamp >= sent and s.reason_code == "fetch_deadline",
+                                   timeout=60)
+        elapsed = (state.timestamp - sent).total_seconds()
+        assert state.phase == Phase.FAILED and state.retrying and state.installed_version == "1.0.0"
+        # It trickled (the peer kept sending, far from all of it), and the 8 s deadline ended it, not
+        # the 30 s stall timeout.
+        passed = int((fleet.root / "trickled").read_text())
+        assert 200_000 < passed < full_only.artifact.size / 2, passed
+        assert 7.5 <= elapsed < 30, elapsed
+        assert device.installed_sha256() == v1
+    finally:
+        terminate(proxy)

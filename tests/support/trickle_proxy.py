@@ -1,0 +1,65 @@
+"""A TCP proxy that passes bytes towards the client at a trickle: a peer that never stalls and never
+finishes, which only a total fetch deadline stops.
+
+    python -m tests.support.trickle_proxy --port P --to HOST:PORT --rate BYTES_PER_S [--count FILE]
+
+Prints "ready" once it listens; keeps the number of bytes it passed to clients in FILE. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+CHUNK = 1024
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None,
+                count: list[int] | None = None) -> None:
+    try:
+        while data := await reader.read(CHUNK if rate else 65536):
+            writer.write(data)
+            await writer.drain()
+            if count is not None:
+                count[0] += len(data)
+            if rate:
+                await asyncio.sleep(len(data) / rate)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(port: int, host: str, upstream_port: int, rate: float, count_file: Path | None) -> None:
+    passed = [0]
+
+    async def keep_count() -> None:
+        while count_file is not None:
+            count_file.write_text(str(passed[0]))
+            await asyncio.sleep(0.2)
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, upstream_port)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(_pipe(client_reader, up_writer, None), _pipe(up_reader, client_writer, rate, passed))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    counter = asyncio.ensure_future(keep_count())  # noqa: F841 - runs as long as the server
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--to", required=True)
+    parser.add_argument("--rate", type=float, required=True)
+    parser.add_argument("--count", type=Path)
+    args = parser.parse_args()
+    to_host, to_port = args.to.rsplit(":", 1)
+    asyncio.run(main(args.port, to_host, int(to_port), args.rate, args.count))
