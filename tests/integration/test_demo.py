@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -94,7 +93,7 @@ def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
 
 
 def test_agents_stop_by_themselves_when_the_demo_is_killed_outright() -> None:
-    proc, pids, _, output = start_demo_until_agents_run()
+    proc, pids, workdir, output = start_demo_until_agents_run()
     try:
         assert pids, output
         proc.kill()  # SIGKILL: the demo's own clean-up cannot run
@@ -109,5 +108,5 @@ def test_agents_stop_by_themselves_when_the_demo_is_killed_outright() -> None:
                 os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
-        for leftover in Path(tempfile.gettempdir()).glob("edgeswarm-demo-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if workdir is not None:  # this demo's own directory only: another run's demo may be going on
+            shutil.rmtree(workdir, ignore_errors=True)
