@@ -43,15 +43,11 @@ from services.runtime.messaging import Message, MqttClient, MqttError, Will, top
 from services.runtime.settings import DeviceSettings
 from services.runtime.traffic import Endpoint, TrafficMeter
 from services.runtime.trust import (
-    BUCKETS, Admission, DeviceRecord, FreezeDetected, RootOutdated, TimestampMismatch, TrustedSet, TrustError,
+    BUCKETS, Admission, DeviceRecord, FreezeDetected, RootOutdated, RootsAhead, TimestampMismatch, TrustedSet, TrustError,
     decode_envelope, payload_bytes, payload_digest, rollout_bucket,
 )
 
 log = logging.getLogger(__name__)
-
-# Root versions heard ahead of a gap in the chain, kept until the gap is filled: the lowest are the
-# ones needed next, so past this many the highest are dropped (retained topics send them again).
-MAX_ROOTS_AHEAD = 8
 
 
 def origin_endpoint(multiaddr: str | None) -> Endpoint | None:
@@ -95,7 +91,7 @@ class DeviceAgent:
             local = self.state.local.model_copy(update={"timestamp_version": self.trusted.timestamp_floor})
             self.state_store.save(local)
             self.state = AgentState(local=local)
-        self._pending_roots: dict[int, bytes] = {}
+        self._roots_ahead = RootsAhead()
         self._pending_timestamp: bytes | None = None
         self._retry_at: float | None = None
         self._freeze_check_at: float | None = time.monotonic() + settings.limits.freeze_grace
@@ -521,17 +517,14 @@ class DeviceAgent:
             version = int(message.topic.rsplit("/", 1)[1])
         except ValueError:
             return
-        if version <= self.trusted.root.version:
+        if not self._roots_ahead.add(version, message.payload, self.trusted.root.version):
             return
-        self._pending_roots[version] = message.payload
-        while len(self._pending_roots) > MAX_ROOTS_AHEAD:
-            del self._pending_roots[max(self._pending_roots)]
-        if self.trusted.root.version + 1 not in self._pending_roots:
+        if not self._roots_ahead.has_next(self.trusted.root.version):
             await self._feed(machine.TrustDocumentRefused(
                 ReasonCode.ROOT_CHAIN_GAP,
                 f"root v{version} received, but v{self.trusted.root.version + 1} is missing: waiting for it"))
             return
-        while (raw := self._pending_roots.pop(self.trusted.root.version + 1, None)) is not None:
+        while (raw := self._roots_ahead.take_next(self.trusted.root.version)) is not None:
             try:
                 update = self.trusted.update_root(raw)
             except TrustError as exc:

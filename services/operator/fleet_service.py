@@ -37,12 +37,11 @@ from services.operator.fleet_store import FleetStore
 from services.operator.homeassistant import HomeAssistantBridge, Retained
 from services.operator.rollout import Member, Rollout
 from services.runtime.messaging import Message, MqttClient, topic_matches
-from services.runtime.trust import TrustError, next_root, open_release
+from services.runtime.trust import RootsAhead, TrustError, next_root, open_release
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256 * 1024
-MAX_ROOTS_AHEAD = 8  # root versions kept while an earlier one is missing (the lowest: needed first)
 MAX_UNVERIFIED_CLASSES = 256  # releases kept until the root they need arrives, one per class
 OPERATOR_ONLY = {"rollout/start", "rollout/pause", "rollout/resume", "rollout/abort", "device/retire"}
 
@@ -100,7 +99,7 @@ class FleetService:
         self.tick = tick
         self.tracker = FleetTracker(fleet)
         self.releases: dict[str, KnownRelease] = {}
-        self._roots_ahead: dict[int, bytes] = {}
+        self._roots_ahead = RootsAhead()
         self._unverified: dict[str, bytes] = {}  # by topic: refused, maybe only for want of a newer root
         self.rollouts: dict[str, Rollout] = {}
         for device_class, raw in store.rollouts().items():
@@ -189,13 +188,10 @@ class FleetService:
             version = int(topic.rsplit("/", 1)[1])
         except ValueError:
             return
-        if version <= self.root.version or len(raw) > MAX_REQUEST_BYTES:
+        if len(raw) > MAX_REQUEST_BYTES or not self._roots_ahead.add(version, raw, self.root.version):
             return
-        self._roots_ahead[version] = raw
-        while len(self._roots_ahead) > MAX_ROOTS_AHEAD:
-            del self._roots_ahead[max(self._roots_ahead)]
         walked = False
-        while (next_raw := self._roots_ahead.pop(self.root.version + 1, None)) is not None:
+        while (next_raw := self._roots_ahead.take_next(self.root.version)) is not None:
             try:
                 self.root = next_root(self.root, next_raw, max_bytes=MAX_REQUEST_BYTES).root
             except TrustError as exc:

@@ -222,6 +222,40 @@ def next_root(current: RootMetadata, raw: bytes, *, max_bytes: int = DEFAULT_MAX
     return RootUpdate(new, revoked)
 
 
+class RootsAhead:
+    """Signed roots heard for versions above the trusted one, held until the chain reaches them.
+
+    Bounded in count (each is size-capped by its reader): past `limit`, the highest versions go,
+    since the lowest are needed next and a flood of far-ahead versions must not evict them.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._held: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def lowest(self) -> int | None:
+        return min(self._held, default=None)
+
+    def add(self, version: int, raw: bytes, trusted: int) -> bool:
+        """Hold root `version` (False, nothing held: not above the trusted version)."""
+        if version <= trusted:
+            return False
+        self._held[version] = raw
+        while len(self._held) > self.limit:
+            del self._held[max(self._held)]
+        return True
+
+    def take_next(self, trusted: int) -> bytes | None:
+        """The held root for version `trusted + 1`, removed from the buffer; None if it has not come."""
+        return self._held.pop(trusted + 1, None)
+
+    def has_next(self, trusted: int) -> bool:
+        return trusted + 1 in self._held
+
+
 def open_release(root: RootMetadata, raw: bytes, now: datetime, *,
                  max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> tuple[ReleaseManifest, bytes]:
     """A release manifest signed by a threshold of `root`'s release keys, for `root`'s fleet, unexpired
