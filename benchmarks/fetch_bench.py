@@ -29,11 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from services.runtime.content import EmbeddedKuboNode, KuboConfig, prepare_process_dir  # noqa: E402
-from services.demo.ports import free_port  # noqa: E402
 
 
 async def _seed(workdir: Path, artifact: Path, ready: Path) -> None:
-    async with EmbeddedKuboNode(KuboConfig(repo=workdir / "seed", swarm_port=free_port(), routing="none")) as node:
+    async with EmbeddedKuboNode(KuboConfig(repo=workdir / "seed", swarm_port=0, routing="none")) as node:
         cid = await node.add(artifact)
         ready.write_text(json.dumps({"cid": cid, "addr": node.multiaddr}))
         while True:
@@ -50,7 +49,7 @@ def _peak_rss_mb() -> int:
 
 
 async def _fetch(workdir: Path, way: str, cid: str, addr: str, size: int, run: int) -> dict:
-    node = EmbeddedKuboNode(KuboConfig(repo=workdir / f"{way}-{run}", swarm_port=free_port(), routing="none"))
+    node = EmbeddedKuboNode(KuboConfig(repo=workdir / f"{way}-{run}", swarm_port=0, routing="none"))
     async with node:
         await node.connect(addr)
         out = workdir / f"{way}.bin"

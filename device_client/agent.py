@@ -72,6 +72,7 @@ class DeviceAgent:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.rendezvous: Rendezvous | None = None
+        self.swarm_port = settings.content.swarm_port  # the bound port once the node runs (settings may say 0)
         self._problems: list[tuple[ReasonCode, str]] = []  # found while loading: reported once connected
         self._prepare_state_dir()
         self.state_store = StateStore(self.state_dir / "state.json")
@@ -373,8 +374,9 @@ class DeviceAgent:
         )
         async with open_store(s.content.backend, kubo=node_config, rpc_api=s.content.rpc_api) as node, client:
             self.node, self.client = node, client
+            self.swarm_port = node_config.swarm_port
             self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class)
-            meter = TrafficMeter(s.content.swarm_port)  # for a daemon, its own port: counts are then the daemon's
+            meter = TrafficMeter(self.swarm_port)  # for a daemon, its own port: counts are then the daemon's
             self.update_context = UpdateContext(
                 store=node, target=s.install_path, download_dir=download_dir,
                 meter=meter if meter.available else None, origin=origin_endpoint(s.content.origin),
@@ -500,7 +502,7 @@ class DeviceAgent:
         if host in ("0.0.0.0", "::"):
             host = local_address(s.mqtt.host)
         outside = [*s.content.announce, *([mapped] if mapped else [])]
-        return [f"{a}/p2p/{peer_id}" for a in [*outside, f"/ip4/{host}/tcp/{s.content.swarm_port}"]][:8]
+        return [f"{a}/p2p/{peer_id}" for a in [*outside, f"/ip4/{host}/tcp/{self.swarm_port}"]][:8]
 
     def _origin_grace(self) -> float | None:
         """This device's grace before it dials the origin: 1-4x the setting, spread by device id, so

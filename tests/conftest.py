@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +8,15 @@ import pytest
 
 from tests.support.deadlines import slowness
 from tests.support.harness import Fleet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every process a test starts (`python -m services.cli ...`, agents, lab nodes) runs the code
+    under test, this checkout's: children start in temporary directories, where `python -m` would
+    find whatever checkout `pip install -e` last pointed at (another clone's suite, running now)."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

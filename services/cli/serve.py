@@ -57,19 +57,23 @@ def origin(
 def broker(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+    port: Annotated[int, typer.Option(help="TCP port; 0: any free one (see --port-file)")] = 1883,
+    port_file: Annotated[Optional[Path], typer.Option(help="write the port it listens on to this file once it does")] = None,
     verbose: bool = False,
 ) -> None:
     """Run the embedded MQTT broker (amqtt) until interrupted; `broker config` writes a Mosquitto setup."""
     if ctx.invoked_subcommand is not None:
         return
     from services.operator.broker import EmbeddedBroker
+    from services.runtime.files import atomic_write
 
     setup_logging(verbose)
 
     async def main(stop: asyncio.Event) -> None:
-        async with EmbeddedBroker(host, port):
-            err.print(f"MQTT broker listening on {host}:{port}; Ctrl-C stops it")
+        async with EmbeddedBroker(host, port) as running:
+            if port_file is not None:
+                atomic_write(port_file, f"{running.port}\n".encode())
+            err.print(f"MQTT broker listening on {host}:{running.port}; Ctrl-C stops it")
             await stop.wait()
 
     run_until_signal(main)

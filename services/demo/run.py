@@ -27,7 +27,6 @@ from services.runtime.content import EmbeddedKuboNode, KuboConfig
 from services.operator.fleet import FleetTracker
 from services.runtime.messaging import MqttClient
 from services.operator.home import OperatorHome
-from services.demo.ports import free_ports
 from services.demo.processes import AgentProcess
 from services.demo.provision import DEFAULT_TARGET, DeviceSpec, provision
 from services.operator.release import BuiltRelease, ReleasePipeline, publish_release
@@ -141,13 +140,14 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
     result = DemoResult(workdir=str(workdir))
     started = time.monotonic()
     try:
-        broker_port, origin_port = free_ports(2)
         images = workdir / "images"
         images.mkdir()
         console.log(f"work directory {workdir}")
-        async with EmbeddedBroker("127.0.0.1", broker_port), EmbeddedKuboNode(
-            KuboConfig(repo=workdir / "origin" / "ipfs", swarm_port=origin_port)
+        # Port 0 everywhere: each listener takes a free port as it binds, so nothing else can take it first.
+        async with EmbeddedBroker("127.0.0.1", 0) as broker, EmbeddedKuboNode(
+            KuboConfig(repo=workdir / "origin" / "ipfs", swarm_port=0)
         ) as origin:
+            broker_port = broker.port
             home = OperatorHome(workdir / "operator")
             home.init(FLEET)
             console.log(f"operator keys and root v1 in {home.path}; origin IPFS node {origin.peer_id[:16]}…")
@@ -165,13 +165,11 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                 tracker = FleetTracker(FLEET)
                 await tracker.subscribe(client)
 
-                ports = free_ports(options.devices + 2)
-                ports = [p for p in ports if p not in (broker_port, origin_port)][: options.devices]
                 for index in range(options.devices):
                     device_class = CLASSES[index % len(CLASSES)]
                     spec = DeviceSpec(
                         device_id=f"{device_class.split('-')[0]}-{index + 1:02d}", fleet=FLEET, device_class=device_class,
-                        base_dir=workdir / "devices" / f"device-{index + 1:02d}", swarm_port=ports[index],
+                        base_dir=workdir / "devices" / f"device-{index + 1:02d}", swarm_port=0,
                         broker_host="127.0.0.1", broker_port=broker_port, root_file=home.root_file,
                         firmware=firmware[(device_class, "1.0.0")], firmware_version="1.0.0",
                         peers=(origin.multiaddr,), origin=origin.multiaddr,
@@ -193,7 +191,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     )
                     if not ready:
                         raise RuntimeError("devices did not come up on v1: see agent.log files in " + str(workdir))
-                    meter = TrafficMeter(origin_port)
+                    meter = TrafficMeter(origin.config.swarm_port)
                     before = meter.snapshot()
                     released_at = time.monotonic()
                     releases: dict[str, BuiltRelease] = {}

@@ -58,7 +58,9 @@ class _UnacknowledgedDelivery(logging.Filter):
 
 
 class EmbeddedBroker:
-    """`async with EmbeddedBroker("127.0.0.1", 1883) as broker:` runs amqtt on that address."""
+    """`async with EmbeddedBroker("127.0.0.1", 1883) as broker:` runs amqtt on that address.
+
+    Port 0 takes any free port when the listener binds; `port` is the bound one once started."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host = host
@@ -80,7 +82,16 @@ class EmbeddedBroker:
             amqtt_broker.addFilter(_UnacknowledgedDelivery())
         self._broker = _FixedAmqttBroker(self._config())
         await self._broker.start()
+        if self.port == 0:
+            self.port = self._bound_port(self._broker)
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
+
+    @staticmethod
+    def _bound_port(broker: Broker) -> int:
+        server = broker._servers["default"].instance  # amqtt keeps its asyncio.Server there; no public accessor
+        if not isinstance(server, asyncio.Server) or not server.sockets:
+            raise RuntimeError("the embedded broker has no TCP listener")
+        return int(server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self._broker is not None:

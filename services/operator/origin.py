@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.operator.home import OperatorHome
 from services.runtime.content import EmbeddedKuboNode, KuboConfig, load_swarm_key
+from services.runtime.files import atomic_write
 from services.runtime.settings import OperatorSettings
 
 __all__ = ["origin_config", "serve_origin"]
@@ -39,7 +40,7 @@ async def serve_origin(config: KuboConfig, seed_dir: Path, address_file: Path, s
     """
     async with EmbeddedKuboNode(config) as node:
         log.info("origin node %s", node.multiaddr)
-        address_file.write_text(node.multiaddr + "\n")
+        atomic_write(address_file, (node.multiaddr + "\n").encode())
         seeded: set[str] = set()
         while not stop.is_set():
             seed_dir.mkdir(parents=True, exist_ok=True)

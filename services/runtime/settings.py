@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,7 +39,9 @@ class ContentSettings(BaseModel):
     backend: Literal["embedded", "kubo-rpc"] = "embedded"
     rpc_api: str = Field("/ip4/127.0.0.1/tcp/5001/http", description="kubo-rpc: the daemon's RPC API multiaddr")
     listen_host: str = "127.0.0.1"
-    swarm_port: int = Field(4001, ge=1, le=65535)
+    swarm_port: int = Field(
+        4001, ge=0, le=65535, description="the embedded node's swarm port; 0: any free port, chosen when the node "
+        "binds (logged, announced on the rendezvous, kept across node restarts). A daemon (kubo-rpc): its port")
     peers: list[str] = Field(default_factory=list, description="multiaddrs (with /p2p/<id>) dialed at start")
     origin: str | None = Field(None, description="the origin's multiaddr, to count bytes from origin vs peers")
     mdns: bool = False
@@ -74,6 +76,13 @@ class ContentSettings(BaseModel):
     disk_budget_mb: float | None = Field(
         None, gt=0, description="device: the most content (MB) kept for peers; older releases go first, and a "
         "release bigger than this is not kept at all. Unset: only keep_releases limits it")
+
+    @model_validator(mode="after")
+    def _fixed_port_for_mappings(self) -> ContentSettings:
+        # A router's mapping and a daemon's traffic meter need the port before the node binds it.
+        if self.swarm_port == 0 and (self.nat_pmp or self.backend == "kubo-rpc"):
+            raise ValueError("swarm_port = 0 (any free port) works only with the embedded node and without nat_pmp")
+        return self
 
 
 class Limits(BaseModel):

@@ -8,15 +8,14 @@ import pytest
 
 from services.operator.broker import EmbeddedBroker
 from services.runtime.messaging import MqttClient, Will
-from services.demo.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 
 def test_retained_messages_reach_only_clients_subscribed_to_their_topic() -> None:
     async def scenario() -> list[str]:
-        port = free_port()
-        async with EmbeddedBroker("127.0.0.1", port):
+        async with EmbeddedBroker("127.0.0.1", 0) as broker:
+            port = broker.port
             async with MqttClient("127.0.0.1", port, "publisher", clean_session=True) as pub:
                 await pub.publish("edgeswarm/f/releases/gateway", b"for gateways", retain=True)
                 await pub.publish("edgeswarm/f/releases/ipc", b"for ipcs", retain=True)
@@ -36,8 +35,8 @@ def test_retained_messages_reach_only_clients_subscribed_to_their_topic() -> Non
 
 def test_a_client_that_dies_gets_its_last_will_published() -> None:
     async def scenario() -> bytes:
-        port = free_port()
-        async with EmbeddedBroker("127.0.0.1", port):
+        async with EmbeddedBroker("127.0.0.1", 0) as broker:
+            port = broker.port
             device = MqttClient("127.0.0.1", port, "device", will=Will("dev/online", b"offline"), birth=Will("dev/online", b"online"))
             await device.connect()
             async with MqttClient("127.0.0.1", port, "watcher", clean_session=True) as watcher:
@@ -54,8 +53,8 @@ def test_a_very_long_reason_is_truncated_to_fit_the_wire_contract() -> None:
     from schemas.models import DeviceState, Phase
 
     async def scenario() -> DeviceState:
-        port = free_port()
-        async with EmbeddedBroker("127.0.0.1", port):
+        async with EmbeddedBroker("127.0.0.1", 0) as broker:
+            port = broker.port
             async with MqttClient("127.0.0.1", port, "dev", clean_session=True) as device, \
                     MqttClient("127.0.0.1", port, "watcher", clean_session=True) as watcher:
                 await watcher.subscribe("edgeswarm/f1/devices/d1/state")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from schemas.models import Phase
-from services.demo.ports import free_port
+from tests.support.ports import free_port
 from tests.support import homeassistant
 from tests.support.harness import FLEET, Fleet, ServiceProcess, credentials, mosquitto_available
 

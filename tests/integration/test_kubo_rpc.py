@@ -9,7 +9,7 @@ import pytest
 
 from schemas.models import Phase
 from services.runtime.content import KuboRpcStore
-from services.demo.ports import free_port
+from tests.support.ports import free_port
 from tests.support.harness import Fleet
 from tests.support.jsipfs import JsIpfsDaemon, js_ipfs_available
 

@@ -167,7 +167,7 @@ def test_mutual_tls_refuses_certificates_from_another_ca(tmp_path: Path) -> None
     import subprocess
     import sys
 
-    from services.demo.ports import free_port
+    from tests.support.ports import free_port
 
     port = free_port()
     run = lambda *a: subprocess.run([sys.executable, "-m", "services.cli", *a], check=True, capture_output=True)  # noqa: E731
@@ -228,7 +228,7 @@ def test_the_update_flows_over_tls_and_survives_a_broker_crash_mid_rollout(locke
 
 
 def test_a_site_broker_bridged_to_the_central_one_delivers_central_releases_to_its_devices(tmp_path: Path) -> None:
-    from services.demo.ports import free_port
+    from tests.support.ports import free_port
 
     fleet = Fleet(tmp_path)
     site_dir = mosquitto_dir()

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from schemas.models import Delta, Phase, ReleaseManifest
-from services.demo.ports import free_port
 from services.demo.processes import terminate
 from services.runtime.content import HashOnlyStore
 from services.runtime.trust import BUCKETS, decode_envelope, payload_bytes, rollout_bucket
@@ -121,13 +120,15 @@ def test_a_peer_that_trickles_is_stopped_by_the_total_fetch_deadline(fleet: Flee
     deadline stops it; the device fails the attempt (retried later) and keeps its version."""
     fleet.release(IPC, "1.0.0")
     host, port = fleet.origin_addr.split("/")[2], int(fleet.origin_addr.split("/")[4])
-    proxy_port = free_port()
-    proxy = subprocess.Popen([sys.executable, "-m", "tests.support.trickle_proxy", "--port", str(proxy_port),
+    proxy = subprocess.Popen([sys.executable, "-m", "tests.support.trickle_proxy", "--port", "0",
                               "--to", f"{host}:{port}", "--rate", "100000", "--count", str(fleet.root / "trickled")],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                              start_new_session=True)
     try:
-        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        assert proxy.stdout is not None
+        ready, bound = proxy.stdout.readline().split()
+        proxy_port = int(bound)
+        assert ready == b"ready"
         through_proxy = fleet.origin_addr.replace(f"/tcp/{port}/", f"/tcp/{proxy_port}/")
         device = fleet.add_device("trickled", IPC, start=False, stall_timeout=30.0, origin=through_proxy)
         config = device.process.config

@@ -31,7 +31,7 @@ from services.runtime.content import HashOnlyStore
 from services.runtime.files import sha256_file
 from services.runtime.keys import SigningKey, sign_envelope
 from services.operator.home import OperatorHome
-from services.demo.ports import free_port
+from tests.support.ports import free_port
 from services.demo.processes import AgentProcess, terminate
 from services.demo.provision import DeviceSpec, provision
 from services.operator.release import BuiltRelease, ReleasePipeline
@@ -50,6 +50,17 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def wait_port_file(path: Path, log_file: Path, timeout: float = 20.0) -> int:
+    """The port a service wrote to `path` once it listened (it bound port 0)."""
+    timeout = scaled(timeout)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists():
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(f"no port in {path} after {timeout} s: " + log_file.read_text()[-2000:])
 
 
 class ServiceProcess:
@@ -172,13 +183,17 @@ class Fleet:
               mosquitto_devices: list[tuple[str, str]] | None = None, broker_args: tuple[str, ...] = (),
               broker_tls: bool = True) -> None:
         """Start the embedded broker, or (with `mosquitto_devices`) a locked-down Mosquitto, over TLS by default."""
-        self.broker_port = free_port()
         operator_mqtt = ""
         if mosquitto_devices is None:
-            self.processes.append(ServiceProcess(["broker", "--port", str(self.broker_port)], self.root / "broker.log", self.root))
-            wait_port(self.broker_port)
+            # Port 0: the broker binds a free port itself and says which (no window for another process to take it).
+            port_file = self.root / "broker.port"
+            self.processes.append(ServiceProcess(["broker", "--port", "0", "--port-file", str(port_file)],
+                                                 self.root / "broker.log", self.root))
+            self.broker_port = wait_port_file(port_file, self.root / "broker.log")
             watcher_auth = None
         else:
+            # Mosquitto's listener port must be in its config (and every client's) before it starts.
+            self.broker_port = free_port()
             # Mosquitto drops to user `mosquitto`, which cannot traverse pytest's 0700 directories.
             self.broker_dir = mosquitto_dir()
             if broker_tls:
@@ -193,7 +208,7 @@ class Fleet:
             operator_mqtt = "".join(f'{k} = "{release[k]}"\n' for k in ("username", "password", "ca_file") if k in release)
             watcher_auth = credentials(self.broker_dir, "edgeswarm-operator")
         self.operator_config = self.root / "operator.toml"
-        self.origin_port = free_port()
+        self.origin_port = 0  # any free port, named in the origin's multiaddr file; see origin_multiaddr_from_repo
         self.operator_config.write_text(
             f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n{operator_mqtt}'
             f"[content]\nswarm_port = {self.origin_port}\n"
@@ -216,9 +231,15 @@ class Fleet:
         self.origin_addr = address_file.read_text().strip()
 
     def origin_multiaddr_from_repo(self) -> str:
-        """The origin's address before it ever ran: identity from the repo config it will use."""
+        """The origin's address before it ever ran: identity from the repo config it will use, and a
+        port fixed now in the operator settings (a device configured with it cannot learn a later one)."""
         from services.runtime.content import create_repo
 
+        if self.origin_port == 0:
+            self.origin_port = free_port()
+            settings = self.operator_config.read_text()
+            assert "swarm_port = 0\n" in settings
+            self.operator_config.write_text(settings.replace("swarm_port = 0\n", f"swarm_port = {self.origin_port}\n", 1))
         peer_id = create_repo(self.home.path / "origin" / "ipfs")
         return f"/ip4/127.0.0.1/tcp/{self.origin_port}/p2p/{peer_id}"
 
@@ -348,7 +369,7 @@ class Fleet:
         origin = origin or self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
             device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
-            swarm_port=free_port(), broker_host="127.0.0.1", broker_port=broker_port,
+            swarm_port=0, broker_host="127.0.0.1", broker_port=broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
             peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
             swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,

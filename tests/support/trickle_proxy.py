@@ -3,7 +3,7 @@ finishes, which only a total fetch deadline stops.
 
     python -m tests.support.trickle_proxy --port P --to HOST:PORT --rate BYTES_PER_S [--count FILE]
 
-Prints "ready" once it listens; keeps the number of bytes it passed to clients in FILE. Loopback only.
+Prints "ready PORT" once it listens (port 0: any free one); keeps the number of bytes it passed to clients in FILE. Loopback only.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ async def main(port: int, host: str, upstream_port: int, rate: float, count_file
 
     server = await asyncio.start_server(handle, "127.0.0.1", port)
     counter = asyncio.ensure_future(keep_count())  # noqa: F841 - runs as long as the server
-    print("ready", flush=True)
+    print("ready", server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await server.serve_forever()
 

