@@ -24,27 +24,64 @@ import pydantic
 
 from device_client import machine
 from device_client.content_keeper import ContentKeeper
-from device_client.installer import UnsafePath, check_install_directory, installer_for, sha256_file
+from device_client.installer import (
+    UnsafePath,
+    check_install_directory,
+    installer_for,
+    sha256_file,
+)
 from device_client.local_state import LocalState, StateStore
 from device_client.machine import AgentState, Event, MachineConfig
-from device_client.rendezvous import Rendezvous, local_address
+from device_client.rendezvous import Rendezvous
 from device_client.reporter import Reporter
 from device_client.switch import SwitchJournal, SwitchRecord, SwitchStep, Unreadable
 from device_client.updater import UpdateContext, UpdateError, Updater
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.errors import EdgeswarmError, ReasonCode
-from schemas.models import OFFLINE, ONLINE, CommandName, DeviceCommand, Phase, ReleaseManifest, Role
+from schemas.models import (
+    OFFLINE,
+    ONLINE,
+    CommandName,
+    DeviceCommand,
+    Phase,
+    ReleaseManifest,
+    Role,
+)
 from services.runtime import natpmp
+from services.runtime.addresses import local_address
 from services.runtime.confidential import load_class_key
-from services.runtime.content import FetchError, FetchTooLarge, KuboConfig, load_swarm_key, open_store
+from services.runtime.content import (
+    FetchError,
+    FetchTooLarge,
+    KuboConfig,
+    load_swarm_key,
+    open_store,
+)
 from services.runtime.files import atomic_write, read_capped, set_aside
-from services.runtime.messaging import Message, MqttClient, MqttError, Will, topic_matches
+from services.runtime.messaging import (
+    Message,
+    MqttClient,
+    MqttError,
+    Will,
+    topic_matches,
+)
 from services.runtime.settings import DeviceSettings
 from services.runtime.traffic import Endpoint, TrafficMeter
 from services.runtime.trust import (
-    BUCKETS, Admission, DeviceRecord, FreezeDetected, RootOutdated, RootsAhead, TimestampMismatch, TrustedSet, TrustError,
-    decode_envelope, payload_bytes, payload_digest, rollout_bucket,
+    BUCKETS,
+    Admission,
+    DeviceRecord,
+    FreezeDetected,
+    RootOutdated,
+    RootsAhead,
+    TimestampMismatch,
+    TrustedSet,
+    TrustError,
+    decode_envelope,
+    payload_bytes,
+    payload_digest,
+    rollout_bucket,
 )
 
 log = logging.getLogger(__name__)

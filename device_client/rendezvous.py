@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from datetime import UTC, datetime
 
 import pydantic
@@ -23,13 +22,6 @@ from services.runtime.content import ContentStore
 from services.runtime.messaging import Message, MqttClient
 
 log = logging.getLogger(__name__)
-
-
-def local_address(towards: str) -> str:
-    """The address this host uses to reach `towards` (its LAN address behind a NAT)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect((towards, 9))  # UDP connect sends nothing; it only picks the route
-        return str(sock.getsockname()[0])
 
 
 class Rendezvous:

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from typing import Self
 
 from schemas.canonical import canonical_json, strict_loads
+from schemas.roles import Role  # noqa: F401 - part of this module's public names
 
 MAX_SIZE = 2**40  # 1 TiB: no artifact is bigger; keeps sizes far from integer overflow anywhere
 
@@ -60,12 +61,6 @@ class WireModel(BaseModel):
 
 
 # --- signed documents -------------------------------------------------------------------------
-
-
-class Role(str, enum.Enum):
-    ROOT = "root"
-    RELEASE = "release"
-    TIMESTAMP = "timestamp"
 
 
 class PublicKey(WireModel):

@@ -114,6 +114,11 @@ def parse_ops_topic(fleet: str, topic: str) -> tuple[str, str | None] | None:
     return None
 
 
+def ops_probe_topic(fleet: str) -> str:
+    """Where the fleet service checks, at start, that its broker login may write and read ops topics."""
+    return f"{ROOT}/{check_identifier(fleet, 'fleet')}/ops/probe"
+
+
 def ha_state_topic(fleet: str, device: str) -> str:
     """What the Home Assistant bridge publishes for one device's update entity (retained JSON)."""
     return f"{ROOT}/{check_identifier(fleet, 'fleet')}/ha/{check_identifier(device, 'device')}/update"

@@ -8,20 +8,32 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from services.runtime.settings import OperatorSettings, load_settings
+if TYPE_CHECKING:
+    from services.runtime.settings import OperatorSettings
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="settings file (TOML)")]
-HomeOption = Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="settings file (TOML; config/operator.example.toml shows every key); EDGESWARM_* variables override it")]
+HomeOption = Annotated[Optional[Path], typer.Option(help="operator home directory (default: settings key home)")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log every step (debug level); errors show a traceback")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of tables")]
 PASSPHRASE_ENV = "EDGESWARM_KEY_PASSPHRASE"
 
-err = Console(stderr=True)
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """Rich output that a pipe or a log file receives whole: lines not wrapped, table cells not cut to
+    80 columns (rich's width when there is no terminal)."""
+    found = Console(stderr=stderr, soft_wrap=True, log_path=False)
+    return found if found.is_terminal else Console(stderr=stderr, soft_wrap=True, log_path=False,
+                                                   width=max(found.width, 200))
+
+
+err = make_console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -43,6 +55,11 @@ def setup_logging(verbose: bool, console: Console | None = None) -> None:
 
 
 def operator_settings(config: Path | None) -> OperatorSettings:
+    from services.runtime.settings import (  # pydantic models: ~100 ms to build
+        OperatorSettings,
+        load_settings,
+    )
+
     return load_settings(OperatorSettings, config)
 
 

@@ -7,19 +7,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from schemas.patch import PatchHeader
-from services.cli.common import JsonOption, err, fail
-from services.runtime.delta import BadPatch, apply_in_place, apply_patch, patch_info
+from services.cli.common import JsonOption, err, fail, make_console
+
+if TYPE_CHECKING:  # the delta codecs (numpy, zstandard) load when a command runs, not for --help
+    from schemas.patch import PatchHeader
 
 delta_app = typer.Typer(help="Binary deltas: create, apply (also in place), inspect.", no_args_is_help=True)
-out = Console()
+out = make_console()
 _fail = fail
 
 
@@ -93,6 +99,8 @@ def apply(
     """Rebuild the new file from OLD and PATCH, checking every segment and the result's sha256."""
     if in_place == (output is not None):
         _fail("give either -o NEW or --in-place")
+    from services.runtime.delta import BadPatch, apply_in_place, apply_patch
+
     started = time.monotonic()
     try:
         with _progress("patching", as_json) as progress:
@@ -114,6 +122,8 @@ def info(
     as_json: JsonOption = False,
 ) -> None:
     """Show what a patch applies to, what it produces and how it is laid out."""
+    from services.runtime.delta import BadPatch, patch_info
+
     try:
         header = patch_info(patch)
     except BadPatch as exc:

@@ -9,12 +9,21 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from services.cli.common import (
-    ConfigOption, JsonOption, err, fail, operator_client, operator_home, operator_settings,
-    run_until_signal, setup_logging,
+    ConfigOption,
+    HomeOption,
+    JsonOption,
+    VerboseOption,
+    err,
+    fail,
+    make_console,
+    operator_client,
+    operator_home,
+    operator_settings,
+    run_until_signal,
+    setup_logging,
 )
 
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
@@ -53,7 +62,7 @@ def fleet_status(
             out.append(entry)
         print(json.dumps({"fleet": settings.fleet, "devices": out}))
         return
-    console = Console()
+    console = make_console()
     if not tracker.devices:
         console.print(f"no devices have reported in fleet {settings.fleet} on {settings.mqtt.host}:{settings.mqtt.port}")
         return
@@ -75,11 +84,11 @@ def fleet_status(
 @fleet_app.command("serve")
 def fleet_serve(
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
-    homeassistant: Annotated[Optional[bool], typer.Option("--homeassistant/--no-homeassistant", help="publish Home Assistant MQTT discovery (default from settings)")] = None,
-    discovery_prefix: Annotated[Optional[str], typer.Option(help="Home Assistant's discovery prefix (default from settings: homeassistant)")] = None,
+    home: HomeOption = None,
+    homeassistant: Annotated[Optional[bool], typer.Option("--homeassistant/--no-homeassistant", help="publish Home Assistant MQTT discovery (default: settings key homeassistant.enabled, else false)")] = None,
+    discovery_prefix: Annotated[Optional[str], typer.Option(help="Home Assistant's discovery prefix (default: settings key homeassistant.discovery_prefix, else homeassistant)")] = None,
     trusted_root: Annotated[Optional[Path], typer.Option(help="the fleet's signed root.json, against which every release is verified (default: <home>/root.json)")] = None,
-    verbose: bool = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run the fleet service: tracking, staged rollouts, operator requests, Home Assistant.
 
@@ -152,7 +161,7 @@ def _device_request(action: str, device: str, config: Path | None, home: Path | 
 def fleet_install(
     device: Annotated[str, typer.Argument(help="device id")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Install its class's latest release on one device now (refused while that rollout is paused or aborted)."""
@@ -163,7 +172,7 @@ def fleet_install(
 def fleet_check(
     device: Annotated[str, typer.Argument(help="device id")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Ask one device to evaluate its class's release again and report."""
@@ -174,7 +183,7 @@ def fleet_check(
 def fleet_retire(
     device: Annotated[str, typer.Argument(help="device id")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Forget a decommissioned device: its retained reports and its Home Assistant entity are removed."""
@@ -185,7 +194,7 @@ def fleet_retire(
 def fleet_show(
     device: Annotated[str, typer.Argument(help="device id")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """One device: its latest state and every update attempt (recorded by `edgeswarm fleet serve`)."""
@@ -207,7 +216,7 @@ def fleet_show(
         print(json.dumps({"device": asdict(rows[0]), "attempts": [asdict(a) for a in attempts]}))
         return
     row = rows[0]
-    console = Console()
+    console = make_console()
     console.print(f"[bold]{row.device}[/] ({row.device_class}): {row.installed_version}, {row.phase} "
                   f"{row.progress or 0}%, {'online' if row.online else 'offline'}, last seen {row.last_seen}")
     if row.last_error:

@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from schemas.models import Role
+from schemas.roles import Role
 from services.cli.common import (
-    PASSPHRASE_ENV, ConfigOption, JsonOption, fail, operator_client, operator_home, operator_settings,
+    PASSPHRASE_ENV,
+    ConfigOption,
+    HomeOption,
+    JsonOption,
+    fail,
+    make_console,
+    operator_client,
+    operator_home,
+    operator_settings,
 )
 
 keys_app = typer.Typer(help="Signing keys and the fleet's root of trust.", no_args_is_help=True)
@@ -28,13 +35,13 @@ root_app = typer.Typer(help="Root metadata: show, sign offline, commit, publish.
 @keys_app.command("init")
 def keys_init(
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
-    fleet: Annotated[Optional[str], typer.Option(help="fleet name (default from settings)")] = None,
-    root_keys: Annotated[int, typer.Option(min=1, max=32)] = 1,
-    root_threshold: Annotated[int, typer.Option(min=1, max=32)] = 1,
-    release_keys: Annotated[int, typer.Option(min=1, max=32)] = 1,
-    release_threshold: Annotated[int, typer.Option(min=1, max=32)] = 1,
-    expires_days: Annotated[int, typer.Option(min=1, help="root metadata lifetime")] = 365,
+    home: HomeOption = None,
+    fleet: Annotated[Optional[str], typer.Option(help="fleet name (default: settings key fleet)")] = None,
+    root_keys: Annotated[int, typer.Option(min=1, max=32, help="root keys to generate (keep them offline)")] = 1,
+    root_threshold: Annotated[int, typer.Option(min=1, max=32, help="root signatures a new root needs")] = 1,
+    release_keys: Annotated[int, typer.Option(min=1, max=32, help="release keys to generate")] = 1,
+    release_threshold: Annotated[int, typer.Option(min=1, max=32, help="release signatures a release needs")] = 1,
+    expires_days: Annotated[int, typer.Option(min=1, help="root metadata lifetime in days")] = 365,
     encrypt: Annotated[bool, typer.Option(help=f"seal key files with a passphrase (${PASSPHRASE_ENV} or a prompt)")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -61,8 +68,8 @@ def keys_init(
         table.add_column(column)
     for role, spec in root.roles.items():
         table.add_row(role.value, str(spec.threshold), "\n".join(k[:16] + "…" for k in spec.keyids))
-    Console().print(table)
-    Console().print(f"provision devices with [bold]{operator.root_file}[/]; private keys are in {operator.keys_dir}")
+    make_console().print(table)
+    make_console().print(f"provision devices with [bold]{operator.root_file}[/]; private keys are in {operator.keys_dir}")
 
 
 def _root_change(operator, proposed, offline: bool, as_json: bool) -> None:  # noqa: ANN001
@@ -93,7 +100,7 @@ def _report_root(operator, envelope, as_json: bool, *, committed: bool, why: str
                           "proposal": None if committed else str(operator.proposal_file), "revoked_roles": revoked or [],
                           "reason": why or None}))
         return
-    console = Console()
+    console = make_console()
     if committed:
         console.print(f"root v{root.version} is current ({len(envelope.signatures)} signatures); keys removed from: "
                       f"{', '.join(revoked or []) or 'none'}. Publish it: [bold]edgeswarm root publish[/]")
@@ -107,7 +114,7 @@ def _report_root(operator, envelope, as_json: bool, *, committed: bool, why: str
 def keys_rotate(
     role: Annotated[Role, typer.Argument(help="root, release or timestamp")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     count: Annotated[Optional[int], typer.Option(min=1, max=32, help="number of new keys (default: as many as now)")] = None,
     threshold: Annotated[Optional[int], typer.Option(min=1, max=32, help="new threshold (default: unchanged)")] = None,
     offline: Annotated[bool, typer.Option(help="only write the unsigned proposal (root keys kept elsewhere)")] = False,
@@ -127,7 +134,7 @@ def keys_rotate(
 def keys_revoke(
     keyid: Annotated[str, typer.Argument(help="key id (or a unique prefix) to remove from every role")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     offline: Annotated[bool, typer.Option(help="only write the unsigned proposal (root keys kept elsewhere)")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -145,7 +152,7 @@ def keys_revoke(
 def keys_class_key(
     device_class: Annotated[str, typer.Argument(help="device class whose releases become confidential")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
 ) -> None:
     """Create the symmetric key that encrypts this class's artifacts and deltas from now on.
 
@@ -161,13 +168,13 @@ def keys_class_key(
         generate_class_key(path)
     except FileExistsError:
         fail(f"{path} exists; a class key is never overwritten")
-    Console().print(f"class key for {device_class} written to {path} (0600); releases of {device_class} are now encrypted")
+    make_console().print(f"class key for {device_class} written to {path} (0600); releases of {device_class} are now encrypted")
 
 
 @keys_app.command("swarm-key")
 def keys_swarm_key(
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
 ) -> None:
     """Create the fleet's private IPFS swarm key: nodes without it cannot connect to fleet nodes."""
     from services.runtime.content import generate_swarm_key
@@ -177,14 +184,14 @@ def keys_swarm_key(
         generate_swarm_key(operator.swarm_key_file)
     except FileExistsError:
         fail(f"{operator.swarm_key_file} exists; a swarm key is never overwritten")
-    Console().print(f"swarm key written to {operator.swarm_key_file} (0600); give it to every device "
+    make_console().print(f"swarm key written to {operator.swarm_key_file} (0600); give it to every device "
                     "(content.swarm_key_file) and restart the origin")
 
 
 @root_app.command("show")
 def root_show(
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """The current root: version, expiry, keys and thresholds per role."""
@@ -201,7 +208,7 @@ def root_show(
         table.add_column(column)
     for role, spec in root.roles.items():
         table.add_row(role.value, str(spec.threshold), "\n".join(k[:16] + "…" for k in spec.keyids))
-    Console().print(table)
+    make_console().print(table)
 
 
 @root_app.command("sign")
@@ -210,8 +217,8 @@ def root_sign(
     key: Annotated[list[Path], typer.Option("--key", exists=True, dir_okay=False, help="root key file; repeatable")],
 ) -> None:
     """Add signatures to a proposed root, e.g. on the offline machine that holds the root keys."""
-    from services.runtime.keys import KeyLocked, SigningKey
     from services.operator.home import OperatorHome, RootChangeError
+    from services.runtime.keys import KeyLocked, SigningKey
     from services.runtime.trust import TrustError, decode_envelope
 
     try:
@@ -221,14 +228,14 @@ def root_sign(
     except (TrustError, KeyLocked, RootChangeError, PermissionError) as exc:
         fail(str(exc))
     file.write_bytes(signed.canonical_bytes())
-    Console().print(f"{file}: {len(signed.signatures)} signature(s)")
+    make_console().print(f"{file}: {len(signed.signatures)} signature(s)")
 
 
 @root_app.command("commit")
 def root_commit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="signed root N+1")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
 ) -> None:
     """Check a signed root N+1 exactly as devices will, and make it current."""
     from services.operator.home import RootChangeError
@@ -238,13 +245,13 @@ def root_commit(
         update = operator.commit_root(file.read_bytes())
     except RootChangeError as exc:
         fail(str(exc))
-    Console().print(f"root v{update.root.version} is current. Publish it: edgeswarm root publish")
+    make_console().print(f"root v{update.root.version} is current. Publish it: edgeswarm root publish")
 
 
 @root_app.command("publish")
 def root_publish(
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
 ) -> None:
     """Publish every root of the chain (retained) and a fresh timestamp made under the newest."""
     from services.operator.release import publish_root_change
@@ -262,5 +269,5 @@ def root_publish(
         resigned = asyncio.run(go())
     except (MqttError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    Console().print(f"published root chain up to v{operator.root().version} and a fresh timestamp"
+    make_console().print(f"published root chain up to v{operator.root().version} and a fresh timestamp"
                     + (f"; re-signed the latest release of {', '.join(resigned)} with the current release keys" if resigned else ""))

@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from services.cli.common import (
-    ConfigOption, JsonOption, err, fail, operator_client, operator_home, operator_settings,
-    run_until_signal, setup_logging,
+    ConfigOption,
+    HomeOption,
+    JsonOption,
+    VerboseOption,
+    err,
+    fail,
+    make_console,
+    operator_client,
+    operator_home,
+    operator_settings,
+    run_until_signal,
+    setup_logging,
 )
 
 app = typer.Typer()  # its commands are top-level ones: services.cli registers them
@@ -28,7 +37,7 @@ def release(
     version: Annotated[str, typer.Argument(help="new version, e.g. 2.0.0")],
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="the full artifact")],
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     target: Annotated[str, typer.Option(help="absolute path the device installs to")] = "/opt/edgeswarm/firmware.img",
     summary: Annotated[str, typer.Option(help="release notes shown to operators")] = "",
     handler: Annotated[str, typer.Option(help="install handler: file, ab (two slots) or command")] = "file",
@@ -47,7 +56,12 @@ def release(
     of the class waits for its wave of `edgeswarm rollout start`.
     """
     from services.operator.fleet_store import versions_of_class
-    from services.operator.release import ReleaseError, ReleasePipeline, publish_release, release_store
+    from services.operator.release import (
+        ReleaseError,
+        ReleasePipeline,
+        publish_release,
+        release_store,
+    )
     from services.runtime.messaging import MqttError
 
     settings = operator_settings(config)
@@ -92,7 +106,7 @@ def release(
                               "artifact": m.artifact.model_dump(), "deltas": {k: v.model_dump() for k, v in m.deltas.items()},
                               "rollout": m.rollout.model_dump() if m.rollout else None, "published": publish}))
         else:
-            Console().print(f"released {device_class} {m.version} (sequence {m.sequence}): artifact {m.artifact.size} bytes "
+            make_console().print(f"released {device_class} {m.version} (sequence {m.sequence}): artifact {m.artifact.size} bytes "
                             f"{m.artifact.cid}; {len(m.deltas)} delta(s) "
                             + ", ".join(f"from {d.base_version}: {d.size} bytes" for d in m.deltas.values()))
 
@@ -107,18 +121,18 @@ def release(
 @app.command("timestamp")
 def timestamp_cmd(
     config: ConfigOption = None,
-    home: Annotated[Optional[Path], typer.Option(help="operator home (default from settings)")] = None,
+    home: HomeOption = None,
     every: Annotated[Optional[float], typer.Option(help="re-sign and publish every this many seconds (e.g. 3600)")] = None,
-    expires_hours: Annotated[Optional[float], typer.Option(help="lifetime of each timestamp (default from settings)")] = None,
-    verbose: bool = False,
+    expires_hours: Annotated[Optional[float], typer.Option(help="lifetime of each timestamp in hours (default: settings key timestamp_expires_hours, else 4)")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Sign and publish a fresh timestamp naming the latest release of every class.
 
     Devices refuse releases no fresh timestamp names and report `frozen` when the last one
     expires, so run this on a schedule (`--every 3600`) shorter than the lifetime.
     """
-    from services.runtime.messaging import MqttError
     from services.operator.release import publish_timestamp
+    from services.runtime.messaging import MqttError
 
     settings = operator_settings(config)
     operator = operator_home(settings, home)

@@ -6,17 +6,28 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import pydantic
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from schemas import topics
-from schemas.ops import ControlRollout, OpsResult, RolloutPlan, RolloutStatus, StartRollout, Wave
-from services.cli.common import ConfigOption, HomeOption, JsonOption, fail, operator_client, operator_home, operator_settings
-from services.runtime.settings import OperatorSettings
+from services.cli.common import (
+    ConfigOption,
+    HomeOption,
+    JsonOption,
+    fail,
+    make_console,
+    operator_client,
+    operator_home,
+    operator_settings,
+)
+
+if TYPE_CHECKING:  # pydantic models: imported where used, so that --help stays quick
+    import pydantic
+
+    from schemas.ops import OpsResult, RolloutStatus, Wave
+    from services.runtime.settings import OperatorSettings
 
 rollout_app = typer.Typer(help="Staged rollouts: waves, soak time, automatic pause on failures.", no_args_is_help=True)
 TOKEN_ENV = "EDGESWARM_OPS_TOKEN"
@@ -32,8 +43,8 @@ def operator_token(settings: OperatorSettings, home: Path | None) -> str:
 
 
 def send(settings: OperatorSettings, topic: str, body: pydantic.BaseModel, timeout: float = 10.0) -> OpsResult:
-    from services.runtime.messaging import MqttError
     from services.operator.ops_client import NoAnswer, request
+    from services.runtime.messaging import MqttError
 
     async def go() -> OpsResult:
         async with operator_client(settings, f"ops-{os.getpid()}") as client:
@@ -50,12 +61,14 @@ def report(result: OpsResult, as_json: bool) -> None:
     if as_json:
         print(result.model_dump_json())
     elif result.ok:
-        Console().print(result.message)
+        make_console().print(result.message)
     if not result.ok:
         fail(result.message)
 
 
 def parse_wave(text: str) -> Wave:
+    from schemas.ops import Wave
+
     text = text.strip()
     if text.rstrip("%").isdigit():
         return Wave(percent=int(text.rstrip("%")))
@@ -74,6 +87,10 @@ def start(
     as_json: JsonOption = False,
 ) -> None:
     """Start rolling a staged release out, wave by wave (run by `edgeswarm fleet serve`)."""
+    import pydantic
+
+    from schemas.ops import RolloutPlan, StartRollout
+
     settings = operator_settings(config)
     try:
         plan = RolloutPlan(device_class=device_class, version=version, waves=[parse_wave(w) for w in wave],
@@ -86,6 +103,8 @@ def start(
 
 
 def _control(action: str, device_class: str, reason: str, config: Path | None, home: Path | None, as_json: bool) -> None:
+    from schemas.ops import ControlRollout
+
     settings = operator_settings(config)
     body = ControlRollout(token=operator_token(settings, home), device_class=device_class, reason=reason)
     report(send(settings, topics.ops_rollout_topic(settings.fleet, action), body), as_json)
@@ -123,8 +142,8 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Every class's rollout: state, wave, done / installing / waiting / failed."""
-    from services.runtime.messaging import MqttError
     from services.operator.ops_client import rollout_statuses
+    from services.runtime.messaging import MqttError
 
     settings = operator_settings(config)
 
@@ -140,7 +159,7 @@ def status(
     if as_json:
         print(json.dumps({"fleet": settings.fleet, "rollouts": [json.loads(s.model_dump_json()) for s in found]}))
         return
-    console = Console()
+    console = make_console()
     if not found:
         console.print(f"no rollouts in fleet {settings.fleet}")
         return

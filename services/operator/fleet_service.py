@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_UNVERIFIED_CLASSES = 256  # releases kept until the root they need arrives, one per class
+ACCESS_CHECK_SECONDS = 10.0
 OPERATOR_ONLY = {"rollout/start", "rollout/pause", "rollout/resume", "rollout/abort", "device/retire"}
+
+
+class AccessDenied(EdgeswarmError):
+    """The broker login may not read and write the ops topics: the service would run and do nothing."""
 
 
 @dataclass(frozen=True)
@@ -117,16 +122,32 @@ class FleetService:
         await client.subscribe(topics.ops_wildcard(self.fleet))
         if self.bridge is not None:
             await client.subscribe(self.bridge.status_topic)
+        # A broker drops what its ACL denies without telling anyone (Mosquitto grants the subscription
+        # and never delivers): a marker sent to ourselves shows whether this login may do our job.
+        probe = secrets.token_hex(16).encode()
+        await client.publish(topics.ops_probe_topic(self.fleet), probe, retain=False)
         stopper = asyncio.ensure_future(stop.wait())
         loop = asyncio.get_running_loop()
         next_advance = loop.time() + self.tick  # first let the retained reports of the fleet arrive
+        probe_deadline: float | None = loop.time() + ACCESS_CHECK_SECONDS
         try:
             while not stop.is_set():
+                if probe_deadline is not None and loop.time() > probe_deadline:
+                    raise AccessDenied(
+                        f"this broker login ({client.username or 'anonymous'}) may not write and read "
+                        f"{topics.ops_wildcard(self.fleet)}: fleet serve needs the operator principal's "
+                        "[mqtt] credentials (credentials/edgeswarm-operator.toml from `edgeswarm broker config`)")
                 getter = asyncio.ensure_future(client.next_message())
-                wait = max(0.0, next_advance - loop.time())
+                wait = max(0.0, min(next_advance, probe_deadline or next_advance) - loop.time())
                 done, _ = await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    await self.handle(client, getter.result())
+                    message = getter.result()
+                    if message.topic == topics.ops_probe_topic(self.fleet):
+                        if message.payload == probe and probe_deadline is not None:
+                            log.info("broker login checked: it may write and read %s", topics.ops_wildcard(self.fleet))
+                            probe_deadline = None
+                        continue
+                    await self.handle(client, message)
                 else:
                     getter.cancel()
                 # Once per tick, not per message: a burst of a thousand reports is one pass over the rollouts.

@@ -16,15 +16,25 @@ Two tiers: a site broker bridges to the central one. Releases, roots, timestamps
 in (central -> site); device reports flow out. The central broker cannot tell which site device
 sent a report: the site broker's ACL is what binds a report to its device.
 
+Two listeners: the public one (TLS) names every client after its login (`use_username_as_clientid`),
+so a device with valid credentials cannot connect under another device's client id to push it off
+the broker or take over its queued session; the loopback one (`--local-port`) serves the release
+and operator logins of services on the broker host, which open several connections with one login.
+Mosquitto logs a refused publish only at `log_type debug` ("Denied PUBLISH from ..."): add it to
+mosquitto.conf while investigating an ACL.
+
 Retained release metadata must survive a crash: persistence saves after every change.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
+import json
 import os
 import secrets
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +87,15 @@ def bridge_topics(fleet: str) -> list[tuple[str, str]]:
 
 @dataclass
 class BrokerPlan:
+    """Everything `broker config` was told, kept in the broker's directory (PLAN_FILE) so that adding
+    or removing one device rewrites the configuration without touching anyone else's password."""
+
     fleet: str
     directory: Path
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the listener's address
     port: int = 8883
+    public_host: str | None = None  # what clients dial (the name on the certificate); default: `host`
+    local_port: int | None = None  # a loopback listener for the services on the broker host (LOCAL_PRINCIPALS)
     devices: list[DevicePrincipal] = field(default_factory=list)
     tls: bool = True
     mutual_tls: bool = False  # client certificates; the certificate's CN becomes the username
@@ -96,6 +111,85 @@ class BrokerPlan:
 
     def credentials_file(self, principal: str) -> Path:
         return self.directory / "credentials" / f"{principal}.toml"
+
+    @property
+    def dial_host(self) -> str:
+        """The host written into every principal's credentials."""
+        if self.public_host:
+            return self.public_host
+        if self.host in ("0.0.0.0", "::", ""):
+            raise ValueError(f"the broker listens on {self.host!r}, which no client can dial: "
+                             "give --public-host (the broker's name on its certificate)")
+        return self.host
+
+    def dial_host_or_none(self) -> str | None:
+        try:
+            return self.dial_host
+        except ValueError:
+            return None
+
+    def principals(self) -> list[str]:
+        return [RELEASE_PRINCIPAL, OPERATOR_PRINCIPAL, HOMEASSISTANT_PRINCIPAL, NODERED_PRINCIPAL,
+                *(bridge_principal(s) for s in self.bridge_sites), *([BRIDGE_LOCAL_PRINCIPAL] if self.bridge else []),
+                *(dev.device_id for dev in self.devices)]
+
+
+PLAN_FILE = "edgeswarm-broker.json"
+# Services that open several connections with one login at once (`timestamp --every` beside a `release`,
+# `fleet serve` beside `rollout start`). The public listener names every client after its login (so no
+# login can take over another's session by its client id), where two such connections would keep
+# kicking each other off; on the broker host they use the loopback listener, which does not.
+LOCAL_PRINCIPALS = (RELEASE_PRINCIPAL, OPERATOR_PRINCIPAL)
+
+
+def save_plan(plan: BrokerPlan) -> None:
+    """The plan, 0600 (a bridge's plan holds its password on the central broker)."""
+    def plain(value: object) -> object:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    body = plain(dataclasses.asdict(plan))
+    _write(plan.directory / PLAN_FILE, json.dumps(body, indent=2) + "\n", 0o600)
+
+
+def load_plan(directory: Path) -> BrokerPlan:
+    """The plan `broker config` wrote in `directory`.
+
+    Raises:
+        FileNotFoundError: no plan there (run `broker config` first).
+        ValueError: the file is not a plan.
+    """
+    path = directory / PLAN_FILE
+    try:
+        raw = json.loads(path.read_text())
+        paths = {k: Path(raw[k]) if raw.get(k) else None for k in ("ca_file", "cert_file", "key_file")}
+        bridge = raw.get("bridge")
+        return BrokerPlan(
+            fleet=raw["fleet"], directory=Path(raw["directory"]), host=raw["host"], port=int(raw["port"]),
+            public_host=raw.get("public_host"), local_port=raw.get("local_port"),
+            devices=[DevicePrincipal(**d) for d in raw["devices"]],
+            tls=bool(raw["tls"]), mutual_tls=bool(raw["mutual_tls"]), bridge_sites=list(raw["bridge_sites"]),
+            bridge=Bridge(**{**bridge, "ca_file": Path(bridge["ca_file"]) if bridge.get("ca_file") else None}) if bridge else None,
+            **paths,
+        )
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no broker plan in {directory} ({PLAN_FILE}): run `edgeswarm broker config` first") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a broker plan: {exc}") from exc
+
+
+def existing_password(plan: BrokerPlan, principal: str) -> str | None:
+    """The password a principal already has (its credentials file), so a rewrite keeps it."""
+    try:
+        found = tomllib.loads(plan.credentials_file(principal).read_text()).get("mqtt", {}).get("password")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return found if isinstance(found, str) and found else None
 
 
 def _acl(plan: BrokerPlan) -> str:
@@ -177,9 +271,14 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
     (d / "data").mkdir(parents=True, exist_ok=True)
     (d / "credentials").mkdir(exist_ok=True)
     os.chmod(d / "credentials", 0o700)
-    principals = [RELEASE_PRINCIPAL, OPERATOR_PRINCIPAL, HOMEASSISTANT_PRINCIPAL, NODERED_PRINCIPAL, *(bridge_principal(s) for s in plan.bridge_sites),
-                  *([BRIDGE_LOCAL_PRINCIPAL] if plan.bridge else []), *(dev.device_id for dev in plan.devices)]
-    passwords = {p: secrets.token_urlsafe(24) for p in principals}
+    dial_host = plan.dial_host
+    principals = plan.principals()
+    # A principal that has credentials keeps its password: re-running for one new device must not
+    # lock every other device out. Credentials of principals no longer in the plan are removed.
+    passwords = {p: existing_password(plan, p) or secrets.token_urlsafe(24) for p in principals}
+    for stale in (d / "credentials").glob("*.toml"):
+        if stale.stem not in passwords:
+            stale.unlink()
     _write(d / "passwd", "".join(f"{p}:{password_hash(pw)}\n" for p, pw in passwords.items()), 0o640)
     _write(d / "acl", _acl(plan), 0o640)
     conf = [
@@ -200,6 +299,9 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
         "log_type notice",
         "",
         f"listener {plan.port} {plan.host}",
+        # Every client's id is its login: a device with valid credentials cannot connect under another
+        # device's client id and keep kicking it off the broker (or take over its queued session).
+        "use_username_as_clientid true",
     ]
     if plan.tls:
         if not (plan.ca_file and plan.cert_file and plan.key_file):
@@ -213,6 +315,9 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
                  "tls_version tlsv1.2"]
         if plan.mutual_tls:
             conf += ["require_certificate true", "use_identity_as_username true"]
+    if plan.local_port is not None:
+        # After the public listener's TLS lines, which belong to it: this one is plaintext on loopback.
+        conf += ["", f"listener {plan.local_port} 127.0.0.1"]
     if plan.bridge is not None:
         b = plan.bridge
         conf += [
@@ -234,11 +339,17 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
         if b.ca_file:
             (d / "tls").mkdir(exist_ok=True)
             _write(d / "tls" / "bridge-ca.crt", b.ca_file.read_text(), 0o644)
+    save_plan(plan)
     _write(plan.config_file, "\n".join(conf) + "\n", 0o640 if plan.bridge else 0o644)
     for principal, password in passwords.items():
-        body = ["[mqtt]", f'host = "{plan.host}"', f"port = {plan.port}", f'username = "{principal}"', f'password = "{password}"']
-        if plan.tls:
-            body.append(f'ca_file = "{plan.ca_file}"')
+        remote = [f'host = "{dial_host}"', f"port = {plan.port}", *([f'ca_file = "{plan.ca_file}"'] if plan.tls else [])]
+        if plan.local_port is not None and principal in LOCAL_PRINCIPALS:
+            body = ["# For services on the broker host. From elsewhere, one connection at a time:",
+                    *(f"# {line}" for line in remote),
+                    "[mqtt]", 'host = "127.0.0.1"', f"port = {plan.local_port}"]
+        else:
+            body = ["[mqtt]", *remote]
+        body += [f'username = "{principal}"', f'password = "{password}"']
         _write(plan.credentials_file(principal), "\n".join(body) + "\n", 0o600)
     return passwords
 
@@ -261,6 +372,6 @@ def hand_over(directory: Path, user: str = "mosquitto") -> None:
     except KeyError:
         return
     for path in [directory, *directory.rglob("*")]:
-        if "credentials" in path.parts:
-            continue  # principals' secrets are not the broker's business
+        if "credentials" in path.parts or path.name == PLAN_FILE:
+            continue  # principals' secrets (and the bridge's, in the plan) are not the broker's business
         os.chown(path, entry.pw_uid, entry.pw_gid)

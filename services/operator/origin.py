@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 
 from services.operator.home import OperatorHome
+from services.runtime.addresses import WILDCARDS, host_addresses, local_address
 from services.runtime.content import EmbeddedKuboNode, KuboConfig, load_swarm_key
 from services.runtime.files import atomic_write
 from services.runtime.settings import OperatorSettings
 
-__all__ = ["origin_config", "serve_origin"]
+__all__ = ["dialable_addresses", "origin_config", "serve_origin"]
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +26,40 @@ def origin_config(settings: OperatorSettings, home: OperatorHome) -> KuboConfig:
     key_file = settings.content.swarm_key_file or home.swarm_key_file
     return KuboConfig(repo=home.path / "origin" / "ipfs", listen_host=settings.content.listen_host,
                       swarm_port=settings.content.swarm_port, peers=list(settings.content.peers),
+                      append_announce=list(settings.content.announce),
                       swarm_key=load_swarm_key(key_file) if key_file.exists() else None,
                       routing=settings.content.routing, max_connections=settings.content.max_connections)
 
 
+def dialable_addresses(config: KuboConfig, peer_id: str, broker_host: str, *,
+                       fib_trie: Path = Path("/proc/net/fib_trie")) -> list[str]:
+    """Where devices can dial the origin, best first: its announced addresses (a port forward), then
+    the address it listens on; bound to every interface (a host's `0.0.0.0` is nobody's address), the
+    one this host reaches the broker from, and its other addresses (the broker may be this host)."""
+    hosts = [config.listen_host]
+    if config.listen_host in WILDCARDS:
+        try:
+            towards_broker = [local_address(broker_host)]
+        except OSError:
+            towards_broker = []
+        hosts = [h for h in dict.fromkeys([*towards_broker, *host_addresses(fib_trie)]) if not h.startswith("127.")]
+        hosts = hosts or ["127.0.0.1"]
+    return [f"{a}/p2p/{peer_id}" for a in [*config.append_announce, *(f"/ip4/{h}/tcp/{config.swarm_port}" for h in hosts)]]
+
+
 async def serve_origin(config: KuboConfig, seed_dir: Path, address_file: Path, stop: asyncio.Event,
-                       *, poll_seconds: float = 2.0) -> None:
+                       *, broker_host: str = "127.0.0.1", poll_seconds: float = 2.0) -> None:
     """Run the origin node until `stop`: add each new file of `seed_dir` (the release command copies
-    artifacts and deltas there) and keep serving it. The node's address goes to `address_file`, where
-    provisioning scripts and tests read it.
+    artifacts and deltas there) and keep serving it. The addresses devices can dial it at go to
+    `address_file`, one per line, best first (devices' `[content] origin` and `peers`).
 
     Raises:
         RuntimeError: the node could not start, or IPFS could not add a file.
     """
     async with EmbeddedKuboNode(config) as node:
-        log.info("origin node %s", node.multiaddr)
-        atomic_write(address_file, (node.multiaddr + "\n").encode())
+        addresses = dialable_addresses(config, node.peer_id, broker_host)
+        log.info("origin node %s, dialable at %s", node.peer_id, " ".join(addresses))
+        atomic_write(address_file, "".join(a + "\n" for a in addresses).encode())
         seeded: set[str] = set()
         while not stop.is_set():
             seed_dir.mkdir(parents=True, exist_ok=True)

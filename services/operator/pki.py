@@ -63,6 +63,15 @@ class Pki:
         self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         self._issue("broker", hosts, self.server_cert, self.server_key, server=True, days=days)
 
+    def server_names(self) -> list[str]:
+        """The names and addresses on the broker's certificate: what clients may dial it by."""
+        cert = x509.load_pem_x509_certificate(self.server_cert.read_bytes())
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return []
+        return [*names.get_values_for_type(x509.DNSName), *(str(a) for a in names.get_values_for_type(x509.IPAddress))]
+
     def issue_client(self, name: str, *, days: int = 825) -> tuple[Path, Path]:
         self._issue(name, [], self.client_cert(name), self.client_key(name), server=False, days=days)
         return self.client_cert(name), self.client_key(name)

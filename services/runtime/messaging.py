@@ -70,6 +70,7 @@ class MqttClient:
         max_payload_bytes: int | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.username = username
         self.connect_timeout = connect_timeout
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,

@@ -5,9 +5,11 @@ Nested fields use a double underscore in the environment: `EDGESWARM_MQTT__HOST=
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
+import pydantic
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -16,6 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import Identifier
 
 
@@ -79,9 +82,9 @@ class ContentSettings(BaseModel):
 
     @model_validator(mode="after")
     def _fixed_port_for_mappings(self) -> ContentSettings:
-        # A router's mapping and a daemon's traffic meter need the port before the node binds it.
-        if self.swarm_port == 0 and (self.nat_pmp or self.backend == "kubo-rpc"):
-            raise ValueError("swarm_port = 0 (any free port) works only with the embedded node and without nat_pmp")
+        # A router's mapping is asked for before the node binds its port.
+        if self.swarm_port == 0 and self.nat_pmp:
+            raise ValueError("swarm_port = 0 (any free port) cannot be mapped by NAT-PMP: give the port")
         return self
 
 
@@ -146,6 +149,14 @@ class DeviceSettings(_Settings):
     def install_path(self) -> Path:
         return self.sysroot / self.install_target.lstrip("/")
 
+    @model_validator(mode="after")
+    def _daemon_port_named(self) -> DeviceSettings:
+        # With a daemon, swarm_port names the daemon's port, which the agent's traffic meter watches.
+        if self.content.swarm_port == 0 and self.content.backend == "kubo-rpc":
+            raise ValueError("content.swarm_port = 0 (any free port) is for the embedded node; with "
+                             "kubo-rpc give the daemon's swarm port")
+        return self
+
 
 class OperatorSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="EDGESWARM_", env_nested_delimiter="__", extra="forbid")
@@ -163,14 +174,38 @@ class OperatorSettings(_Settings):
 S = TypeVar("S", bound=_Settings)
 
 
+class SettingsError(EdgeswarmError):
+    """A settings file that is missing, not TOML, or holds a value the settings do not accept."""
+
+    code = ReasonCode.MALFORMED
+
+
+EXAMPLES = {"DeviceSettings": "config/device.example.toml", "OperatorSettings": "config/operator.example.toml"}
+
+
 def load_settings(cls: type[S], path: Path | None = None) -> S:
-    """Settings from `path` (TOML) if given, then the environment on top."""
-    if path is None:
-        return cls()
-    if not path.is_file():
-        raise FileNotFoundError(f"settings file {path} does not exist")
+    """Settings from `path` (TOML) if given, then the environment on top.
 
-    class FromFile(cls):  # type: ignore[valid-type,misc]
-        model_config = SettingsConfigDict(toml_file=path)
+    Raises:
+        SettingsError: the file is missing or unreadable, or a value is invalid (each one named).
+    """
+    try:
+        if path is None:
+            return cls()
+        if not path.is_file():
+            example = EXAMPLES.get(cls.__name__, "")
+            raise SettingsError(f"settings file {path} does not exist"
+                                + (f"; start from {example} in the edgeswarm source" if example else ""))
 
-    return cls.model_validate(FromFile().model_dump())
+        class FromFile(cls):  # type: ignore[valid-type,misc]
+            model_config = SettingsConfigDict(toml_file=path)
+
+        return cls.model_validate(FromFile().model_dump())
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from exc
+    except pydantic.ValidationError as exc:
+        where = f"settings file {path}" if path is not None else "settings (environment)"
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()[:5])
+        raise SettingsError(f"{where}: {problems}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"settings file {path} cannot be read: {exc}") from exc

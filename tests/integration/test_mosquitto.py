@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from schemas.models import Phase
 from services.runtime.messaging import MqttClient, MqttError
 from services.operator.mosquitto import password_hash
 from services.operator.pki import Pki
+from services.demo.processes import terminate
 from tests.support.harness import FLEET, Fleet, MosquittoProcess, credentials, mosquitto_available, mosquitto_dir
 
 pytestmark = [
@@ -34,10 +37,13 @@ def locked(tmp_path: Path):  # noqa: ANN201
 
 
 def client(fleet: Fleet, principal: str, **overrides: object) -> MqttClient:
+    """A connection with `principal`'s login, where its credentials say (devices and Home Assistant:
+    the public TLS listener; the release and operator logins: the broker host's loopback listener)."""
     c = credentials(fleet.broker_dir, principal)
-    options: dict[str, object] = {"username": c["username"], "password": c["password"], "ca_file": Path(c["ca_file"])}
+    options: dict[str, object] = {"username": c["username"], "password": c["password"],
+                                  "ca_file": Path(c["ca_file"]) if "ca_file" in c else None}
     options.update(overrides)
-    return MqttClient("127.0.0.1", fleet.broker_port, f"test-{principal}-{time.monotonic_ns()}", clean_session=True,
+    return MqttClient("127.0.0.1", int(c["port"]), f"test-{principal}-{time.monotonic_ns()}", clean_session=True,
                       connect_timeout=5, **options)  # type: ignore[arg-type]
 
 
@@ -161,6 +167,125 @@ def test_bad_credentials_and_plain_tcp_are_refused(locked: Fleet) -> None:
     assert "Not authorized" in asyncio.run(attempt(password="guess"))
     assert "Not authorized" in asyncio.run(attempt(username="nobody"))
     assert "could not connect" in asyncio.run(attempt(ca_file=None))  # plain MQTT to the TLS listener
+
+
+def test_a_device_is_added_and_removed_without_touching_anyone_elses_password(locked: Fleet) -> None:
+    """`broker add-device` / `remove-device` on a running broker: every other principal keeps its
+    password (before, re-running `broker config` changed them all), and after a reload the new
+    device gets in and the removed one is refused while the others stay authorised."""
+    import os
+    import signal
+    import tomllib
+
+    credentials_dir = locked.broker_dir / "credentials"
+
+    def passwords() -> dict[str, str]:
+        return {f.stem: tomllib.loads(f.read_text())["mqtt"]["password"] for f in credentials_dir.glob("*.toml")}
+
+    async def attempt(principal: str) -> str:
+        try:
+            async with client(locked, principal):
+                return "connected"
+        except MqttError as exc:
+            return str(exc)
+
+    before = passwords()
+    locked.cli("broker", "add-device", str(locked.broker_dir), f"dev-c:{IPC}")
+    after = passwords()
+    assert set(after) == set(before) | {"dev-c"}
+    assert {k: after[k] for k in before} == before, "nobody else's password changed"
+    assert locked.mosquitto.proc is not None
+    os.kill(locked.mosquitto.proc.pid, signal.SIGHUP)  # what `systemctl reload edgeswarm-mosquitto` sends
+    deadline = time.monotonic() + 10
+    while asyncio.run(attempt("dev-c")) != "connected":
+        assert time.monotonic() < deadline, "the added device was not let in after a reload"
+        time.sleep(0.2)
+    assert asyncio.run(attempt("dev-a")) == "connected"
+
+    removed = credentials(locked.broker_dir, "dev-b")
+    locked.cli("broker", "remove-device", str(locked.broker_dir), "dev-b")
+    assert not (credentials_dir / "dev-b.toml").exists()
+    assert {k: v for k, v in passwords().items()} == {k: v for k, v in after.items() if k != "dev-b"}
+    os.kill(locked.mosquitto.proc.pid, signal.SIGHUP)
+    refused = ""
+    deadline = time.monotonic() + 10
+    while "Not authorized" not in refused:
+        assert time.monotonic() < deadline, f"the removed device still gets in: {refused}"
+        refused = asyncio.run(attempt_as(locked, removed))
+        time.sleep(0.2)
+    assert asyncio.run(attempt("dev-a")) == "connected" and asyncio.run(attempt("dev-c")) == "connected"
+    unknown = locked.run_cli("broker", "remove-device", str(locked.broker_dir), "dev-x")
+    assert unknown.returncode != 0 and "not in" in unknown.stderr
+
+
+async def attempt_as(fleet: Fleet, login: dict[str, str]) -> str:
+    try:
+        async with MqttClient("127.0.0.1", fleet.broker_port, f"test-{time.monotonic_ns()}", clean_session=True,
+                              connect_timeout=5, username=login["username"], password=login["password"],
+                              ca_file=Path(login["ca_file"])):
+            return "connected"
+    except MqttError as exc:
+        return str(exc)
+
+
+def test_a_device_cannot_take_over_another_devices_client_id(locked: Fleet) -> None:
+    """With its own valid login, dev-b connects under dev-a's client id. Mosquitto names every client
+    on the public listener after its login, so dev-a stays connected (before, the two kicked each
+    other off, and dev-b could take over dev-a's queued session)."""
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    def connect(principal: str, client_id: str, dropped: threading.Event, up: threading.Event) -> paho.Client:
+        login = credentials(locked.broker_dir, principal)
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                        protocol=paho.MQTTv311)
+        c.username_pw_set(login["username"], login["password"])
+        c.tls_set(ca_certs=login["ca_file"])
+        c.on_connect = lambda *a: up.set()
+        c.on_disconnect = lambda *a: dropped.set()
+        c.connect("127.0.0.1", int(login["port"]))
+        c.loop_start()
+        return c
+
+    victim_id = f"edgeswarm-{FLEET}-dev-a"
+    a_dropped, a_up, b_dropped, b_up = (threading.Event() for _ in range(4))
+    a = connect("dev-a", victim_id, a_dropped, a_up)
+    try:
+        assert a_up.wait(10)
+        b = connect("dev-b", victim_id, b_dropped, b_up)
+        try:
+            assert b_up.wait(10), "dev-b's own login is valid: it connects (as dev-b)"
+            assert not a_dropped.wait(3), "dev-a was kicked off by a client using its client id"
+        finally:
+            b.loop_stop()
+            b.disconnect()
+    finally:
+        a.loop_stop()
+        a.disconnect()
+
+
+def test_fleet_serve_with_a_login_that_may_not_read_the_ops_topics_says_so_and_exits(locked: Fleet) -> None:
+    """The release principal cannot read ops/# or write commands; Mosquitto grants the subscription
+    and drops the messages, so the service would run and do nothing. It says which login it needs."""
+    started = time.monotonic()
+    result = locked.run_cli("fleet", "serve", "--config", str(locked.operator_config))  # the release login
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "edgeswarm-release" in result.stderr and "credentials/edgeswarm-operator.toml" in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    ok = subprocess.Popen([sys.executable, "-m", "services.cli", "fleet", "serve", "--config", str(locked.service_config())],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=locked.root,
+                          start_new_session=True)
+    try:
+        assert ok.stdout is not None
+        deadline = time.monotonic() + 30
+        seen = b""
+        while b"broker login checked" not in seen:
+            assert time.monotonic() < deadline and ok.poll() is None, seen.decode()
+            seen += ok.stdout.readline()
+    finally:
+        terminate(ok)
 
 
 def test_mutual_tls_refuses_certificates_from_another_ca(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """A real fleet for integration tests: broker, origin and device agents as processes, watched over MQTT.
 
-Nothing is mocked: the broker is `edgeswarm broker` (amqtt), the origin is `edgeswarm origin`
+Nothing is mocked: the broker is `edgeswarm broker run` (amqtt), the origin is `edgeswarm origin`
 (embedded Kubo), each device is `edgeswarm device run` with its own Kubo node. Every process is
 stopped by its PID at teardown.
 """
@@ -187,7 +187,7 @@ class Fleet:
         if mosquitto_devices is None:
             # Port 0: the broker binds a free port itself and says which (no window for another process to take it).
             port_file = self.root / "broker.port"
-            self.processes.append(ServiceProcess(["broker", "--port", "0", "--port-file", str(port_file)],
+            self.processes.append(ServiceProcess(["broker", "run", "--port", "0", "--port-file", str(port_file)],
                                                  self.root / "broker.log", self.root))
             self.broker_port = wait_port_file(port_file, self.root / "broker.log")
             watcher_auth = None
@@ -199,22 +199,23 @@ class Fleet:
             if broker_tls:
                 self.cli("pki", "init", "--out", str(self.root / "pki"), "--fleet", FLEET)
             self.cli("broker", "config", "--out", str(self.broker_dir), "--fleet", FLEET, "--port", str(self.broker_port),
+                     "--local-port", str(free_port()),
                      *(("--pki", str(self.root / "pki")) if broker_tls else ()), *sum((["--device", f"{d}:{c}"] for d, c in mosquitto_devices), []),
                      *broker_args)
             self.mosquitto = MosquittoProcess(self.broker_dir / "mosquitto.conf", self.broker_port, self.root / "mosquitto.log")
             self.mosquitto.start()
             self.processes.append(self.mosquitto)  # type: ignore[arg-type]
-            release = credentials(self.broker_dir, "edgeswarm-release")
-            operator_mqtt = "".join(f'{k} = "{release[k]}"\n' for k in ("username", "password", "ca_file") if k in release)
+            # The operator side's logins as `broker config` wrote them (the loopback listener for these two).
+            operator_mqtt = mqtt_section(credentials(self.broker_dir, "edgeswarm-release"))
             watcher_auth = credentials(self.broker_dir, "edgeswarm-operator")
         self.operator_config = self.root / "operator.toml"
         self.origin_port = 0  # any free port, named in the origin's multiaddr file; see origin_multiaddr_from_repo
         self.operator_config.write_text(
-            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n{operator_mqtt}'
+            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\n{operator_mqtt or f"port = {self.broker_port}"}\n'
             f"[content]\nswarm_port = {self.origin_port}\n"
         )
         self.cli("keys", "init", "--config", str(self.operator_config), *init_args)
-        self.watcher = StateWatcher(self.broker_port, watcher_auth)
+        self.watcher = StateWatcher(int(watcher_auth["port"]) if watcher_auth else self.broker_port, watcher_auth)
         if with_origin:
             self.start_origin()
 
@@ -228,7 +229,7 @@ class Fleet:
             if time.monotonic() > end:
                 raise TimeoutError("origin did not start: " + (self.root / "origin.log").read_text()[-2000:])
             time.sleep(0.05)
-        self.origin_addr = address_file.read_text().strip()
+        self.origin_addr = address_file.read_text().splitlines()[0]  # the best of the addresses, one per line
 
     def origin_multiaddr_from_repo(self) -> str:
         """The origin's address before it ever ran: identity from the repo config it will use, and a
@@ -261,8 +262,7 @@ class Fleet:
         operator = credentials(self.broker_dir, "edgeswarm-operator")
         path = self.root / "service.toml"
         path.write_text(
-            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\nport = {self.broker_port}\n'
-            f'username = "{operator["username"]}"\npassword = "{operator["password"]}"\n'
+            f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\n{mqtt_section(operator)}\n'
             + ("[homeassistant]\nenabled = true\n" if homeassistant else "")
         )
         return path
@@ -369,7 +369,8 @@ class Fleet:
         origin = origin or self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
             device_id=device_id, fleet=FLEET, device_class=device_class, base_dir=self.root / "devices" / device_id,
-            swarm_port=0, broker_host="127.0.0.1", broker_port=broker_port,
+            # Port 0: the node binds a free one itself. With a daemon (kubo-rpc) the port is the daemon's.
+            swarm_port=free_port() if ("backend", "kubo-rpc") in content_settings else 0, broker_host="127.0.0.1", broker_port=broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
             peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
             swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,
@@ -431,6 +432,12 @@ def mosquitto_dir() -> Path:
 
 def mosquitto_available() -> bool:
     return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+
+
+def mqtt_section(login: dict[str, str]) -> str:
+    """A settings file's [mqtt] lines for a login of `broker config`."""
+    return "\n".join(f"{k} = {json.dumps(login[k]) if k != 'port' else int(login[k])}"
+                     for k in ("host", "port", "username", "password", "ca_file") if k in login)
 
 
 def credentials(directory: Path, principal: str) -> dict[str, str]:

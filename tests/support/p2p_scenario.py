@@ -133,13 +133,13 @@ class FleetLab:
         )
         self.cli("keys", "init", "--config", str(self.config))
         env = {PARENT_ENV: str(os.getpid())}
-        lab.popen(self.wan, [PY, "-m", "services.cli", "broker", "--host", self.wan.ip, "--port", str(BROKER_PORT)],
+        lab.popen(self.wan, [PY, "-m", "services.cli", "broker", "run", "--host", self.wan.ip, "--port", str(BROKER_PORT)],
                   "broker.log", env=env)
         lab.popen(self.wan, [PY, "-m", "services.cli", "origin", "--config", str(self.config)], "origin.log", env=env,
                   cwd=self.workdir)
         address_file = home / "origin" / "multiaddr"
         _wait(lambda: address_file.exists(), 60, "the origin node did not start")
-        self.origin = address_file.read_text().strip()
+        self.origin = address_file.read_text().splitlines()[0]
         self.artifacts = {v: self.workdir / f"fw-{v}.img" for v in ("1.0.0", "2.0.0")}
         for path in self.artifacts.values():
             path.write_bytes(os.urandom(plan.size))

@@ -15,7 +15,7 @@ import pytest
 from services.operator.broker import EmbeddedBroker
 from services.runtime.content import EmbeddedKuboNode, KuboConfig
 from services.runtime.messaging import MqttClient
-from services.runtime.settings import ContentSettings
+from services.runtime.settings import ContentSettings, DeviceSettings, OperatorSettings
 
 
 def listening(port: int) -> bool:
@@ -58,8 +58,14 @@ def test_the_embedded_broker_on_port_zero_serves_on_the_port_it_reports() -> Non
     assert asyncio.run(scenario()) == b"here"
 
 
-@pytest.mark.parametrize("other", [{"nat_pmp": True}, {"backend": "kubo-rpc"}])
-def test_port_zero_is_refused_where_the_port_is_needed_before_the_node_binds(other: dict[str, object]) -> None:
+def test_port_zero_is_refused_where_the_port_is_needed_before_the_node_binds() -> None:
     assert ContentSettings(swarm_port=0).swarm_port == 0
     with pytest.raises(pydantic.ValidationError, match="swarm_port = 0"):
-        ContentSettings(swarm_port=0, **other)
+        ContentSettings(swarm_port=0, nat_pmp=True)
+    device = {"device_id": "d1", "fleet": "f", "device_class": "c", "state_dir": "/tmp/s",
+              "install_target": "/opt/fw.img", "trusted_root": "/tmp/root.json"}
+    assert DeviceSettings(**device, content={"swarm_port": 0}).content.swarm_port == 0
+    with pytest.raises(pydantic.ValidationError, match="daemon's swarm port"):
+        DeviceSettings(**device, content={"swarm_port": 0, "backend": "kubo-rpc"})
+    # The operator's origin with a daemon: its swarm_port is not used, so 0 is fine there.
+    assert OperatorSettings(content={"swarm_port": 0, "backend": "kubo-rpc"}).content.backend == "kubo-rpc"

@@ -14,7 +14,7 @@ from schemas import export, topics
 from schemas.canonical import MalformedDocument, canonical_json, strict_loads
 from schemas.models import PayloadType
 from services.runtime.keys import SigningKey, sign_envelope, verify_signature
-from services.runtime.settings import DeviceSettings, load_settings
+from services.runtime.settings import DeviceSettings, SettingsError, load_settings
 from services.runtime.traffic import parse_ss, received_since
 from device_client.installer import FileInstaller
 
@@ -103,7 +103,7 @@ def test_settings_refuse_unknown_keys(tmp_path: Path) -> None:
     config = tmp_path / "device.toml"
     config.write_text('device_id = "d1"\nfleet = "f1"\ndevice_class = "ipc"\nstate_dir = "/x"\n'
                       'install_target = "/a"\ntrusted_root = "/r"\ntypo_key = 1\n')
-    with pytest.raises(ValueError):
+    with pytest.raises(SettingsError, match="typo_key: Extra inputs are not permitted"):
         load_settings(DeviceSettings, config)
 
 
