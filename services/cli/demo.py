@@ -8,10 +8,14 @@ import logging
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from services.cli.common import (
-    JsonOption, err, fail, setup_logging,
+    JsonOption,
+    VerboseOption,
+    err,
+    fail,
+    make_console,
+    setup_logging,
 )
 
 app = typer.Typer()  # a top-level command: services.cli registers it
@@ -26,12 +30,12 @@ def demo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the fleet")] = 300.0,
     keep: Annotated[bool, typer.Option(help="keep the work directory (logs, state) for inspection")] = False,
     as_json: JsonOption = False,
-    verbose: bool = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a whole fleet on this machine: broker, origin, N devices; release v2; show who got what."""
     from services.demo.run import DemoOptions, print_summary, run_demo
 
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     setup_logging(verbose, console if not as_json else err)
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
@@ -39,7 +43,7 @@ def demo(
         result = asyncio.run(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep), console,
                                       live_display=not as_json and console.is_terminal))
     except KeyboardInterrupt:
-        err.print("interrupted: every process stopped and the work directory removed")
+        err.print("interrupted" + ("; the work directory is kept (named above)" if keep else ""))
         raise typer.Exit(130) from None
     except RuntimeError as exc:
         fail(str(exc))

@@ -56,6 +56,10 @@ class AgentProcess:
     def stop(self, timeout: float = 10.0) -> int | None:
         return terminate(self.proc, timeout)
 
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
     def kill(self) -> None:
         """SIGKILL, as a power cut would: no clean disconnect, no state flushed."""
         if self.proc is not None and self.proc.poll() is None:

@@ -12,8 +12,10 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,10 +92,11 @@ class DemoResult:
         }
 
 
-def fleet_table(tracker: FleetTracker, target: dict[str, str], title: str) -> Table:
-    table = Table(title=title, expand=False)
+def fleet_table(tracker: FleetTracker, target: dict[str, str], title: str, caption: str = "") -> Table:
+    table = Table(title=title, caption=caption or None, expand=False)
     for column in ("device", "class", "installed", "phase", "progress", "target", "from origin", "from peers", "note"):
-        table.add_column(column, justify="right" if column in ("progress", "from origin", "from peers") else "left")
+        table.add_column(column, justify="right" if column in ("progress", "from origin", "from peers") else "left",
+                         no_wrap=column == "device")
     for device_class, views in tracker.by_class().items():
         for view in views:
             s = view.state
@@ -182,7 +185,15 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                 target: dict[str, str] = {c: "1.0.0" for c in CLASSES}
                 live = Live(console=console, refresh_per_second=4, transient=False) if live_display else None
                 with live or contextlib.nullcontext():
-                    render = lambda: fleet_table(tracker, target, "edgeswarm demo fleet")  # noqa: E731
+                    def starting() -> str:
+                        ready = sum(1 for v in tracker.devices.values() if v.state and v.state.last_sequence >= 1)
+                        return (f"starting {options.devices} device agents: each starts its IPFS node, connects to "
+                                f"the broker and verifies release 1.0.0 ({ready}/{options.devices} ready)")
+
+                    stage = starting
+                    render = lambda: fleet_table(tracker, target, "edgeswarm demo fleet", stage())  # noqa: E731
+                    if live is None:
+                        console.log(f"waiting for the {options.devices} devices to verify release 1.0.0")
                     ready = await _wait_for(
                         tracker, client,
                         lambda: len(tracker.devices) >= options.devices
@@ -202,6 +213,8 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                         )
                         await publish_release(client, home, device_class, releases[device_class].envelope)
                         target[device_class] = "2.0.0"
+                    stage = lambda: ("released 2.0.0: devices verify it, fetch its delta from peers and the origin, "  # noqa: E731
+                                     "patch, install and confirm")
                     if live is None:
                         console.log("released 2.0.0 for " + ", ".join(CLASSES))
 
@@ -235,25 +248,53 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     d.version == "2.0.0" and d.sha256 == expected[d.device_class] for d in result.devices
                 )
                 result.wall_seconds = time.monotonic() - released_at
-                _stop_all(agents)  # while the broker still runs, so each agent can say goodbye
+                _stop_all(agents, console)  # while the broker still runs, so each agent can say goodbye
     finally:
-        _stop_all(agents)
-        os.chdir(previous_cwd)
-        if not options.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        # A second Ctrl-C must not cut this short: the agents would keep running and the work
+        # directory (with the operator's private keys) would stay behind. Stopping is bounded instead.
+        with _interrupts_deferred(console):
+            _stop_all(agents, console)
+            os.chdir(previous_cwd)
+            if not options.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+                if workdir.exists():
+                    console.print(f"[bold red]could not remove the work directory {workdir}: remove it by hand[/]")
     log.debug("demo took %.1f s in all", time.monotonic() - started)
     return result
 
 
-def _stop_all(agents: list[AgentProcess]) -> None:
-    for agent in agents:
-        agent.stop()
+@contextlib.contextmanager
+def _interrupts_deferred(console: Console) -> Iterator[None]:
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: console.print("still stopping the device agents (at most 10 s); "
+                                                          "the work directory is removed after them"))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_all(agents: list[AgentProcess], console: Console, timeout: float = 10.0) -> None:
+    """SIGTERM to every agent at once, then SIGKILL to any still running after `timeout`."""
+    running = [a for a in agents if a.alive()]
+    if not running:
+        return
+    console.print(f"stopping {len(running)} device agents (PIDs {', '.join(str(a.pid) for a in running)})")
+    for agent in running:
+        agent.signal(signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while any(a.alive() for a in running) and time.monotonic() < end:
+        time.sleep(0.05)
+    for agent in running:
+        agent.kill()  # a no-op for those that stopped
+    console.print(f"stopped {len(running)} device agents")
 
 
 def summary_table(result: DemoResult) -> Table:
     table = Table(title="summary: v1 → v2")
     for column in ("device", "class", "version", "sha256", "delta", "seconds", "from origin", "from peers"):
-        table.add_column(column, justify="right" if column in ("seconds", "from origin", "from peers") else "left")
+        table.add_column(column, justify="right" if column in ("seconds", "from origin", "from peers") else "left",
+                         no_wrap=column == "device")
     for d in result.devices:
         table.add_row(
             d.device, d.device_class, d.version if d.phase == "done" else f"{d.version} ({d.phase})", d.sha256[:12],

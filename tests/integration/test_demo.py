@@ -74,13 +74,19 @@ def start_demo_until_agents_run() -> tuple[subprocess.Popen[str], list[int], Pat
     return proc, pids, workdir, output
 
 
-def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_every_device_and_removes_the_work_directory(presses: int) -> None:
+    """A second Ctrl-C (an impatient user) used to cut the clean-up short: the demo exited at once,
+    said all was stopped, and left its agents running and its keys in /tmp. Checked the moment the
+    demo exits, not after the agents' own parent watchdog would have stopped them."""
     proc, pids, workdir, output = start_demo_until_agents_run()
     try:
         assert pids and workdir is not None, output
         assert all(_alive(pid) for pid in pids)
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
         rest, _ = proc.communicate(timeout=60)
         output += rest
     finally:
@@ -88,8 +94,9 @@ def test_ctrl_c_stops_every_device_and_removes_the_work_directory() -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode != 0, output
-    assert not any(_alive(pid) for pid in pids), f"device agents left running: {pids}"
+    assert not any(_alive(pid) for pid in pids), f"device agents left running: {pids}\n{output}"
     assert not workdir.exists(), f"{workdir} left behind"
+    assert f"stopping {len(pids)} device agents" in output and f"stopped {len(pids)} device agents" in output, output
 
 
 def test_agents_stop_by_themselves_when_the_demo_is_killed_outright() -> None:

