@@ -170,9 +170,7 @@ class Lab:
     def _hosts_file(self, namespace: netlab.Namespace) -> None:
         operator = self.hosts["operator"].namespace if "operator" in self.hosts else namespace
         assert operator is not None
-        if not Path("/etc/netns").exists():
-            Path("/etc/netns").mkdir()
-            self.netns_dirs.append(Path("/etc/netns"))  # removed last, being made here
+        # /etc/netns itself stays: iproute2's place for these, and another suite's lab may be using it.
         directory = Path("/etc/netns") / namespace.name
         directory.mkdir(parents=True, exist_ok=True)
         self.netns_dirs.append(directory)
@@ -343,7 +341,7 @@ class Lab:
             raise AssertionError(f"expect comment not understood: {step.what}")
 
     def close(self) -> None:
-        for directory in reversed(self.netns_dirs):
+        for directory in self.netns_dirs:
             shutil.rmtree(directory, ignore_errors=True)
 
 
