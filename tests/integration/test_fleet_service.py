@@ -52,10 +52,13 @@ def test_attempts_are_recorded_and_survive_a_crash_of_the_fleet_service(fleet: F
     refused, done = record["attempts"]
     assert (refused["target_version"], refused["outcome"]) == ("2.0.0", "refused") and "sha256" in refused["reason"]
     assert (done["target_version"], done["outcome"], done["used_delta"]) == ("2.0.0", "done", True)
-    # The delta's blocks were already in the device's blockstore from the refused attempt: no bytes
-    # moved. The byte meter (ss) only reads 0 meaningfully if it counted the first attempt's bytes.
-    assert refused["bytes_from_origin"] > 0, "the byte meter counted nothing: 0 below would prove nothing"
-    assert done["bytes_from_origin"] == 0 and done["millis"] > 0
+    # The delta's blocks were already in the device's blockstore from the refused attempt: none moved
+    # again. The byte meter (ss) counts every byte on the connection, so a Bitswap message or a ping
+    # may show (190 bytes once on a loaded machine); a block of the delta again would be kilobytes.
+    # It only proves anything if it counted the first attempt's bytes.
+    delta_size = min(d.size for d in good.deltas.values())
+    assert refused["bytes_from_origin"] >= delta_size > 16 * 1024, "the byte meter must have counted the delta"
+    assert done["bytes_from_origin"] < 4096 and done["millis"] > 0
     assert record["device"]["installed_version"] == "2.0.0" and record["device"]["online"] is True
     assert record["device"]["last_error"].startswith("hash_mismatch")
 
