@@ -15,7 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,9 +147,11 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
         images.mkdir()
         console.log(f"work directory {workdir}")
         # Port 0 everywhere: each listener takes a free port as it binds, so nothing else can take it first.
+        # Agents stop first on every way out (the end, an error, Ctrl-C), while the broker and the origin
+        # still run: an agent still starting up waits on them and would not notice SIGTERM.
         async with EmbeddedBroker("127.0.0.1", 0) as broker, EmbeddedKuboNode(
             KuboConfig(repo=workdir / "origin" / "ipfs", swarm_port=0)
-        ) as origin:
+        ) as origin, _agents_stopped_on_exit(agents, console):
             broker_port = broker.port
             home = OperatorHome(workdir / "operator")
             home.init(FLEET)
@@ -248,7 +250,6 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     d.version == "2.0.0" and d.sha256 == expected[d.device_class] for d in result.devices
                 )
                 result.wall_seconds = time.monotonic() - released_at
-                _stop_all(agents, console)  # while the broker still runs, so each agent can say goodbye
     finally:
         # A second Ctrl-C must not cut this short: the agents would keep running and the work
         # directory (with the operator's private keys) would stay behind. Stopping is bounded instead.
@@ -261,6 +262,15 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     console.print(f"[bold red]could not remove the work directory {workdir}: remove it by hand[/]")
     log.debug("demo took %.1f s in all", time.monotonic() - started)
     return result
+
+
+@contextlib.asynccontextmanager
+async def _agents_stopped_on_exit(agents: list[AgentProcess], console: Console) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        with _interrupts_deferred(console):
+            _stop_all(agents, console)
 
 
 @contextlib.contextmanager
