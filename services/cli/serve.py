@@ -113,9 +113,7 @@ def broker_config(
         if config is None:
             fail("give --fleet, or --config with the fleet's settings file")
         fleet = operator_settings(config).fleet
-    kept = []
-    if (out / PLAN_FILE).exists():
-        kept = load_plan(out.resolve()).devices
+    kept = _plan_or_fail(out, load_plan).devices if (out / PLAN_FILE).exists() else []
     local = port + 1 if local_port is None else local_port or None
     plan = BrokerPlan(fleet=fleet, directory=out.resolve(), host=host, port=port, public_host=public_host, local_port=local,
                       devices=_merge_devices(kept, device), tls=pki is not None, mutual_tls=mutual_tls,

@@ -124,8 +124,8 @@ class FleetService:
             await client.subscribe(self.bridge.status_topic)
         # A broker drops what its ACL denies without telling anyone (Mosquitto grants the subscription
         # and never delivers): a marker sent to ourselves shows whether this login may do our job.
-        probe = secrets.token_hex(16).encode()
-        await client.publish(topics.ops_probe_topic(self.fleet), probe, retain=False)
+        probe, probe_topic = secrets.token_hex(16).encode(), topics.ops_probe_topic(self.fleet)
+        await client.publish(probe_topic, probe, retain=False)
         stopper = asyncio.ensure_future(stop.wait())
         loop = asyncio.get_running_loop()
         next_advance = loop.time() + self.tick  # first let the retained reports of the fleet arrive
@@ -142,7 +142,7 @@ class FleetService:
                 done, _ = await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     message = getter.result()
-                    if message.topic == topics.ops_probe_topic(self.fleet):
+                    if message.topic == probe_topic:
                         if message.payload == probe and probe_deadline is not None:
                             log.info("broker login checked: it may write and read %s", topics.ops_wildcard(self.fleet))
                             probe_deadline = None
