@@ -3,7 +3,6 @@ settings, home and MQTT connection, and running until a signal."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -12,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
 if TYPE_CHECKING:
     from services.runtime.settings import OperatorSettings
@@ -22,7 +20,6 @@ HomeOption = Annotated[Optional[Path], typer.Option(help="operator home director
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log every step (debug level); errors show a traceback")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of tables")]
 PASSPHRASE_ENV = "EDGESWARM_KEY_PASSPHRASE"
-
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -45,6 +42,8 @@ def setup_logging(verbose: bool, console: Console | None = None) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     console = console or err
     if console.is_terminal:
+        from rich.logging import RichHandler
+
         handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
         logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     else:
@@ -80,6 +79,8 @@ def operator_client(settings: OperatorSettings, role: str, *, persistent: bool =
 
 def run_until_signal(main) -> None:  # noqa: ANN001
     """asyncio.run(main(stop)), where `stop` is set by SIGINT or SIGTERM."""
+    import asyncio
+
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Annotated
@@ -33,6 +32,7 @@ def demo(
     verbose: VerboseOption = False,
 ) -> None:
     """Run a whole fleet on this machine: broker, origin, N devices; release v2; show who got what."""
+    import asyncio
     from services.demo.run import DemoOptions, print_summary, run_demo
 
     console = make_console(stderr=as_json)

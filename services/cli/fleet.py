@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -26,6 +25,9 @@ from services.cli.common import (
     setup_logging,
 )
 
+if TYPE_CHECKING:  # asyncio loads when a command runs, not for --help
+    import asyncio
+
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
 
 
@@ -39,6 +41,7 @@ def fleet_status(
     as_json: JsonOption = False,
 ) -> None:
     """Every device's version and phase, grouped by device class."""
+    import asyncio
     from services.operator.fleet import FleetTracker
     from services.runtime.messaging import MqttError
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from datetime import timedelta
@@ -254,6 +253,7 @@ def root_publish(
     home: HomeOption = None,
 ) -> None:
     """Publish every root of the chain (retained) and a fresh timestamp made under the newest."""
+    import asyncio
     from services.operator.release import publish_root_change
     from services.runtime.messaging import MqttError
 

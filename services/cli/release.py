@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -55,6 +54,7 @@ def release(
     the manifest carries a signed rollout rule: only the canary share installs by itself, the rest
     of the class waits for its wave of `edgeswarm rollout start`.
     """
+    import asyncio
     from services.operator.fleet_store import versions_of_class
     from services.operator.release import (
         ReleaseError,
@@ -131,6 +131,7 @@ def timestamp_cmd(
     Devices refuse releases no fresh timestamp names and report `frozen` when the last one
     expires, so run this on a schedule (`--every 3600`) shorter than the lifetime.
     """
+    import asyncio
     from services.operator.release import publish_timestamp
     from services.runtime.messaging import MqttError
 

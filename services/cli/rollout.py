@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -43,6 +42,7 @@ def operator_token(settings: OperatorSettings, home: Path | None) -> str:
 
 
 def send(settings: OperatorSettings, topic: str, body: pydantic.BaseModel, timeout: float = 10.0) -> OpsResult:
+    import asyncio
     from services.operator.ops_client import NoAnswer, request
     from services.runtime.messaging import MqttError
 
@@ -142,6 +142,7 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Every class's rollout: state, wave, done / installing / waiting / failed."""
+    import asyncio
     from services.operator.ops_client import rollout_statuses
     from services.runtime.messaging import MqttError
 

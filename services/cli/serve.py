@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -22,6 +21,9 @@ from services.cli.common import (
     run_until_signal,
     setup_logging,
 )
+
+if TYPE_CHECKING:  # asyncio loads when a command runs, not for --help
+    import asyncio
 
 device_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
 pki_app = typer.Typer(help="The fleet's TLS certificates for the broker and its clients.", no_args_is_help=True)
@@ -254,6 +256,7 @@ def device_run(
     verbose: VerboseOption = False,
 ) -> None:
     """Run the device agent: listen for signed releases, fetch, verify, patch, install, report."""
+    import asyncio
     # The one edge from services to device_client: the command line is where the parts are composed.
     from device_client.agent import DeviceAgent
     from services.demo.processes import PARENT_ENV
@@ -317,6 +320,8 @@ def device_config(
 
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
     """Started by a demo or test that died without stopping us (e.g. SIGKILL): stop cleanly too."""
+    import asyncio
+
     while not stop.is_set():
         if os.getppid() != parent:
             logging.warning("parent process %d is gone; stopping", parent)
