@@ -1,12 +1,20 @@
-"""The edgeswarm delta patch format ("ESDELTA1"): a header and independently compressed segments.
+"""The edgeswarm delta patch format ("ESDELTA1", header format 1 or 2): a header and independently packed segments.
 
     magic  b"ESDELTA1"
     u32 LE header length, at most MAX_HEADER_BYTES
     header canonical JSON (PatchHeader)
     segment payloads, in header order, each `packed_size` bytes
 
-Each segment rebuilds `new_size` bytes of the new file at `new_offset` from a bsdiff4
-control/diff/extra triple applied to the concatenation of its `old` extents. Every limit below
+Each segment rebuilds `new_size` bytes of the new file at `new_offset` from the concatenation
+of its `old` extents (its old window), with one of three codecs (format 2; format 1 has only
+the first, and its headers carry no `codec` key):
+
+- `bsdiff`: a bsdiff4 control/diff/extra triple, compressed with the header's `compression`;
+- `lzma-dict`: raw LZMA2 whose preset dictionary is the old window (an LZ match against it);
+- `lzma-dict-x86`: the same over x86 branch-converted bytes (services/runtime/delta/_x86.py):
+  the window converted at its old-file addresses, the output converted back at its new ones.
+
+An lzma-dict segment has no control or diff stream: `extra_size` is its `new_size`. Every limit below
 exists so that a device can apply any patch with bounded memory and so that a hostile header
 is refused before anything is allocated or written: a segment never produces more than
 MAX_SEGMENT_NEW bytes, never reads more than MAX_SEGMENT_OLD bytes of the old file, and its
@@ -22,6 +30,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from schemas.canonical import canonical_json
 from schemas.models import Sha256Hex, WireModel
 
 MAGIC = b"ESDELTA1"
@@ -32,6 +41,7 @@ MAX_CONTROL_BYTES = 4 << 20
 MAX_EXTENTS = 256
 MAX_FILE_SIZE = 1 << 44  # 16 TiB: far above any image, far below integer trouble
 CONTROL_TUPLE = 24
+Codec = Literal["bsdiff", "lzma-dict", "lzma-dict-x86"]
 
 Size = Annotated[int, Field(ge=0, le=MAX_FILE_SIZE)]
 
@@ -54,6 +64,7 @@ class Segment(WireModel):
     diff_size: Annotated[int, Field(ge=0, le=MAX_SEGMENT_NEW)]
     extra_size: Annotated[int, Field(ge=0, le=MAX_SEGMENT_NEW)]
     packed_size: Annotated[int, Field(ge=1, le=2 * MAX_SEGMENT_NEW + MAX_CONTROL_BYTES)]
+    codec: Codec = "bsdiff"
 
     @property
     def new_end(self) -> int:
@@ -76,11 +87,13 @@ class Segment(WireModel):
             raise ValueError("diff and extra sizes do not add up to the segment size")
         if self.old_size > MAX_SEGMENT_OLD:
             raise ValueError(f"segment reads {self.old_size} old bytes, more than {MAX_SEGMENT_OLD}")
+        if self.codec != "bsdiff" and (self.control_size or self.diff_size):
+            raise ValueError(f"a {self.codec} segment has no control or diff stream")
         return self
 
 
 class PatchHeader(WireModel):
-    format: Literal[1]
+    format: Literal[1, 2]
     compression: Literal["lzma", "zstd"]
     old_size: Size
     old_sha256: Sha256Hex
@@ -91,6 +104,8 @@ class PatchHeader(WireModel):
 
     @model_validator(mode="after")
     def _tiles_the_new_file(self) -> PatchHeader:
+        if self.format == 1 and any(s.codec != "bsdiff" for s in self.segments):
+            raise ValueError("format 1 has only bsdiff segments")
         for segment in self.segments:
             for extent in segment.old:
                 if extent.end > self.old_size:
@@ -107,6 +122,10 @@ class PatchHeader(WireModel):
         if position != self.new_size:
             raise ValueError(f"segments cover {position} bytes, the header promises {self.new_size}")
         return self
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON without defaults: a format-1 header stays readable by format-1 readers."""
+        return canonical_json(self.model_dump(mode="json", exclude_defaults=True))
 
     @property
     def payload_size(self) -> int:

@@ -1,9 +1,10 @@
-"""`edgeswarm delta`: create, apply and inspect ESDELTA1 patches."""
+"""`edgeswarm delta`: create, apply and inspect ESDELTA1 patches (header format 1 or 2)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +54,10 @@ def _summary(header: PatchHeader, patch: Path) -> dict:
         "new_sha256": header.new_sha256,
         "patch_size": patch.stat().st_size,
         "segments": len(header.segments),
+        "codecs": dict(Counter(s.codec for s in header.segments)),
         "max_segment_old_bytes": max((s.old_size for s in header.segments), default=0),
+        "segment_table": [{"new_offset": s.new_offset, "new_size": s.new_size, "codec": s.codec,
+                           "packed_size": s.packed_size, "old_bytes": s.old_size} for s in header.segments],
     }
 
 
@@ -63,8 +67,19 @@ def _print(summary: dict, as_json: bool) -> None:
         return
     table = Table(show_header=False, box=None)
     for key, value in summary.items():
-        table.add_row(key.replace("_", " "), str(value))
+        if key == "codecs":
+            value = ", ".join(f"{count} {codec}" for codec, count in value.items())
+        if key != "segment_table":
+            table.add_row(key.replace("_", " "), str(value))
     out.print(table)
+    if summary.get("segment_table"):
+        segments = Table(title="segments, in the order they are applied")
+        for column in ("new offset", "size", "codec", "packed", "old bytes read"):
+            segments.add_column(column, justify="left" if column == "codec" else "right")
+        for row in summary["segment_table"]:
+            segments.add_row(f"{row['new_offset']:,}", f"{row['new_size']:,}", row["codec"], f"{row['packed_size']:,}",
+                             f"{row['old_bytes']:,}")
+        out.print(segments)
 
 
 @delta_app.command("create")
@@ -73,17 +88,28 @@ def create(
     new: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the version to ship")],
     output: Annotated[Path, typer.Option("-o", "--output", help="patch file to write")],
     in_place: Annotated[bool, typer.Option("--in-place", help="make a patch devices can apply inside the old file")] = False,
-    compression: Annotated[str, typer.Option(help="lzma (smaller) or zstd (faster to create)")] = "lzma",
+    compression: Annotated[str, typer.Option(help="lzma (smaller) or zstd (faster to create), for bsdiff segments")] = "lzma",
+    codec: Annotated[list[str] | None, typer.Option(
+        "--codec", metavar="CODEC",
+        help="allow only this codec per segment (repeatable): bsdiff, lzma-dict, lzma-dict-x86. Default: all, and the "
+             "smaller wins per segment; bsdiff alone makes a format-1 patch, which agents older than format 2 apply too")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Make a patch that turns OLD into NEW, with memory bounded whatever the image size."""
-    from services.runtime.delta.create import CreateOptions, create_patch
+    from services.runtime.delta.create import ALL_CODECS, CreateOptions, create_patch
 
     if compression not in ("lzma", "zstd"):
         _fail(f"unknown compression {compression!r}: use lzma or zstd")
+    unknown = [c for c in codec or [] if c not in ALL_CODECS]
+    if unknown:
+        _fail(f"unknown codec {unknown[0]!r}: use {', '.join(ALL_CODECS)}")
+    options = CreateOptions(compression=compression, in_place=in_place, codecs=tuple(dict.fromkeys(codec or ALL_CODECS)))  # type: ignore[arg-type]
     started = time.monotonic()
-    with _progress("diffing", as_json) as progress:
-        header = create_patch(old, new, output, CreateOptions(compression=compression, in_place=in_place), progress)  # type: ignore[arg-type]
+    try:
+        with _progress("diffing", as_json) as progress:
+            header = create_patch(old, new, output, options, progress)
+    except ValueError as exc:
+        _fail(str(exc))
     summary = _summary(header, output) | {"seconds": round(time.monotonic() - started, 2)}
     _print(summary, as_json)
 

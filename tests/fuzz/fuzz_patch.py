@@ -3,6 +3,8 @@
     python tests/fuzz/fuzz_patch.py -max_total_time=60 [CORPUS_DIR]
 
 Each input is applied as an ESDELTA1 patch to a fixed old file, both to a new file and in place.
+Seeds cover every segment codec (bsdiff with lzma and zstd, lzma-dict, lzma-dict-x86), so
+mutations reach liblzma's raw decoder with a preset dictionary and the x86 conversion too.
 Anything but a typed refusal (BadPatch), a write outside the target or a result other than the
 promised bytes is a bug and stops the run. The seeds are real patches, so mutations reach the
 segment streams and bsdiff control tuples, not only the header.
@@ -27,7 +29,7 @@ from services.runtime.delta.create import CreateOptions, create_patch  # noqa: E
 
 WORK = Path(tempfile.mkdtemp(prefix="fuzz-patch-"))
 OLD = WORK / "old"
-OLD.write_bytes(bytes(range(256)) * 64 + b"edgeswarm" * 500)
+OLD.write_bytes(bytes(range(256)) * 64 + b"edgeswarm" * 500 + b"\xe8\x10\x00\x00\x00\x90\xe9\xf0\xff\xff\xff" * 300)
 OLD_SHA = hashlib.sha256(OLD.read_bytes()).hexdigest()
 
 
@@ -35,8 +37,10 @@ def write_seeds(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     new = WORK / "seed-new"
     new.write_bytes(b"v2" + OLD.read_bytes()[100:9000] + b"fresh bytes" * 40 + OLD.read_bytes()[9000:])
-    for name, options in {"forward": CreateOptions(), "in-place": CreateOptions(in_place=True),
-                          "zstd": CreateOptions(compression="zstd")}.items():
+    for name, options in {"forward": CreateOptions(codecs=("bsdiff",)), "in-place": CreateOptions(in_place=True, codecs=("bsdiff",)),
+                          "zstd": CreateOptions(compression="zstd", codecs=("bsdiff",)),
+                          "lzma-dict": CreateOptions(codecs=("lzma-dict",)),
+                          "lzma-dict-x86": CreateOptions(in_place=True, codecs=("lzma-dict-x86",))}.items():
         create_patch(OLD, new, directory / name, options)
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from schemas.models import Phase, ReleaseManifest
+from services.runtime.delta import patch_info
 from tests.support.harness import Fleet
 
 pytestmark = pytest.mark.integration
@@ -37,6 +38,10 @@ def test_devices_of_one_class_update_through_deltas_and_the_other_class_is_untou
 
     v2 = fleet.release(IPC, "2.0.0")
     assert v2.deltas, "the release must carry a delta from 1.0.0"
+    # the demo images are tars of code: an LZ match against the old image beats bsdiff on them, so
+    # devices here apply a format-2 patch (segment codecs), the path the release pipeline takes
+    (patch,) = fleet.home.release_dir(IPC).joinpath("2.0.0").glob("delta-from-1.0.0.esd")
+    assert patch_info(patch).format == 2 and {s.codec for s in patch_info(patch).segments} & {"lzma-dict", "lzma-dict-x86"}
 
     for name in names:
         state = fleet.watcher.wait(name, on_version("2.0.0"))

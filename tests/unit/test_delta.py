@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import struct
@@ -18,11 +19,16 @@ from schemas.canonical import canonical_json
 from schemas.patch import MAGIC, MAX_HEADER_BYTES, MAX_SEGMENT_NEW, PatchHeader
 from services.runtime.delta import BadPatch, apply_delta, apply_in_place, apply_patch, create_delta, patch_info
 from services.runtime.delta.apply import Journal
-from services.runtime.delta.create import BLOCK, CreateOptions, create_patch
+from services.runtime.delta import _lzdict
+from services.runtime.delta._x86 import transform, transform_extents
+from services.runtime.delta.create import ALL_CODECS, BLOCK, CreateOptions, create_patch
 
 # small segments and windows so that a few hundred KiB exercise many segments and window choices
 SMALL = CreateOptions(segment_size=64 << 10, old_budget=2 * BLOCK)
 SMALL_IN_PLACE = CreateOptions(segment_size=64 << 10, old_budget=2 * BLOCK, in_place=True)
+# every segment with one LZ codec, so that each codec meets every kind of edit
+LZ = CreateOptions(segment_size=64 << 10, old_budget=2 * BLOCK, codecs=("lzma-dict",))
+LZ_X86_IN_PLACE = CreateOptions(segment_size=64 << 10, old_budget=2 * BLOCK, in_place=True, codecs=("lzma-dict-x86",))
 
 
 def _bytes(seed: int, size: int) -> bytes:
@@ -68,13 +74,17 @@ def _pair(old_image: Path, tmp_path: Path, kind: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("options", [SMALL, SMALL_IN_PLACE, CreateOptions(segment_size=64 << 10, old_budget=BLOCK, compression="zstd")],
-                         ids=["forward", "in-place", "zstd"])
+@pytest.mark.parametrize("options", [SMALL, SMALL_IN_PLACE, CreateOptions(segment_size=64 << 10, old_budget=BLOCK, compression="zstd"),
+                                     LZ, LZ_X86_IN_PLACE],
+                         ids=["forward", "in-place", "zstd", "lzma-dict", "lzma-dict-x86-in-place"])
 def test_a_patch_rebuilds_exactly_the_new_file_and_is_small(old_image: Path, tmp_path: Path, kind: str, options: CreateOptions) -> None:
     old, new = _pair(old_image, tmp_path, kind)
     patch = tmp_path / "patch"
     header = create_patch(old, new, patch, options)
     assert len(header.segments) > 5
+    used = {s.codec for s in header.segments}
+    assert used <= set(options.codecs) and (len(options.codecs) > 1 or used == set(options.codecs))
+    assert header.format == (1 if used == {"bsdiff"} else 2)
     apply_patch(old, patch, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == new.read_bytes()
     # 200 changed bytes plus what was inserted: far below the file size
@@ -118,11 +128,12 @@ class PowerCut(BaseException):
     loses writes it acknowledged as synced."""
 
 
-@pytest.mark.parametrize("kind", ["insert-front", "delete-front"])
-def test_in_place_application_resumes_after_a_crash_at_every_step(old_image: Path, tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "options"), [("insert-front", SMALL_IN_PLACE), ("delete-front", SMALL_IN_PLACE),
+                                               ("insert-front", LZ_X86_IN_PLACE)], ids=["insert-front", "delete-front", "lzma-dict-x86"])
+def test_in_place_application_resumes_after_a_crash_at_every_step(old_image: Path, tmp_path: Path, kind: str, options: CreateOptions) -> None:
     old, new = _pair(old_image, tmp_path, kind)
     patch = tmp_path / "patch"
-    header = create_patch(old, new, patch, SMALL_IN_PLACE)
+    header = create_patch(old, new, patch, options)
     steps = [(name, index) for index in range(len(header.segments)) for name in ("rebuilt", "staged", "half-written", "written")]
     target = tmp_path / "target"
     for crash_at in steps:  # every one: what a cut at that point leaves on disk differs from its neighbours
@@ -167,11 +178,21 @@ def test_a_journal_of_another_patch_stops_in_place_application(old_image: Path, 
 # -- refusals --------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=["bsdiff", "lzma-dict-x86"])
+def made_once(old_image: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tuple[Path, Path, Path, PatchHeader]:
+    old, new = _pair(old_image, tmp_path_factory.mktemp(request.param), "insert-front")
+    patch = new.with_name("patch")
+    options = SMALL_IN_PLACE if request.param == "bsdiff" else LZ_X86_IN_PLACE
+    return old, new, patch, create_patch(old, new, patch, options)
+
+
 @pytest.fixture
-def made(old_image: Path, tmp_path: Path) -> tuple[Path, Path, Path, PatchHeader]:
-    old, new = _pair(old_image, tmp_path, "insert-front")
-    patch = tmp_path / "patch"
-    return old, new, patch, create_patch(old, new, patch, SMALL_IN_PLACE)
+def made(made_once: tuple[Path, Path, Path, PatchHeader], tmp_path: Path) -> tuple[Path, Path, Path, PatchHeader]:
+    """A fresh copy of the module's patch, for a test to damage."""
+    old, new, patch, header = made_once
+    copy = tmp_path / "patch"
+    shutil.copyfile(patch, copy)
+    return old, new, copy, header
 
 
 def _rewrite(patch: Path, header: dict, payload: bytes | None = None) -> None:
@@ -183,7 +204,14 @@ def _rewrite(patch: Path, header: dict, payload: bytes | None = None) -> None:
 
 
 def _header(patch: Path) -> dict:
-    return patch_info(patch).model_dump(mode="json")
+    return json.loads(patch_info(patch).to_bytes())
+
+
+def _switch_codecs(header: dict) -> None:
+    """bsdiff segments claim to be LZ (their streams say otherwise); LZ segments swap x86 on or off."""
+    header["format"] = 2
+    for segment in header["segments"]:
+        segment["codec"] = {"lzma-dict-x86": "lzma-dict"}.get(segment.get("codec", "bsdiff"), "lzma-dict-x86")
 
 
 HOSTILE = {
@@ -196,7 +224,10 @@ HOSTILE = {
     "sizes do not add up": lambda h: h["segments"][0].update(diff_size=h["segments"][0]["diff_size"] + 1),
     "partial control tuple": lambda h: h["segments"][0].update(control_size=h["segments"][0]["control_size"] + 1),
     "unknown compression": lambda h: h.update(compression="bzip3"),
-    "unknown format": lambda h: h.update(format=2),
+    "unknown format": lambda h: h.update(format=3),
+    "unknown codec": lambda h: h["segments"][0].update(codec="brotli"),
+    "lz segment in format 1": lambda h: (h.update(format=1), h["segments"][0].update(codec="lzma-dict")),
+    "codec switched": lambda h: _switch_codecs(h),
     "extra field": lambda h: h.update(shell="rm -rf /"),
     "wrong order": lambda h: h.update(order="forward"),
     "stream longer than promised": lambda h: (h["segments"][0].update(diff_size=h["segments"][0]["diff_size"] - 1),
@@ -283,7 +314,8 @@ def test_any_pair_of_files_round_trips(tmp_path: Path, old: bytes, new: bytes, i
     paths = {name: tmp_path / name for name in ("old", "new", "patch", "out", "target")}
     paths["old"].write_bytes(old)
     paths["new"].write_bytes(new)
-    options = CreateOptions(segment_size=data.draw(st.integers(64, 2048)), old_budget=BLOCK, in_place=in_place)
+    codecs = data.draw(st.lists(st.sampled_from(ALL_CODECS), min_size=1, max_size=3, unique=True))
+    options = CreateOptions(segment_size=data.draw(st.integers(64, 2048)), old_budget=BLOCK, in_place=in_place, codecs=tuple(codecs))
     create_patch(paths["old"], paths["new"], paths["patch"], options)
     apply_patch(paths["old"], paths["patch"], paths["out"])
     assert paths["out"].read_bytes() == new
@@ -291,6 +323,129 @@ def test_any_pair_of_files_round_trips(tmp_path: Path, old: bytes, new: bytes, i
         paths["target"].write_bytes(old)
         apply_in_place(paths["target"], paths["patch"])
         assert paths["target"].read_bytes() == new
+
+
+# -- codecs: x86 branch conversion, LZMA2 against the old window, the format-1 files already shipped ---
+
+
+def _code_like(draw_bytes: bytes, opcodes: list[int]) -> bytearray:
+    """Bytes with call/jump opcodes at the given places, their offsets' top bytes 00 or FF as in code."""
+    buf = bytearray(draw_bytes)
+    for at in opcodes:
+        if at + 5 <= len(buf):
+            buf[at] = 0xE8 if at % 2 else 0xE9
+            buf[at + 4] = 0xFF if at % 3 else 0x00
+    return buf
+
+
+# bytes from a small alphabet: opcodes inside other opcodes' offsets, top bytes 00/FF, all common
+CODE_BYTES = st.lists(st.sampled_from([0x00, 0xFF, 0xE8, 0xE9, 0x90, 0x12]), max_size=600).map(bytes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.one_of(CODE_BYTES, st.binary(max_size=4000)), opcodes=st.lists(st.integers(0, 4000), max_size=400),
+       address=st.integers(0, (1 << 40)), cut=st.tuples(st.integers(0, 100), st.integers(0, 100)))
+def test_x86_conversion_is_undone_exactly_and_touches_nothing_outside_its_range(raw: bytes, opcodes: list[int], address: int,
+                                                                                  cut: tuple[int, int]) -> None:
+    original = _code_like(raw, opcodes)
+    # the whole buffer, and a range of it (percentages of its length)
+    start = len(original) * min(cut) // 100
+    for lo, hi in ((0, len(original)), (start, start + (len(original) - start) * max(cut) // 100)):
+        buf = bytearray(original)
+        transform(buf, lo, hi, address, encode=True)
+        assert buf[:lo] == original[:lo] and buf[hi:] == original[hi:]
+        for at in range(lo, max(lo, hi - 4)):  # opcode bytes outside converted offsets never change
+            if original[at] in (0xE8, 0xE9) and buf[at] != original[at]:
+                assert any(0 < at - other <= 4 and original[other] in (0xE8, 0xE9) for other in range(max(lo, at - 4), at))
+        transform(buf, lo, hi, address, encode=False)
+        assert buf == original
+
+
+def test_x86_conversion_writes_a_call_as_its_absolute_target() -> None:
+    plain_call = bytes(b"\x90" * 16 + b"\xe8" + (0x20).to_bytes(4, "little") + b"\x90" * 8)
+    call = bytearray(plain_call)
+    transform(call, 0, len(call), 0x1000, encode=True)
+    assert int.from_bytes(call[17:21], "little") == 0x1000 + 16 + 5 + 0x20  # where the call lands
+    plain_moved = bytes(b"\x90" * 48 + b"\xe8" + (0x20 - 32).to_bytes(4, "little", signed=True) + b"\x90" * 8)
+    moved = bytearray(plain_moved)
+    transform(moved, 0, len(moved), 0x1000, encode=True)
+    assert moved[49:53] == call[17:21]  # the same target from 32 bytes further on: the same bytes
+    window = bytearray(plain_call + plain_moved)  # two extents, each at its own file address
+    transform_extents(window, [(0x1000, len(call)), (0x1000, len(moved))], encode=True)
+    assert window == call + moved
+
+
+@pytest.mark.parametrize("window_type", [bytes, bytearray])
+def test_lzma_dict_rebuilds_exactly_and_uses_the_window(window_type: type) -> None:
+    window = _bytes(1, 200_000)
+    data = window[50_000:150_000] + b"new code" * 100 + window[:20_000]
+    packed = _lzdict.compress(window_type(window), data)
+    assert len(packed) < 2_000  # everything but 800 bytes is a match into the window
+    assert _lzdict.decompress(window_type(window), packed, len(data)) == data
+    assert _lzdict.decompress(b"", _lzdict.compress(b"", data), len(data)) == data
+
+
+@pytest.mark.parametrize("damage", ["fewer bytes promised", "more bytes promised", "truncated", "trailing bytes", "garbage",
+                                    "flipped byte", "empty", "another window"])
+def test_a_damaged_lzma_dict_stream_is_refused(damage: str) -> None:
+    window, data = _bytes(2, 100_000), _bytes(2, 100_000)[1000:60_000] + _bytes(3, 5000)
+    packed, size, used_window = bytearray(_lzdict.compress(window, data)), len(data), window
+    if damage == "fewer bytes promised":
+        size -= 1
+    elif damage == "more bytes promised":
+        size += 1
+    elif damage == "truncated":
+        packed = packed[:-3]
+    elif damage == "trailing bytes":
+        packed += b"\0\0"
+    elif damage == "garbage":
+        packed = bytearray(_bytes(4, len(packed)))
+    elif damage == "flipped byte":
+        packed[len(packed) // 2] ^= 0x40
+    elif damage == "empty":
+        packed = bytearray()
+    else:
+        used_window = _bytes(5, 100_000)
+    try:
+        rebuilt = _lzdict.decompress(used_window, bytes(packed), size)
+    except _lzdict.LzDictError as exc:
+        assert "lz-dict" in str(exc)
+        return
+    # a flipped literal or another window can still decode to the right length: then the bytes differ,
+    # which the segment's sha256 catches (test_a_damaged_patch_is_refused_with_a_clear_error)
+    assert damage in ("flipped byte", "another window") and rebuilt != data
+
+
+def test_a_bsdiff_only_patch_is_format_1_byte_for_byte(old_image: Path, tmp_path: Path) -> None:
+    """Agents that predate format 2 read exactly this: no codec key, format 1."""
+    old, new = _pair(old_image, tmp_path, "grow")
+    header = create_patch(old, new, tmp_path / "patch", CreateOptions(segment_size=256 << 10, codecs=("bsdiff",)))
+    raw = (tmp_path / "patch").read_bytes()
+    assert header.format == 1 and raw.startswith(MAGIC) and b'"codec"' not in raw[: 12 + struct.unpack("<I", raw[8:12])[0]]
+
+
+def test_a_format_1_patch_made_by_the_previous_release_still_applies_both_ways(tmp_path: Path) -> None:
+    """tests/unit/data/esdelta-format1.esd was made by the code before format 2, from these two files."""
+    rng = random.Random(1)
+    old = bytearray(b"".join(rng.randbytes(512) + bytes(range(256)) * 4 for _ in range(40)))
+    new = bytearray(old)
+    new[3000:3000] = b"inserted by release 1.0.1 " * 40
+    for _ in range(50):
+        i = rng.randrange(len(new))
+        new[i] ^= 0x5A
+    (tmp_path / "old").write_bytes(old)
+    patch = Path(__file__).parent / "data" / "esdelta-format1.esd"
+    header = apply_patch(tmp_path / "old", patch, tmp_path / "new")
+    assert header.format == 1 and (tmp_path / "new").read_bytes() == new
+    apply_in_place(tmp_path / "old", patch)
+    assert (tmp_path / "old").read_bytes() == new
+
+
+def test_codec_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="non-empty subset"):
+        CreateOptions(codecs=())
+    with pytest.raises(ValueError, match="non-empty subset"):
+        CreateOptions(codecs=("brotli",))  # type: ignore[arg-type]
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -307,6 +462,14 @@ def test_the_cli_creates_inspects_and_applies_patches_and_refuses_bad_ones(old_i
     assert created.returncode == 0, created.stderr
     info = _cli("info", patch, "--json")
     assert info.returncode == 0 and '"in_place_safe": true' in info.stdout and f'"new_size": {new.stat().st_size}' in info.stdout
+    shown = json.loads(info.stdout)
+    assert sum(shown["codecs"].values()) == shown["segments"] == len(shown["segment_table"])
+    forced = _cli("create", old, new, "-o", tmp_path / "x86.esd", "--codec", "lzma-dict-x86")
+    assert forced.returncode == 0, forced.stderr
+    assert "lzma-dict-x86" in _cli("info", tmp_path / "x86.esd").stdout
+    assert _cli("apply", old, tmp_path / "x86.esd", "-o", out).returncode == 0 and out.read_bytes() == new.read_bytes()
+    unknown = _cli("create", old, new, "-o", tmp_path / "no.esd", "--codec", "brotli")
+    assert unknown.returncode == 1 and "unknown codec 'brotli'" in unknown.stderr
     assert _cli("apply", old, patch, "-o", out).returncode == 0 and out.read_bytes() == new.read_bytes()
     shutil.copyfile(old, target)
     assert _cli("apply", "--in-place", target, patch).returncode == 0 and target.read_bytes() == new.read_bytes()

@@ -30,6 +30,9 @@ from schemas.canonical import MalformedDocument
 from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.patch import MAGIC, MAX_HEADER_BYTES, PatchHeader, Segment
 from services.runtime.delta._codec import CorruptStream, decompress
+from services.runtime.delta._lzdict import LzDictError
+from services.runtime.delta._lzdict import decompress as lzdict_decompress
+from services.runtime.delta._x86 import transform, transform_extents
 from services.runtime.files import atomic_write, sha256_file
 
 Progress = Callable[[int, int], None]
@@ -78,31 +81,49 @@ def _check_old(header: PatchHeader, old: Path) -> None:
         raise BadPatch(f"the patch is for the file with sha256 {header.old_sha256[:16]}..., not this one")
 
 
-def _old_window(handle: BinaryIO, segment: Segment) -> bytes:
-    parts = []
+def _old_window(handle: BinaryIO, segment: Segment) -> bytes | bytearray:
+    """The segment's old extents in one buffer: bytes for bsdiff4 (it takes nothing else), a
+    bytearray for the lzma-dict codecs (lzma-dict-x86 converts it in place)."""
+    window = bytearray(segment.old_size)
+    view = memoryview(window)
+    position = 0
     for extent in segment.old:
         handle.seek(extent.offset)
-        part = handle.read(extent.length)
-        if len(part) != extent.length:
+        got = handle.readinto(view[position : position + extent.length])
+        if got != extent.length:
             raise BadPatch(f"old file ends before extent {extent.offset}+{extent.length}")
-        parts.append(part)
-    return b"".join(parts)
+        position += extent.length
+    view.release()
+    if segment.codec == "bsdiff":
+        return bytes(window)  # the bytearray is dropped on return: one window held at a time
+    return window
 
 
-def rebuild_segment(header: PatchHeader, index: int, packed: bytes, old_window: bytes) -> bytes:
+def rebuild_segment(header: PatchHeader, index: int, packed: bytes, old_window: bytes | bytearray) -> bytes | bytearray:
     segment = header.segments[index]
     if len(packed) != segment.packed_size:
         raise BadPatch(f"segment {index} is truncated")
     try:
-        control, diff, extra = decompress(packed, header.compression, (segment.control_size, segment.diff_size, segment.extra_size))
-    except CorruptStream as exc:
-        raise BadPatch(f"segment {index}: {exc}") from None
-    try:
-        data = bsdiff4.core.patch(old_window, segment.new_size, control, diff, extra)
-    except ValueError as exc:
+        data = _decode(header, segment, packed, old_window)
+    except (CorruptStream, LzDictError, ValueError) as exc:
         raise BadPatch(f"segment {index}: {exc}") from None
     if hashlib.sha256(data).hexdigest() != segment.new_sha256:
         raise BadPatch(f"segment {index} does not rebuild the bytes its header promises")
+    return data
+
+
+def _decode(header: PatchHeader, segment: Segment, packed: bytes, old_window: bytes | bytearray) -> bytes | bytearray:
+    if segment.codec == "bsdiff":
+        control, diff, extra = decompress(packed, header.compression, (segment.control_size, segment.diff_size, segment.extra_size))
+        return bsdiff4.core.patch(old_window, segment.new_size, control, diff, extra)
+    x86 = segment.codec == "lzma-dict-x86"
+    if x86:
+        window = old_window if isinstance(old_window, bytearray) else bytearray(old_window)
+        transform_extents(window, [(e.offset, e.length) for e in segment.old], encode=True)
+        old_window = window
+    data = lzdict_decompress(old_window, packed, segment.new_size)
+    if x86:
+        transform(data, 0, len(data), segment.new_offset, encode=False)
     return data
 
 

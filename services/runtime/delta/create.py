@@ -7,6 +7,14 @@ changed a little) make an old window of at most `old_budget` bytes, and bsdiff4 
 segment against that window alone. bsdiff4's suffix sort costs ~16 bytes per old byte, so peak
 memory is about 16 x old_budget + the anchor index, whatever the image size.
 
+Each segment then gets the smaller of two codecs (format 2, schemas/patch.py): bsdiff, or an LZ
+match against the same window (LZMA2 primed with it, plain or over x86 branch-converted bytes).
+bsdiff wins where code moved by a little everywhere (most patch releases of C libraries); LZ
+wins where a build changed wholesale (a Rust crate rebuilt with other codegen). Trying LZ in full
+costs as much as the diff, so two fast probes (preset 1, on the other core while bsdiff runs)
+pick the variant, and the full encoding runs only when the probe comes within LZ_TRY of
+bsdiff's own probe.
+
 In-place patches constrain each segment to old bytes not yet overwritten (see
 schemas.patch.PatchHeader.in_place_conflict): forward order reads only at or after the segment,
 backward order only before its end.
@@ -25,12 +33,23 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 import bsdiff4.core
+import lzma
 import numpy as np
 
-from schemas.canonical import canonical_json
-from schemas.patch import MAGIC, MAX_CONTROL_BYTES, MAX_SEGMENT_NEW, MAX_SEGMENT_OLD, Extent, PatchHeader, Segment
+from schemas.patch import (
+    MAGIC,
+    MAX_CONTROL_BYTES,
+    MAX_SEGMENT_NEW,
+    MAX_SEGMENT_OLD,
+    Codec,
+    Extent,
+    PatchHeader,
+    Segment,
+)
+from services.runtime.delta import _lzdict
 from services.runtime.delta._anchors import OldIndex
 from services.runtime.delta._codec import Compression, compress
+from services.runtime.delta._x86 import transform, transform_extents
 from services.runtime.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -39,6 +58,9 @@ BLOCK = 256 << 10
 DEFAULT_SEGMENT = 8 << 20
 DEFAULT_OLD_BUDGET = 12 << 20
 MIN_VOTES = 2
+LZ_TRY = 1.03  # full LZ runs when its probe is at most this times bsdiff's probe (see _lz_candidate)
+PROBE_PRESET = 1
+ALL_CODECS: tuple[Codec, ...] = ("bsdiff", "lzma-dict", "lzma-dict-x86")
 
 Progress = Callable[[int, int], None]
 
@@ -49,8 +71,11 @@ class CreateOptions:
     segment_size: int = DEFAULT_SEGMENT
     old_budget: int = DEFAULT_OLD_BUDGET
     in_place: bool = False
+    codecs: tuple[Codec, ...] = ALL_CODECS  # the ones each segment may use; bsdiff alone makes format 1
 
     def __post_init__(self) -> None:
+        if not self.codecs or any(c not in ALL_CODECS for c in self.codecs):
+            raise ValueError(f"codecs must be a non-empty subset of {', '.join(ALL_CODECS)}")
         if not 0 < self.segment_size <= MAX_SEGMENT_NEW:
             raise ValueError(f"segment size must be 1..{MAX_SEGMENT_NEW}")
         if not 0 < self.old_budget <= MAX_SEGMENT_OLD:
@@ -145,9 +170,12 @@ def _write_patch(
     starts = list(range(0, new_size, options.segment_size))
     if order == "backward":
         starts.reverse()
+    lz_codecs = [c for c in options.codecs if c != "bsdiff"] if _lzdict.available() else []
+    if not lz_codecs and "bsdiff" not in options.codecs:
+        raise ValueError("the lzma-dict codecs need liblzma, which this machine lacks; allow bsdiff")
     drift = 0
     done = 0
-    pending: Future[tuple[Segment, bytes]] | None = None
+    pending: tuple[Future[tuple[Segment, bytes]], _Candidate | None] | None = None
     with open(old, "rb") as old_handle, open(new, "rb") as new_handle, open(payload, "wb") as out, ThreadPoolExecutor(1) as pool:
         for start in starts:
             new_handle.seek(start)
@@ -161,19 +189,23 @@ def _write_patch(
             elif options.in_place:
                 hi = min(start + len(data), old_size)
             extents = choose_old_window(old_at, _predicted_offset(start, drift, old_size), len(data), options.old_budget, lo, hi)
-            streams = _diff(_read_extents(old_handle, extents), data, extents)
-            # compressing segment i (lzma and zstd release the GIL) overlaps with diffing segment i+1
+            window = _read_extents(old_handle, extents)
+            # the pool (one thread) packs the previous segment, then probes LZ while bsdiff runs here
+            probe = pool.submit(_probe_lz, window, data, extents, start, lz_codecs) if lz_codecs else None
+            streams = _diff(window, data, extents) if "bsdiff" in options.codecs else None
             if pending is not None:
-                _write_segment(pending.result(), out, segments)
+                _write_segment(_choose(*pending), out, segments)
             last = start == starts[-1]  # nothing left to diff beside it: compress on both cores
-            pending = pool.submit(_pack_segment, streams, data, start, options.compression, last)
+            packing = pool.submit(_pack_segment, streams, data, start, options.compression, last) if streams else None
+            lz = _lz_candidate(probe.result() if probe else None, streams, window, data, extents, start)
+            pending = (packing, lz) if packing else (None, lz)
             done += len(data)
             if progress:
                 progress(done, new_size)
         if pending is not None:
-            _write_segment(pending.result(), out, segments)
+            _write_segment(_choose(*pending), out, segments)
     header = PatchHeader(
-        format=1,
+        format=1 if all(s.codec == "bsdiff" for s in segments) else 2,
         compression=options.compression,
         old_size=old_size,
         old_sha256=hashes[0],
@@ -182,13 +214,15 @@ def _write_patch(
         order=order,
         segments=segments,
     )
-    raw = canonical_json(header.model_dump(mode="json"))
+    raw = header.to_bytes()
     with open(patch, "wb") as out, open(payload, "rb") as body:
         out.write(MAGIC + struct.pack("<I", len(raw)) + raw)
         while block := body.read(1 << 20):
             out.write(block)
     payload.unlink()
-    log.info("patch %s: %d segments, %d bytes for a %d-byte file", patch, len(segments), patch.stat().st_size, new_size)
+    chosen = {c: sum(1 for s in segments if s.codec == c) for c in ALL_CODECS}
+    log.info("patch %s: %d segments (%s), %d bytes for a %d-byte file", patch, len(segments),
+             ", ".join(f"{n} {c}" for c, n in chosen.items() if n), patch.stat().st_size, new_size)
     return header
 
 
@@ -200,6 +234,14 @@ class _Streams:
     extents: list[Extent]
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A segment packed by an LZ codec, to be compared with its bsdiff packing."""
+
+    segment: Segment
+    packed: bytes
+
+
 def _diff(old_window: bytes, data: bytes, extents: list[Extent]) -> _Streams:
     control, diff, extra = bsdiff4.core.diff(old_window, data)
     if len(control) > MAX_CONTROL_BYTES:
@@ -207,6 +249,67 @@ def _diff(old_window: bytes, data: bytes, extents: list[Extent]) -> _Streams:
         literal = bsdiff4.core.encode_int64(0) + bsdiff4.core.encode_int64(len(data)) + bsdiff4.core.encode_int64(0)
         return _Streams(literal, b"", data, [])
     return _Streams(control, diff, extra, extents)
+
+
+def _lz_inputs(codec: Codec, window: bytes, data: bytes, extents: list[Extent], start: int) -> tuple[bytes | bytearray, bytes | bytearray]:
+    if codec != "lzma-dict-x86":
+        return window, data
+    converted_window, converted_data = bytearray(window), bytearray(data)
+    transform_extents(converted_window, [(e.offset, e.length) for e in extents], encode=True)
+    transform(converted_data, 0, len(converted_data), start, encode=True)
+    return converted_window, converted_data
+
+
+def _probe_lz(window: bytes, data: bytes, extents: list[Extent], start: int, codecs: list[Codec]) -> tuple[Codec, int]:
+    """The LZ codec that packs this segment smallest at the fast preset, and that size."""
+    sizes = {codec: len(_lzdict.compress(*_lz_inputs(codec, window, data, extents, start), preset=PROBE_PRESET))
+             for codec in codecs}
+    best = min(sizes, key=sizes.__getitem__)
+    return best, sizes[best]
+
+
+def _lz_candidate(probe: tuple[Codec, int] | None, streams: _Streams | None, window: bytes, data: bytes,
+                  extents: list[Extent], start: int) -> _Candidate | None:
+    """The full LZ encoding when its probe comes close enough to bsdiff's (same fast preset).
+
+    Full encoding shrinks LZ more than bsdiff (measured: LZ to 0.82-0.88 of its probe, bsdiff to
+    0.88-0.94), so LZ can win from a probe up to ~7% larger; LZ_TRY spends the full encoding
+    only where it stands to win by a few percent or more.
+    """
+    if probe is None:
+        return None
+    codec, probe_size = probe
+    if streams is not None:
+        bsdiff_probe = len(lzma.compress(streams.control + streams.diff + streams.extra, format=lzma.FORMAT_RAW,
+                                         filters=[{"id": lzma.FILTER_LZMA2, "preset": PROBE_PRESET}]))
+        log.debug("segment at %d: probes %s %d, bsdiff %d", start, codec, probe_size, bsdiff_probe)
+        if probe_size > LZ_TRY * bsdiff_probe:
+            return None
+    packed = _lzdict.compress(*_lz_inputs(codec, window, data, extents, start))
+    segment = Segment(
+        new_offset=start,
+        new_size=len(data),
+        new_sha256=hashlib.sha256(data).hexdigest(),
+        old=extents,
+        control_size=0,
+        diff_size=0,
+        extra_size=len(data),
+        packed_size=len(packed),
+        codec=codec,
+    )
+    return _Candidate(segment, packed)
+
+
+def _choose(packing: Future[tuple[Segment, bytes]] | None, lz: _Candidate | None) -> tuple[Segment, bytes]:
+    """The smaller packing; LZ always ran when bsdiff was not allowed (see _write_patch)."""
+    bsdiff = packing.result() if packing is not None else None
+    if lz is not None and bsdiff is not None:
+        log.debug("segment at %d: %s %d, bsdiff %d", lz.segment.new_offset, lz.segment.codec, len(lz.packed), len(bsdiff[1]))
+    if lz is not None and (bsdiff is None or len(lz.packed) < len(bsdiff[1])):
+        return lz.segment, lz.packed
+    if bsdiff is None:
+        raise AssertionError("a segment with neither codec")
+    return bsdiff
 
 
 def _pack_segment(streams: _Streams, data: bytes, start: int, compression: Compression, split: bool) -> tuple[Segment, bytes]:
