@@ -22,6 +22,7 @@ LZMA_RUN, LZMA_FINISH = 0, 3
 LZMA_FILTER_LZMA2 = 0x21
 LZMA_VLI_UNKNOWN = 2**64 - 1
 MIN_DICT = 4096
+MF_HC4 = 0x04
 
 
 class LzDictError(EdgeswarmError, ValueError):
@@ -100,14 +101,17 @@ class Effort:
     """liblzma encoder settings; decoding needs none of them."""
 
     preset: int
-    nice_len: int | None = None  # None: the preset's
+    match_finder: int | None = None  # None: the preset's
+    nice_len: int | None = None
     depth: int | None = None
 
 
 # Presets 6 to 9 differ only in the dictionary size, which is set here. On an 8 MiB segment of a
-# Rust binary against a 12 MiB window (biome 1.8.3 -> 1.9.0), preset 6's BT4 match finder takes
-# 9.4 s; nice_len 32 and depth 8 take 5.3 s for 4% more, which keeps creation near bsdiff4's time.
-FULL = Effort(6, nice_len=32, depth=8)
+# Rust binary against a 12 MiB window (biome 1.8.3 -> 1.9.0), preset 6 (BT4 match finder, ~12
+# bytes per dictionary byte) takes 9.4 s; the HC4 match finder with nice_len 64 and depth 16
+# takes 4.9 s for 5% more and ~7 bytes per dictionary byte, which lets it run beside bsdiff's
+# suffix array within creation's memory bound.
+FULL = Effort(6, match_finder=MF_HC4, nice_len=64, depth=16)
 # Preset 1 (HC4, fast mode) is 4-8x faster than FULL and ~15% larger, and ranks candidates alike.
 PROBE = Effort(1)
 
@@ -116,6 +120,8 @@ def _options(window: bytes | bytearray, size: int, effort: Effort) -> tuple[_Opt
     options = _OptionsLzma()
     if _liblzma().lzma_lzma_preset(ctypes.byref(options), effort.preset):
         raise LzDictError(f"liblzma does not support preset {effort.preset}")
+    if effort.match_finder is not None:
+        options.mf = effort.match_finder
     if effort.nice_len is not None:
         options.nice_len = effort.nice_len
     if effort.depth is not None:

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 256 << 10
 DEFAULT_SEGMENT = 8 << 20
-DEFAULT_OLD_BUDGET = 12 << 20
+DEFAULT_OLD_BUDGET = 11 << 20
 MIN_VOTES = 2
 LZ_TRY = 1.03  # full LZ runs when its probe is at most this times bsdiff's probe (see _plan)
 LZ_SURE = 0.85  # ... and bsdiff is not packed at all below this
@@ -196,7 +196,7 @@ def _write_patch(
         raise ValueError("the lzma-dict codecs need liblzma, which this machine lacks; allow bsdiff")
     drift = 0
     done = 0
-    pending: tuple[Future[tuple[Segment, bytes]], _Candidate | None] | None = None
+    pending: tuple[Future[tuple[Segment, bytes]] | None, Future[_Candidate] | _Candidate | None] | None = None
     with open(old, "rb") as old_handle, open(new, "rb") as new_handle, open(payload, "wb") as out, ThreadPoolExecutor(1) as pool:
         for start in starts:
             new_handle.seek(start)
@@ -212,18 +212,24 @@ def _write_patch(
             budget = min(options.old_budget, max(len(data) + SHORT_MARGIN, 2 * len(data)))  # a short tail sorts less
             extents = choose_old_window(old_at, _predicted_offset(start, drift, old_size), len(data), budget, lo, hi)
             window = _read_extents(old_handle, extents)
-            # the pool (one thread) packs the previous segment, then probes LZ while bsdiff runs here
+            # This thread diffs; the pool (one thread, in order) finishes the previous segment's
+            # packings, then probes LZ for this one beside the diff, then packs this one beside the
+            # next diff. Never more than one suffix array and one encoder at a time: see docs/deltas.md.
             probe = pool.submit(_probe_lz, window, data, extents, start, lz_codecs) if lz_codecs else None
             streams = _diff(window, data, extents) if "bsdiff" in options.codecs else None
-            if pending is not None:
-                _write_segment(_choose(*pending), out, segments)
             plan = _plan(probe.result() if probe else None, streams)
+            if pending is not None:
+                _write_segment(_choose(*pending), out, segments)  # done: it ran before this probe
             last = start == starts[-1]  # nothing left to diff beside it: both cores, less effort
             # before a short last segment the diff beside it ends early: both cores, full effort
             split = last or starts.index(start) == len(starts) - 2 and new_size % options.segment_size != 0
             packing = (pool.submit(_pack_segment, streams, data, start, options.compression, split, last)
                        if streams is not None and plan != "lz only" else None)
-            lz = _lz_candidate(probe.result()[0], window, data, extents, start) if probe and plan != "bsdiff only" else None
+            lz: Future[_Candidate] | _Candidate | None = None
+            if probe is not None and plan != "bsdiff only":
+                codec = probe.result()[0]
+                # the last one here, beside its packing: nothing else is left for this thread
+                lz = _lz_candidate(codec, window, data, extents, start) if last else pool.submit(_lz_candidate, codec, window, data, extents, start)
             pending = (packing, lz)
             done += len(data)
             if progress:
@@ -334,13 +340,15 @@ def _lz_candidate(codec: Codec, window: bytes, data: bytes, extents: list[Extent
     return _Candidate(segment, packed)
 
 
-def _choose(packing: Future[tuple[Segment, bytes]] | None, lz: _Candidate | None) -> tuple[Segment, bytes]:
+def _choose(packing: Future[tuple[Segment, bytes]] | None, lz: Future[_Candidate] | _Candidate | None) -> tuple[Segment, bytes]:
     """The smaller packing; at least one exists (see _plan)."""
     bsdiff = packing.result() if packing is not None else None
-    if lz is not None and bsdiff is not None:
-        log.debug("segment at %d: %s %d, bsdiff %d", lz.segment.new_offset, lz.segment.codec, len(lz.packed), len(bsdiff[1]))
-    if lz is not None and (bsdiff is None or len(lz.packed) < len(bsdiff[1])):
-        return lz.segment, lz.packed
+    candidate = lz.result() if isinstance(lz, Future) else lz
+    if candidate is not None and bsdiff is not None:
+        log.debug("segment at %d: %s %d, bsdiff %d", candidate.segment.new_offset, candidate.segment.codec,
+                  len(candidate.packed), len(bsdiff[1]))
+    if candidate is not None and (bsdiff is None or len(candidate.packed) < len(bsdiff[1])):
+        return candidate.segment, candidate.packed
     if bsdiff is None:
         raise AssertionError("a segment with neither codec")
     return bsdiff
