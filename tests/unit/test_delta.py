@@ -441,6 +441,24 @@ def test_a_format_1_patch_made_by_the_previous_release_still_applies_both_ways(t
     assert (tmp_path / "old").read_bytes() == new
 
 
+def test_without_liblzma_lz_segments_are_refused_as_a_bad_patch_and_creation_keeps_to_bsdiff(
+        old_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device without liblzma.so.5 refuses the patch (the agent then fetches the full artifact)."""
+    old, new = _pair(old_image, tmp_path, "grow")
+    create_patch(old, new, tmp_path / "lz", CreateOptions(segment_size=256 << 10, codecs=("lzma-dict",)))
+
+    def missing() -> None:
+        raise _lzdict.LzDictError("liblzma is not available (test): this device cannot apply lz-dict segments")
+
+    monkeypatch.setattr(_lzdict, "_liblzma", missing)
+    with pytest.raises(BadPatch, match="liblzma is not available"):
+        apply_patch(old, tmp_path / "lz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert create_patch(old, new, tmp_path / "plain", CreateOptions(segment_size=256 << 10)).format == 1
+    with pytest.raises(ValueError, match="need liblzma"):
+        create_patch(old, new, tmp_path / "none", CreateOptions(codecs=("lzma-dict-x86",)))
+
+
 def test_codec_options_are_checked() -> None:
     with pytest.raises(ValueError, match="non-empty subset"):
         CreateOptions(codecs=())

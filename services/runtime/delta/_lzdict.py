@@ -55,11 +55,13 @@ class _Filter(ctypes.Structure):
 
 @cache
 def _liblzma() -> ctypes.CDLL:
-    name = ctypes.util.find_library("lzma") or "liblzma.so.5"
     try:
-        lib = ctypes.CDLL(name)
-    except OSError as exc:
-        raise LzDictError(f"liblzma is not available ({exc}): this device cannot apply lz-dict segments") from None
+        lib = ctypes.CDLL("liblzma.so.5")  # the soname on every Linux distribution since xz 5.0
+    except OSError:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("lzma") or "liblzma.so")
+        except OSError as exc:
+            raise LzDictError(f"liblzma is not available ({exc}): this device cannot apply lz-dict segments") from None
     lib.lzma_lzma_preset.argtypes = [ctypes.POINTER(_OptionsLzma), ctypes.c_uint32]
     lib.lzma_lzma_preset.restype = ctypes.c_int  # lzma_bool: non-zero means the preset is not supported
     for name in ("lzma_raw_encoder", "lzma_raw_decoder"):
