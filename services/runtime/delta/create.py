@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import hashlib
 import logging
 import lzma
 import os
 import struct
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,8 +196,7 @@ def _write_patch(
         raise ValueError("the lzma-dict codecs need liblzma, which this machine lacks; allow bsdiff")
     drift = 0
     done = 0
-    in_flight: deque[_Packings] = deque()  # submitted, not yet written, in file order
-    deferred: Callable[[], _Packings] | None = None  # the previous segment's, submitted after this one's probe
+    pending: tuple[Future[tuple[Segment, bytes]] | None, Future[_Candidate] | _Candidate | None] | None = None
     with open(old, "rb") as old_handle, open(new, "rb") as new_handle, open(payload, "wb") as out, ThreadPoolExecutor(1) as pool:
         for start in starts:
             new_handle.seek(start)
@@ -215,34 +212,30 @@ def _write_patch(
             budget = min(options.old_budget, max(len(data) + SHORT_MARGIN, 2 * len(data)))  # a short tail sorts less
             extents = choose_old_window(old_at, _predicted_offset(start, drift, old_size), len(data), budget, lo, hi)
             window = _read_extents(old_handle, extents)
-            # This thread diffs. The pool (one thread, in order) probes LZ for this segment, then
-            # packs the previous one, both beside this diff: the probe first, because the plan
-            # waits for it. Never more than one suffix array and one encoder at a time (docs/deltas.md).
+            # This thread diffs; the pool (one thread, in order) finishes the previous segment's
+            # packings, then probes LZ for this one beside the diff, then packs this one beside the
+            # next diff. Never more than one suffix array and one encoder at a time: see docs/deltas.md.
             probe = pool.submit(_probe_lz, window, data, extents, start, lz_codecs) if lz_codecs else None
-            if deferred is not None:
-                in_flight.append(deferred())
-                deferred = None
             streams = _diff(window, data, extents) if "bsdiff" in options.codecs else None
             plan = _plan(probe.result() if probe else None, streams)
-            while len(in_flight) > 1:  # the one before the previous: packed beside the previous diff
-                _write_segment(_choose(*in_flight.popleft()), out, segments)
+            if pending is not None:
+                _write_segment(_choose(*pending), out, segments)  # done: it ran before this probe
             last = start == starts[-1]  # nothing left to diff beside it: both cores, less effort
             # before a short last segment the diff beside it ends early: both cores, full effort
             split = last or starts.index(start) == len(starts) - 2 and new_size % options.segment_size != 0
-            lz_codec = probe.result()[0] if probe is not None and plan != "bsdiff only" else None
-            job = _SegmentJob(window, data, extents, start, streams if plan != "lz only" else None, lz_codec,
-                              options.compression, split, last)
-            if last:
-                in_flight.append(job.submit(pool, lz_here=True))  # nothing else is left for this thread
-            else:
-                deferred = functools.partial(job.submit, pool)
+            packing = (pool.submit(_pack_segment, streams, data, start, options.compression, split, last)
+                       if streams is not None and plan != "lz only" else None)
+            lz: Future[_Candidate] | _Candidate | None = None
+            if probe is not None and plan != "bsdiff only":
+                codec = probe.result()[0]
+                # the last one here, beside its packing: nothing else is left for this thread
+                lz = _lz_candidate(codec, window, data, extents, start) if last else pool.submit(_lz_candidate, codec, window, data, extents, start)
+            pending = (packing, lz)
             done += len(data)
             if progress:
                 progress(done, new_size)
-        if deferred is not None:
-            in_flight.append(deferred())
-        while in_flight:
-            _write_segment(_choose(*in_flight.popleft()), out, segments)
+        if pending is not None:
+            _write_segment(_choose(*pending), out, segments)
     header = PatchHeader(
         format=1 if all(s.codec == "bsdiff" for s in segments) else 2,
         compression=options.compression,
@@ -274,38 +267,11 @@ class _Streams:
 
 
 @dataclass(frozen=True)
-class _SegmentJob:
-    """What packing one segment needs once its plan is known."""
-
-    window: bytes
-    data: bytes
-    extents: list[Extent]
-    start: int
-    streams: _Streams | None  # None: LZ surely wins, bsdiff is not packed
-    lz_codec: Codec | None  # None: bsdiff surely wins, LZ is not encoded in full
-    compression: Compression
-    split: bool
-    last: bool
-
-    def submit(self, pool: ThreadPoolExecutor, *, lz_here: bool = False) -> _Packings:
-        packing = (pool.submit(_pack_segment, self.streams, self.data, self.start, self.compression, self.split, self.last)
-                   if self.streams is not None else None)
-        lz: Future[_Candidate] | _Candidate | None = None
-        if self.lz_codec is not None:
-            arguments = (self.lz_codec, self.window, self.data, self.extents, self.start)
-            lz = _lz_candidate(*arguments) if lz_here else pool.submit(_lz_candidate, *arguments)
-        return packing, lz
-
-
-@dataclass(frozen=True)
 class _Candidate:
     """A segment packed by an LZ codec, to be compared with its bsdiff packing."""
 
     segment: Segment
     packed: bytes
-
-
-_Packings = tuple[Future[tuple[Segment, bytes]] | None, "Future[_Candidate] | _Candidate | None"]
 
 
 def _diff(old_window: bytes, data: bytes, extents: list[Extent]) -> _Streams:
