@@ -174,29 +174,27 @@ def _npm_member(package: str, version: str, member: str, out: Path) -> Path:
     return out
 
 
-# (key words for --pairs, title, fetch(version, out)) with its (old, new) versions: a patch and a minor release each
-COMPILED: list[tuple[str, str, Callable[[str, Path], Path], tuple[str, str]]] = [
-    ("rust ruff patch", "ruff {} -> {} (PyPI wheel, Rust)",
-     lambda v, out: _wheel_member("ruff", v, "*.data/scripts/ruff", out), ("0.8.0", "0.8.1")),
-    ("rust pydantic-core patch", "pydantic-core {} -> {} (PyPI wheel, Rust/PyO3 module)",
-     lambda v, out: _wheel_member("pydantic-core", v, "pydantic_core/_pydantic_core*.so", out), ("2.27.1", "2.27.2")),
-    ("rust pydantic-core minor", "pydantic-core {} -> {} (PyPI wheel, Rust/PyO3 module)",
-     lambda v, out: _wheel_member("pydantic-core", v, "pydantic_core/_pydantic_core*.so", out), ("2.26.0", "2.27.0")),
-    ("go esbuild patch", "esbuild {} -> {} (npm, Go)",
-     lambda v, out: _npm_member("@esbuild/linux-x64", v, "bin/esbuild", out), ("0.24.0", "0.24.1")),
-    ("go esbuild minor", "esbuild {} -> {} (npm, Go)",
-     lambda v, out: _npm_member("@esbuild/linux-x64", v, "bin/esbuild", out), ("0.23.1", "0.24.0")),
-    ("rust biome patch", "biome {} -> {} (npm, Rust)",
-     lambda v, out: _npm_member("@biomejs/cli-linux-x64", v, "biome", out), ("1.9.3", "1.9.4")),
-    ("rust biome minor", "biome {} -> {} (npm, Rust)",
-     lambda v, out: _npm_member("@biomejs/cli-linux-x64", v, "biome", out), ("1.8.3", "1.9.0")),
+# program -> (language, where it comes from, fetch(version, out))
+PROGRAMS: dict[str, tuple[str, str, Callable[[str, Path], Path]]] = {
+    "ruff": ("rust", "PyPI wheel, Rust", lambda v, out: _wheel_member("ruff", v, "*.data/scripts/ruff", out)),
+    "pydantic-core": ("rust", "PyPI wheel, Rust/PyO3 module",
+                      lambda v, out: _wheel_member("pydantic-core", v, "pydantic_core/_pydantic_core*.so", out)),
+    "esbuild": ("go", "npm, Go", lambda v, out: _npm_member("@esbuild/linux-x64", v, "bin/esbuild", out)),
+    "biome": ("rust", "npm, Rust", lambda v, out: _npm_member("@biomejs/cli-linux-x64", v, "biome", out)),
+}
+# (program, kind, old version, new version): a patch and a minor release each
+COMPILED = [
+    ("ruff", "patch", "0.8.0", "0.8.1"),
+    ("pydantic-core", "patch", "2.27.1", "2.27.2"), ("pydantic-core", "minor", "2.26.0", "2.27.0"),
+    ("esbuild", "patch", "0.24.0", "0.24.1"), ("esbuild", "minor", "0.23.1", "0.24.0"),
+    ("biome", "patch", "1.9.3", "1.9.4"), ("biome", "minor", "1.8.3", "1.9.0"),
 ]
 
 
-def _compiled_pair(key: str, title: str, fetch: Callable[[str, Path], Path], versions: tuple[str, str]) -> tuple[str, Path, Path]:
-    program = key.split()[1]
-    old, new = (fetch(v, CACHE / "files" / f"{program}-{v}") for v in versions)
-    return title.format(*versions), old, new
+def _compiled_pair(program: str, old_version: str, new_version: str) -> tuple[str, Path, Path]:
+    _, origin, fetch = PROGRAMS[program]
+    old, new = (fetch(v, CACHE / "files" / f"{program}-{v}") for v in (old_version, new_version))
+    return f"{program} {old_version} -> {new_version} ({origin})", old, new
 
 
 def fetch_pairs(quick: bool, wanted: list[str]) -> Iterator[tuple[str, Path, Path]]:
@@ -209,7 +207,8 @@ def fetch_pairs(quick: bool, wanted: list[str]) -> Iterator[tuple[str, Path, Pat
                                             "usr/lib/x86_64-linux-gnu/libcrypto.so.3", main, security)),
     ]
     if not quick:
-        makers += [(key, lambda c=(key, title, fetch, versions): _compiled_pair(*c)) for key, title, fetch, versions in COMPILED]
+        makers += [(f"{PROGRAMS[program][0]} {program} {kind}", lambda c=(program, old, new): _compiled_pair(*c))
+                   for program, kind, old, new in COMPILED]
         makers.append(("rootfs", lambda: _rootfs_pair(main, security)))
     for key, make in makers:
         if not wanted or any(word in key.split() or word == key for word in wanted):

@@ -6,7 +6,7 @@ the calls to a function that did not move stay byte-identical, and an LZ coder f
 matches against the old file. xz's BCJ filter does the same for one stream; this version runs
 on a window of the old file and on a segment of the new one, each with its own file address.
 
-The transform is its own inverse's mirror and keeps every byte it does not own: an opcode byte
+Decoding visits the same positions as encoding and keeps every byte it does not own: an opcode byte
 (E8 call, E9 jmp) claims the next 4 bytes whether or not it converts them, so the positions a
 scan visits depend only on bytes no conversion changes; only offsets whose top byte is 00 or FF
 (targets within 16 MiB) are converted, into a value whose top byte is 00 or FF again, so the
