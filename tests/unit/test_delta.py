@@ -9,19 +9,39 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
+import bsdiff4.core
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.canonical import canonical_json
-from schemas.patch import MAGIC, MAX_HEADER_BYTES, MAX_SEGMENT_NEW, PatchHeader
-from services.runtime.delta import BadPatch, apply_delta, apply_in_place, apply_patch, create_delta, patch_info
-from services.runtime.delta.apply import Journal
-from services.runtime.delta import _lzdict
+from schemas.patch import MAGIC, MAX_HEADER_BYTES, MAX_SEGMENT_NEW, Extent, PatchHeader
+from services.runtime.delta import (
+    BadPatch,
+    _lzdict,
+    apply_delta,
+    apply_in_place,
+    apply_patch,
+    create_delta,
+    patch_info,
+)
+from services.runtime.delta._anchors import OldIndex
 from services.runtime.delta._x86 import transform, transform_extents
-from services.runtime.delta.create import ALL_CODECS, BLOCK, CreateOptions, create_patch
+from services.runtime.delta.apply import Journal
+from services.runtime.delta.create import (
+    ALL_CODECS,
+    BLOCK,
+    CreateOptions,
+    _cut,
+    _Job,
+    _probe_lz,
+    _speculate,
+    create_patch,
+)
 
 # small segments and windows so that a few hundred KiB exercise many segments and window choices
 SMALL = CreateOptions(segment_size=64 << 10, old_budget=2 * BLOCK)
@@ -325,6 +345,54 @@ def test_any_pair_of_files_round_trips(tmp_path: Path, old: bytes, new: bytes, i
         assert paths["target"].read_bytes() == new
 
 
+@settings(max_examples=60, deadline=None)
+@given(old=st.binary(max_size=4000), new=st.binary(min_size=1, max_size=4000), cuts=st.lists(st.integers(1, 3999), max_size=6), data=st.data())
+def test_whole_file_bsdiff_streams_cut_into_segments_rebuild_each_segment(old: bytes, new: bytes, cuts: list[int], data: st.DataObject) -> None:
+    if data.draw(st.booleans()):
+        new = old[len(old) // 3 :] + new[:50] + old[: len(old) // 3]  # related: long matches that cross the cuts
+    starts = sorted({0, *(c for c in cuts if c < len(new))})
+    streams = bsdiff4.core.diff(old, new)
+    pieces = _cut(*streams, starts, len(new))
+    for index, (start, end, (control, diff, extra)) in enumerate(zip(starts, [*starts[1:], len(new)], pieces)):
+        assert bsdiff4.core.patch(old, end - start, control, diff, extra) == new[start:end]
+        assert _cut(*streams, starts, len(new), only=index)[index] == (control, diff, extra)  # the probe's shortcut
+
+
+SHARED = CreateOptions(segment_size=64 << 10, old_budget=2 << 20)  # the 1.2 MiB image fits one window
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_old_file_that_fits_one_window_is_sorted_once_for_all_segments(
+        old_image: Path, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = _pair(old_image, tmp_path, kind)
+    diffs: list[int] = []
+    real_diff = bsdiff4.core.diff
+
+    def counted(old_bytes: bytes, new_bytes: bytes) -> tuple[bytes, bytes, bytes]:
+        diffs.append(len(new_bytes))
+        return real_diff(old_bytes, new_bytes)
+
+    monkeypatch.setattr(bsdiff4.core, "diff", counted)
+    monkeypatch.setattr(OldIndex, "of_file", lambda path: pytest.fail("no window to choose, so no index"))
+    header = create_patch(old, new, tmp_path / "patch", SHARED)
+    assert diffs == [new.stat().st_size] and len(header.segments) > 5
+    assert all([(e.offset, e.length) for e in s.old] == [(0, old.stat().st_size)] for s in header.segments)
+    apply_patch(old, tmp_path / "patch", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new.read_bytes()
+    inserted = 300_000 if kind == "grow" else 50_000 if kind == "insert-front" else 0
+    assert (tmp_path / "patch").stat().st_size < inserted + 40_000
+
+
+def test_in_place_windows_that_fit_need_no_index_either(old_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = _pair(old_image, tmp_path, "delete-front")
+    monkeypatch.setattr(OldIndex, "of_file", lambda path: pytest.fail("no window to choose, so no index"))
+    create_patch(old, new, tmp_path / "patch", CreateOptions(segment_size=64 << 10, old_budget=2 << 20, in_place=True))
+    target = tmp_path / "target"
+    shutil.copyfile(old, target)
+    apply_in_place(target, tmp_path / "patch")
+    assert target.read_bytes() == new.read_bytes()
+
+
 # -- codecs: x86 branch conversion, LZMA2 against the old window, the format-1 files already shipped ---
 
 
@@ -414,6 +482,37 @@ def test_a_damaged_lzma_dict_stream_is_refused(damage: str) -> None:
     # a flipped literal or another window can still decode to the right length: then the bytes differ,
     # which the segment's sha256 catches (test_a_damaged_patch_is_refused_with_a_clear_error)
     assert damage in ("flipped byte", "another window") and rebuilt != data
+
+
+def test_the_lzma_dict_encoder_gives_the_same_stream_however_its_input_is_fed(monkeypatch: pytest.MonkeyPatch) -> None:
+    window, data = _bytes(1, 300_000), _bytes(1, 200_000)[:150_000] + _bytes(2, 150_000)
+    fed_in_pieces = _lzdict.compress(window, data)
+    monkeypatch.setattr(_lzdict, "FEED", 1 << 30)
+    assert _lzdict.compress(window, data) == fed_in_pieces
+    assert bytes(_lzdict.decompress(window, fed_in_pieces, len(data))) == data
+
+
+def test_lz_encoding_starts_early_only_where_the_window_explains_the_segment_poorly_and_stops_when_cancelled() -> None:
+    window = _bytes(1, 1 << 20)
+    extents = [Extent(offset=0, length=len(window))]
+
+    def job(data: bytes) -> _Job:
+        made = _Job(0, data, extents, window)
+        made.probe = Future()
+        made.probe.set_result(_probe_lz(window, data, extents, 0, ["lzma-dict"]))
+        return made
+
+    assert _speculate(job(window[1000:] + _bytes(3, 1000))) is None  # a small change: bsdiff's, not encoded early
+    rebuilt = job(window[: 256 << 10] + _bytes(4, 256 << 10))  # half new: LZ may win
+    candidate = _speculate(rebuilt)
+    assert candidate is not None and candidate.segment.codec == "lzma-dict"
+    assert bytes(_lzdict.decompress(window, candidate.packed, len(rebuilt.data))) == rebuilt.data
+    rebuilt.cancel.set()
+    assert _speculate(rebuilt) is None
+    halfway = threading.Event()
+    threading.Timer(0.05, halfway.set).start()
+    with pytest.raises(_lzdict.Cancelled):
+        _lzdict.compress(_bytes(5, 8 << 20), _bytes(6, 8 << 20), cancel=halfway)  # incompressible: seconds if not stopped
 
 
 def test_a_bsdiff_only_patch_is_format_1_byte_for_byte(old_image: Path, tmp_path: Path) -> None:

@@ -32,11 +32,15 @@ def _lzma_filters(size: int, effort: Effort) -> list[dict]:
     dict_size = 1 << 16
     while dict_size < min(size, MAX_DICT):
         dict_size <<= 1
+    # bsdiff's streams have no 4-byte structure for the position bits to model and few literal
+    # contexts worth 3 bits: lc 2, pb 0 packs them 0.5-1.7% smaller than the defaults (lc 3, pb 2)
+    # at the same speed (libpython, libcrypto, pydantic-core, esbuild pairs).
     if effort == "max":
-        return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}]
+        return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size, "lc": 2, "pb": 0}]
     # Long matches are what bsdiff's mostly-zero diff stream is made of: nice_len 192 keeps ~90% of
     # extreme mode's gain over preset 9 for ~60% of its time (libpython, libcrypto pairs).
-    return [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": dict_size, "nice_len": 192, "mf": lzma.MF_BT4}]
+    return [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": dict_size, "nice_len": 192, "mf": lzma.MF_BT4,
+             "lc": 2, "pb": 0}]
 
 
 def compress(data: bytes, compression: Compression, *, split: bool = True, effort: Effort = "max") -> bytes:

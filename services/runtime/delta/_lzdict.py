@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -23,10 +24,15 @@ LZMA_FILTER_LZMA2 = 0x21
 LZMA_VLI_UNKNOWN = 2**64 - 1
 MIN_DICT = 4096
 MF_HC4 = 0x04
+FEED = 256 << 10  # input handed to the encoder per call, so that a cancellation is seen within ~0.1 s
 
 
 class LzDictError(EdgeswarmError, ValueError):
     code = ReasonCode.BAD_PATCH
+
+
+class Cancelled(Exception):
+    """The encoding was given up on request (creation no longer needs it)."""
 
 
 class _Stream(ctypes.Structure):
@@ -134,8 +140,13 @@ def _options(window: bytes | bytearray, size: int, effort: Effort) -> tuple[_Opt
     return options, keep
 
 
-def _run(encoder: bool, window: bytes | bytearray, data: bytes | bytearray, out_capacity: int, effort: Effort) -> tuple[bytearray, bool]:
-    """(output, whether the stream ended with all input consumed); output never exceeds out_capacity + 1."""
+def _run(encoder: bool, window: bytes | bytearray, data: bytes | bytearray, out_capacity: int, effort: Effort,
+         cancel: threading.Event | None = None) -> tuple[bytearray, bool]:
+    """(output, whether the stream ended with all input consumed); output never exceeds out_capacity + 1.
+
+    The encoder is fed FEED bytes per call and checks `cancel` between calls; liblzma's output
+    does not depend on how its input is split.
+    """
     lib = _liblzma()
     options, window_keep = _options(window, len(data) if encoder else out_capacity, effort)
     filters = (_Filter * 2)(_Filter(LZMA_FILTER_LZMA2, ctypes.cast(ctypes.pointer(options), ctypes.c_void_p)),
@@ -148,12 +159,20 @@ def _run(encoder: bool, window: bytes | bytearray, data: bytes | bytearray, out_
     output = bytearray(out_capacity + 1)  # one spare byte shows a stream that holds too much
     target = (ctypes.c_char * len(output)).from_buffer(output)
     try:
-        stream.next_in, stream.avail_in = source, len(data)
+        stream.next_in = source
         stream.next_out, stream.avail_out = ctypes.addressof(target), len(output)
-        action = LZMA_FINISH if encoder else LZMA_RUN
+        fed = len(data) if not encoder else min(FEED, len(data))
+        stream.avail_in = fed
+        action = LZMA_FINISH if encoder and fed == len(data) else LZMA_RUN
         result = lib.lzma_code(ctypes.byref(stream), action)
         # liblzma answers LZMA_BUF_ERROR instead of looping when no progress is possible
         while result == LZMA_OK and stream.avail_out and (encoder or stream.avail_in):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            if encoder and not stream.avail_in and fed < len(data):
+                more = min(FEED, len(data) - fed)
+                stream.avail_in, fed = more, fed + more
+                action = LZMA_FINISH if fed == len(data) else LZMA_RUN
             result = lib.lzma_code(ctypes.byref(stream), action)
         if result not in (LZMA_OK, LZMA_STREAM_END):
             raise LzDictError(f"lz-dict stream is corrupt (liblzma error {result})")
@@ -165,11 +184,12 @@ def _run(encoder: bool, window: bytes | bytearray, data: bytes | bytearray, out_
     return output, ended
 
 
-def compress(window: bytes | bytearray, data: bytes | bytearray, *, effort: Effort = FULL) -> bytes:
-    """Raw LZMA2 of `data` against `window`."""
+def compress(window: bytes | bytearray, data: bytes | bytearray, *, effort: Effort = FULL,
+             cancel: threading.Event | None = None) -> bytes:
+    """Raw LZMA2 of `data` against `window`; Cancelled once `cancel` is set."""
     # LZMA2 never expands by more than a small fraction: chunk headers on stored chunks.
     capacity = len(data) + len(data) // 64 + 4096
-    packed, ended = _run(True, window, data, capacity, effort)
+    packed, ended = _run(True, window, data, capacity, effort, cancel)
     if not ended or len(packed) > capacity:
         raise LzDictError("lz-dict encoder did not finish")
     return bytes(packed)
