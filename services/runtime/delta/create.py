@@ -68,11 +68,12 @@ BLOCK = 256 << 10
 DEFAULT_SEGMENT = 8 << 20
 DEFAULT_OLD_BUDGET = 11 << 20
 MIN_VOTES = 2
-LZ_TRY = 1.03  # full LZ runs when its probe is at most this times bsdiff's probe (see _plan)
+LZ_TRY = 1.09  # LZ is encoded in full when its probe is at most this times bsdiff's (see _plan)
 LZ_SURE = 0.85  # ... and bsdiff is not packed at all below this
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 SHORT_MARGIN = 4 << 20  # a segment shorter than the others gets a window of its size plus this (or twice it)
-PROBE_SAMPLE = 2 << 20  # bytes of a segment the LZ and bsdiff probes compare (see _probe_lz)
+PROBE_SAMPLE = 2 << 20  # bytes of a segment the LZ and bsdiff probes compare (see _probe_lz) ...
+PROBE_PIECES = 4  # ... in this many pieces spread over it
 SPECULATE_ABOVE = 0.12  # LZ probe / sample at which the full LZ encoding starts before the plan
 SHARED_NEW_MAX = 16 << 20  # one diff of the whole file when the old file fits a window and the new one this
 ALL_CODECS: tuple[Codec, ...] = ("bsdiff", "lzma-dict", "lzma-dict-x86")
@@ -391,7 +392,11 @@ class _Probe:
 
     codec: Codec
     size: int
-    sample: tuple[int, int]  # the bytes of the segment probed, [from, to)
+    sample: list[tuple[int, int]]  # the pieces of the segment probed, [from, to) each
+
+    @property
+    def sampled(self) -> int:
+        return sum(end - start for start, end in self.sample)
 
 
 def _diff(old_window: bytes, data: bytes, extents: list[Extent]) -> _Streams:
@@ -453,11 +458,11 @@ def _tuples(control: bytes) -> np.ndarray:
 
 
 def _cut(control: bytes, diff: bytes, extra: bytes, starts: list[int], new_size: int,
-         only: int | None = None) -> list[tuple[bytes, bytes, bytes]]:
+         only: set[int] | None = None) -> list[tuple[bytes, bytes, bytes]]:
     """bsdiff streams as one (control, diff, extra) per piece of the new bytes starting at `starts`.
 
-    With `only`, just that piece is built (the others come back empty) and the tuples before it
-    are skipped by their sums.
+    With `only`, just those pieces are built (the others come back empty), the tuples before the
+    first are skipped by their sums and the scan stops after the last.
     """
     rows = _tuples(control)
     ends = [*starts[1:], new_size]
@@ -465,26 +470,26 @@ def _cut(control: bytes, diff: bytes, extra: bytes, starts: list[int], new_size:
     first = 0
     if only is not None and len(rows):
         lengths = rows[:, 0] + rows[:, 1]
-        first = max(int(np.searchsorted(np.cumsum(lengths), starts[only], side="right")), 0)
+        first = int(np.searchsorted(np.cumsum(lengths), starts[min(only)], side="right"))
     before = rows[:first]
     new_at, old_at = int(before[:, 0].sum() + before[:, 1].sum()), int(before[:, 0].sum() + before[:, 2].sum())
     diff_at, extra_at = int(before[:, 0].sum()), int(before[:, 1].sum())
     segment = bisect.bisect_right(starts, new_at) - 1
     for add, literal, seek in rows[first:].tolist():
-        if only is not None and new_at >= ends[only]:
+        if only is not None and new_at >= ends[max(only)]:
             break
         while add:
             while new_at >= ends[segment]:
                 segment += 1
             n = min(add, ends[segment] - new_at)
-            if only is None or segment == only:
+            if only is None or segment in only:
                 pieces[segment].add(n, old_at, diff[diff_at : diff_at + n])
             add, new_at, old_at, diff_at = add - n, new_at + n, old_at + n, diff_at + n
         while literal:
             while new_at >= ends[segment]:
                 segment += 1
             n = min(literal, ends[segment] - new_at)
-            if only is None or segment == only:
+            if only is None or segment in only:
                 pieces[segment].literal(extra[extra_at : extra_at + n])
             literal, new_at, extra_at = literal - n, new_at + n, extra_at + n
         old_at += seek
@@ -494,32 +499,56 @@ def _cut(control: bytes, diff: bytes, extra: bytes, starts: list[int], new_size:
 
 
 def _lz_inputs(codec: Codec, window: bytes, data: bytes, extents: list[Extent], start: int) -> tuple[bytes | bytearray, bytes | bytearray]:
+    return _lz_window(codec, window, extents), _lz_data(codec, data, start)
+
+
+def _lz_window(codec: Codec, window: bytes, extents: list[Extent]) -> bytes | bytearray:
     if codec != "lzma-dict-x86":
-        return window, data
-    converted_window, converted_data = bytearray(window), bytearray(data)
-    transform_extents(converted_window, [(e.offset, e.length) for e in extents], encode=True)
-    transform(converted_data, 0, len(converted_data), start, encode=True)
-    return converted_window, converted_data
+        return window
+    converted = bytearray(window)
+    transform_extents(converted, [(e.offset, e.length) for e in extents], encode=True)
+    return converted
 
 
-def _sample(size: int) -> tuple[int, int]:
-    """The middle PROBE_SAMPLE bytes of a segment: away from the edges, where sections change."""
-    length = min(size, PROBE_SAMPLE)
-    start = (size - length) // 2
-    return start, start + length
+def _lz_data(codec: Codec, data: bytes, address: int) -> bytes | bytearray:
+    if codec != "lzma-dict-x86":
+        return data
+    converted = bytearray(data)
+    transform(converted, 0, len(converted), address, encode=True)
+    return converted
+
+
+def _sample(size: int) -> list[tuple[int, int]]:
+    """PROBE_PIECES pieces of PROBE_SAMPLE bytes in all, one in the middle of each equal part of the segment.
+
+    Spread, because a segment's parts differ (code, tables, strings): the middle 2 MiB alone of
+    ruff's third segment packed twice as well as the whole and turned an LZ win into bsdiff's.
+    """
+    if size <= PROBE_SAMPLE:
+        return [(0, size)]
+    piece, part = PROBE_SAMPLE // PROBE_PIECES, size // PROBE_PIECES
+    return [(i * part + (part - piece) // 2, i * part + (part - piece) // 2 + piece) for i in range(PROBE_PIECES)]
 
 
 def _probe_lz(window: bytes, data: bytes, extents: list[Extent], start: int, codecs: list[Codec]) -> _Probe:
-    """Each LZ codec at the fast preset on the segment's sample; the smallest.
+    """Each LZ codec at the fast preset on the segment's sample, as one stream; the smallest.
 
     A sample, not the segment: the probes run beside the diff, and at full length their memory
     traffic slowed it by 0.3-0.8 s on files of one or two segments (about a tenth of the time).
+    Probing the whole segment where the sample looked like LZ's (tried) cost a single-segment
+    Rust file 1.7 s; the wider LZ_TRY covers the sample's error instead.
     """
-    lo, hi = _sample(len(data))
-    sizes = {codec: len(_lzdict.compress(*_lz_inputs(codec, window, data[lo:hi], extents, start + lo), effort=_lzdict.PROBE))
+    return _probe_pieces(window, data, extents, start, codecs, _sample(len(data)))
+
+
+def _probe_pieces(window: bytes, data: bytes, extents: list[Extent], start: int, codecs: list[Codec],
+                  pieces: list[tuple[int, int]]) -> _Probe:
+    sizes = {codec: len(_lzdict.compress(_lz_window(codec, window, extents),
+                                         b"".join(_lz_data(codec, data[lo:hi], start + lo) for lo, hi in pieces),
+                                         effort=_lzdict.PROBE))
              for codec in codecs}
     best = min(codecs, key=sizes.__getitem__)
-    return _Probe(best, sizes[best], (lo, hi))
+    return _Probe(best, sizes[best], pieces)
 
 
 def _submit_probe(pool: ThreadPoolExecutor, job: _Job, codecs: list[Codec]) -> None:
@@ -543,7 +572,7 @@ def _worth_speculating(probe: _Probe) -> bool:
     small changes are bsdiff's: over the benchmark's 20 segments, LZ won only from 0.15 up, and
     encoding early beside the diff costs a memory-bound diff 0.2-0.5 s when it is thrown away.
     """
-    return probe.size >= SPECULATE_ABOVE * (probe.sample[1] - probe.sample[0])
+    return probe.size >= SPECULATE_ABOVE * probe.sampled
 
 
 def _speculate(job: _Job) -> _Candidate | None:
@@ -578,22 +607,24 @@ Plan = Literal["bsdiff only", "both", "lz only"]
 
 
 def _plan(probe: _Probe | None, streams: _Streams | None) -> Plan:
-    """Which full encodings a segment gets, from the LZ probe against bsdiff's at the same fast preset.
+    """Which full encodings a segment gets, from the LZ probe against bsdiff's on the same sample.
 
     Full encoding shrinks LZ more than bsdiff (measured: LZ to 0.82-0.88 of its probe, bsdiff's
-    streams to 0.88-0.94), so LZ can win from a probe up to ~7% larger: at most LZ_TRY times
-    bsdiff's probe it is worth encoding in full, and below LZ_SURE bsdiff cannot win and its
-    packing is skipped.
+    streams to 0.88-0.94), so LZ can win from a probe up to ~7% larger; a 2 MiB sample's ratio
+    was off the whole segment's by up to 0.065 (ruff's fourth segment: 1.053 on the sample, 0.99
+    in full, and LZ 11% smaller in the end), so LZ is encoded in full up to LZ_TRY = 1.09. Below
+    LZ_SURE bsdiff cannot win and its packing is skipped.
     """
     if probe is None:
         return "bsdiff only"
     if streams is None:
         return "lz only"
-    lo, hi = probe.sample
-    starts = sorted({0, lo, hi} - {streams.new_size})
-    control, diff, extra = _cut(streams.control, streams.diff, streams.extra, starts, streams.new_size,
-                                only=starts.index(lo))[starts.index(lo)]
-    bsdiff_probe = len(lzma.compress(control + diff + extra, format=lzma.FORMAT_RAW,
+    bounds = sorted({0, *(point for piece in probe.sample for point in piece)} - {streams.new_size})
+    wanted = [bounds.index(lo) for lo, _ in probe.sample]
+    pieces = _cut(streams.control, streams.diff, streams.extra, bounds, streams.new_size, only=set(wanted))
+    # as packed: every control stream, then every diff stream, then every extra stream
+    sample = b"".join(b"".join(pieces[index][part] for index in wanted) for part in range(3))
+    bsdiff_probe = len(lzma.compress(sample, format=lzma.FORMAT_RAW,
                                      filters=[{"id": lzma.FILTER_LZMA2, "preset": _lzdict.PROBE.preset}]))
     log.debug("probes: %s %d, bsdiff %d", probe.codec, probe.size, bsdiff_probe)
     if probe.size > LZ_TRY * bsdiff_probe:
