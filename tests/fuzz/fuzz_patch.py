@@ -39,6 +39,8 @@ def write_seeds(directory: Path) -> None:
     new.write_bytes(b"v2" + OLD.read_bytes()[100:9000] + b"fresh bytes" * 40 + OLD.read_bytes()[9000:])
     for name, options in {"forward": CreateOptions(codecs=("bsdiff",)), "in-place": CreateOptions(in_place=True, codecs=("bsdiff",)),
                           "zstd": CreateOptions(compression="zstd", codecs=("bsdiff",)),
+                          # segments cut from one whole-file diff: each opens with a seek tuple
+                          "one-diff": CreateOptions(segment_size=4096, codecs=("bsdiff",)),
                           "lzma-dict": CreateOptions(codecs=("lzma-dict",)),
                           "lzma-dict-x86": CreateOptions(in_place=True, codecs=("lzma-dict-x86",))}.items():
         create_patch(OLD, new, directory / name, options)
