@@ -499,9 +499,9 @@ def test_lz_encoding_starts_early_only_where_the_window_explains_the_segment_poo
     extents = [Extent(offset=0, length=len(window))]
 
     def job(data: bytes) -> _Job:
-        made = _Job(0, data, extents, window)
+        made = _Job(0, data, extents, window, early=True)
         made.probe = Future()
-        made.probe.set_result(_probe_lz(window, data, extents, 0, ["lzma-dict"]))
+        made.probe.set_result(_probe_lz(window, data, extents, 0, ["lzma-dict"], sampled=True))
         return made
 
     assert _speculate(job(window[1000:] + _bytes(3, 1000))) is None  # a small change: bsdiff's, not encoded early

@@ -68,13 +68,15 @@ BLOCK = 256 << 10
 DEFAULT_SEGMENT = 8 << 20
 DEFAULT_OLD_BUDGET = 11 << 20
 MIN_VOTES = 2
-LZ_TRY = 1.09  # LZ is encoded in full when its probe is at most this times bsdiff's (see _plan)
+LZ_TRY = 1.03  # LZ is encoded in full when its probe is at most this times bsdiff's (see _plan) ...
+LZ_TRY_SAMPLED = 1.09  # ... or this when the probes read a sample
 LZ_SURE = 0.85  # ... and bsdiff is not packed at all below this
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 SHORT_MARGIN = 4 << 20  # a segment shorter than the others gets a window of its size plus this (or twice it)
 PROBE_SAMPLE = 2 << 20  # bytes of a segment the LZ and bsdiff probes compare (see _probe_lz) ...
 PROBE_PIECES = 4  # ... in this many pieces spread over it
 SPECULATE_ABOVE = 0.12  # LZ probe / sample at which the full LZ encoding starts before the plan
+EARLY_MAX = 16 << 20  # files up to this size (two segments) probe samples and may encode LZ early
 SHARED_NEW_MAX = 16 << 20  # one diff of the whole file when the old file fits a window and the new one this
 ALL_CODECS: tuple[Codec, ...] = ("bsdiff", "lzma-dict", "lzma-dict-x86")
 
@@ -201,6 +203,7 @@ class _Job:
     data: bytes
     extents: list[Extent]
     window: bytes
+    early: bool  # a small file: probes read a sample and LZ may be encoded before the plan (see EARLY_MAX)
     probe: Future[_Probe] | None = None
     speculative: Future[_Candidate | None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -275,7 +278,7 @@ def _segments_one_by_one(
                 if len(new_at):
                     drift = int(np.median(old_at - new_at))
                 extents = choose_old_window(old_at, _predicted_offset(start, drift, old_size), len(data), budget, lo, hi)
-            job = _Job(start, data, extents, _read_extents(old_handle, extents))
+            job = _Job(start, data, extents, _read_extents(old_handle, extents), early=new_size <= EARLY_MAX)
             # This thread diffs; the pool (one thread, in order) finishes the previous segment's
             # packing, then probes LZ for this one and, where the probe calls for it, starts its
             # full LZ encoding, all beside the diff. Never more than one suffix array and one
@@ -314,7 +317,7 @@ def _segments_from_one_diff(
     new_size = len(whole_new)
     extents = [Extent(offset=0, length=len(whole_old))] if whole_old else []
     starts = list(range(0, len(whole_new), options.segment_size))
-    jobs = [_Job(start, whole_new[start : start + options.segment_size], extents, whole_old) for start in starts]
+    jobs = [_Job(start, whole_new[start : start + options.segment_size], extents, whole_old, early=True) for start in starts]
     if lz_codecs:
         for job in jobs:
             _submit_probe(pool, job, lz_codecs)
@@ -348,7 +351,7 @@ def _lz_for(pool: ThreadPoolExecutor, job: _Job, plan: Plan) -> Future[_Candidat
     """The LZ encoding the plan keeps: the speculative one, or one started now where the probe declined."""
     if plan == "bsdiff only" or job.probe is None:
         return None
-    return job.speculative if _worth_speculating(job.probe.result()) else pool.submit(_encode_lz, job)
+    return job.speculative if job.early and _worth_speculating(job.probe.result()) else pool.submit(_encode_lz, job)
 
 
 _Pending = tuple["Future[tuple[Segment, bytes]] | tuple[Segment, bytes] | None", "Future[_Candidate | None] | None"]
@@ -531,15 +534,16 @@ def _sample(size: int) -> list[tuple[int, int]]:
     return [(i * part + (part - piece) // 2, i * part + (part - piece) // 2 + piece) for i in range(PROBE_PIECES)]
 
 
-def _probe_lz(window: bytes, data: bytes, extents: list[Extent], start: int, codecs: list[Codec]) -> _Probe:
-    """Each LZ codec at the fast preset on the segment's sample, as one stream; the smallest.
+def _probe_lz(window: bytes, data: bytes, extents: list[Extent], start: int, codecs: list[Codec], sampled: bool) -> _Probe:
+    """Each LZ codec at the fast preset, on the segment or on its sample, as one stream; the smallest.
 
-    A sample, not the segment: the probes run beside the diff, and at full length their memory
-    traffic slowed it by 0.3-0.8 s on files of one or two segments (about a tenth of the time).
-    Probing the whole segment where the sample looked like LZ's (tried) cost a single-segment
-    Rust file 1.7 s; the wider LZ_TRY covers the sample's error instead.
+    A sample on small files: there the probes run beside the only diff, and at full length their
+    memory traffic slowed it by 0.3-0.8 s (about a tenth of the time). Probing the whole segment
+    where the sample looked like LZ's (tried) cost a single-segment Rust file 1.7 s; the wider
+    LZ_TRY_SAMPLED covers the sample's error instead. Larger files probe whole segments: on the
+    401 MB rootfs tar the samples chose LZ for 9 segments instead of 14, 0.6% larger in all.
     """
-    return _probe_pieces(window, data, extents, start, codecs, _sample(len(data)))
+    return _probe_pieces(window, data, extents, start, codecs, _sample(len(data)) if sampled else [(0, len(data))])
 
 
 def _probe_pieces(window: bytes, data: bytes, extents: list[Extent], start: int, codecs: list[Codec],
@@ -553,7 +557,7 @@ def _probe_pieces(window: bytes, data: bytes, extents: list[Extent], start: int,
 
 
 def _submit_probe(pool: ThreadPoolExecutor, job: _Job, codecs: list[Codec]) -> None:
-    job.probe = pool.submit(_probe_lz, job.window, job.data, job.extents, job.start, codecs)
+    job.probe = pool.submit(_probe_lz, job.window, job.data, job.extents, job.start, codecs, job.early)
 
 
 def _submit_speculation(pool: ThreadPoolExecutor, job: _Job) -> None:
@@ -577,7 +581,7 @@ def _worth_speculating(probe: _Probe) -> bool:
 
 
 def _speculate(job: _Job) -> _Candidate | None:
-    if job.probe is None or job.cancel.is_set() or not _worth_speculating(job.probe.result()):  # done: the pool runs in order
+    if not job.early or job.probe is None or job.cancel.is_set() or not _worth_speculating(job.probe.result()):  # done: in order
         return None
     return _encode_lz(job)
 
@@ -613,22 +617,25 @@ def _plan(probe: _Probe | None, streams: _Streams | None) -> Plan:
     Full encoding shrinks LZ more than bsdiff (measured: LZ to 0.82-0.88 of its probe, bsdiff's
     streams to 0.88-0.94), so LZ can win from a probe up to ~7% larger; a 2 MiB sample's ratio
     was off the whole segment's by up to 0.065 (ruff's fourth segment: 1.053 on the sample, 0.99
-    in full, and LZ 11% smaller in the end), so LZ is encoded in full up to LZ_TRY = 1.09. Below
+    in full, and LZ 11% smaller in the end), so from samples LZ is encoded in full up to 1.09. Below
     LZ_SURE bsdiff cannot win and its packing is skipped.
     """
     if probe is None:
         return "bsdiff only"
     if streams is None:
         return "lz only"
-    bounds = sorted({0, *(point for piece in probe.sample for point in piece)} - {streams.new_size})
-    wanted = [bounds.index(lo) for lo, _ in probe.sample]
-    pieces = _cut(streams.control, streams.diff, streams.extra, bounds, streams.new_size, only=set(wanted))
-    # as packed: every control stream, then every diff stream, then every extra stream
-    sample = b"".join(b"".join(pieces[index][part] for index in wanted) for part in range(3))
+    if probe.sampled == streams.new_size:
+        sample = streams.control + streams.diff + streams.extra
+    else:
+        bounds = sorted({0, *(point for piece in probe.sample for point in piece)} - {streams.new_size})
+        wanted = [bounds.index(lo) for lo, _ in probe.sample]
+        pieces = _cut(streams.control, streams.diff, streams.extra, bounds, streams.new_size, only=set(wanted))
+        # as packed: every control stream, then every diff stream, then every extra stream
+        sample = b"".join(b"".join(pieces[index][part] for index in wanted) for part in range(3))
     bsdiff_probe = len(lzma.compress(sample, format=lzma.FORMAT_RAW,
                                      filters=[{"id": lzma.FILTER_LZMA2, "preset": _lzdict.PROBE.preset}]))
     log.debug("probes: %s %d, bsdiff %d", probe.codec, probe.size, bsdiff_probe)
-    if probe.size > LZ_TRY * bsdiff_probe:
+    if probe.size > (LZ_TRY_SAMPLED if probe.sampled < streams.new_size else LZ_TRY) * bsdiff_probe:
         return "bsdiff only"
     return "lz only" if probe.size < LZ_SURE * bsdiff_probe else "both"
 
