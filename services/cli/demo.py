@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated
+import signal
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -18,6 +20,37 @@ from services.cli.common import (
 )
 
 app = typer.Typer()  # a top-level command: services.cli registers it
+T = TypeVar("T")
+
+
+class Terminated(Exception):
+    """The demo got SIGTERM and has stopped."""
+
+
+async def _until_sigterm(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`; SIGTERM (`timeout`, `kill`, a supervisor) cancels it as asyncio cancels on Ctrl-C, so
+    the same clean-up runs: agents stopped, the work directory with the operator's keys removed."""
+    import asyncio  # here, not at the top: every CLI module's imports slow down `edgeswarm --help`
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 # -- demo -------------------------------------------------------------------------------------------
@@ -39,12 +72,16 @@ def demo(
     setup_logging(verbose, console if not as_json else err)
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
+    kept = "; the work directory is kept (named above)" if keep else ""
     try:
-        result = asyncio.run(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep), console,
-                                      live_display=not as_json and console.is_terminal))
+        result = asyncio.run(_until_sigterm(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep),
+                                                     console, live_display=not as_json and console.is_terminal)))
     except KeyboardInterrupt:
-        err.print("interrupted" + ("; the work directory is kept (named above)" if keep else ""))
+        err.print("interrupted" + kept)
         raise typer.Exit(130) from None
+    except Terminated:
+        err.print("terminated" + kept)
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except RuntimeError as exc:
         fail(str(exc))
     if as_json:

@@ -53,6 +53,18 @@ class AgentProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
+    def log_tail(self, lines: int = 12) -> str:
+        """The last lines of the agent's log: why it stopped, when it stopped by itself."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
     def stop(self, timeout: float = 10.0) -> int | None:
         return terminate(self.proc, timeout)
 

@@ -121,17 +121,30 @@ def _size(n: int) -> str:
     return str(n)
 
 
-async def _wait_for(tracker: FleetTracker, client: MqttClient, predicate, timeout: float, live: Live | None, render) -> bool:  # noqa: ANN001
+async def _wait_for(tracker: FleetTracker, client: MqttClient, agents: list[AgentProcess], predicate, timeout: float,  # noqa: ANN001
+                    live: Live | None, render) -> bool:  # noqa: ANN001
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not predicate():
         remaining = end - loop.time()
         if remaining <= 0:
             return False
+        _check_agents_run(agents)
         await tracker.follow(client, duration=min(0.25, remaining))
         if live is not None:
             live.update(render())
     return True
+
+
+def _check_agents_run(agents: list[AgentProcess]) -> None:
+    """An agent never exits by itself during the demo: one that did cannot report, so waiting for it
+    would only end at the timeout (minutes) with nothing said. Say at once which one and why."""
+    for agent in agents:
+        if agent.alive():
+            continue
+        tail = agent.log_tail() or "(empty)"
+        raise RuntimeError(f"device agent {agent.pid} exited with code {agent.returncode} before the fleet "
+                           f"finished (--keep keeps every agent's log); its log ends with:\n{tail}")
 
 
 async def run_demo(options: DemoOptions, console: Console, *, live_display: bool) -> DemoResult:
@@ -197,7 +210,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     if live is None:
                         console.log(f"waiting for the {options.devices} devices to verify release 1.0.0")
                     ready = await _wait_for(
-                        tracker, client,
+                        tracker, client, agents,
                         lambda: len(tracker.devices) >= options.devices
                         and all(v.state and v.state.last_sequence >= 1 for v in tracker.devices.values()),
                         options.timeout / 2, live, render,
@@ -228,7 +241,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                             for s in states
                         )
 
-                    await _wait_for(tracker, client, finished, options.timeout, live, render)
+                    await _wait_for(tracker, client, agents, finished, options.timeout, live, render)
                     after = meter.snapshot()
                 result.origin_egress_bytes = sum(
                     s.bytes_sent - (before[k].bytes_sent if k in before else 0) for k, s in after.items()

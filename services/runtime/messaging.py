@@ -207,7 +207,8 @@ class MqttClient:
         if info.rc == paho.MQTT_ERR_SUCCESS and info.is_published():
             self._resolve(info.mid)
         try:
-            await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await future
         except TimeoutError:
             self._pending.pop(info.mid, None)
             raise MqttError(f"publish to {topic} not acknowledged within {timeout:.0f} s") from None
@@ -221,10 +222,14 @@ class MqttClient:
         future = self._loop.create_future()
         self._pending[mid] = future
         try:
-            await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await future
         except TimeoutError:
             self._pending.pop(mid, None)
             raise MqttError(f"subscription to {topic} not acknowledged within {timeout:.0f} s") from None
 
     async def next_message(self, timeout: float | None = None) -> Message:
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        # asyncio.timeout, not wait_for: on 3.11, wait_for returns a message that arrived in the same
+        # loop turn as a cancellation and drops the cancellation (Ctrl-C then did not stop the demo).
+        async with asyncio.timeout(timeout):
+            return await self._queue.get()

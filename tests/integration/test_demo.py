@@ -74,18 +74,21 @@ def start_demo_until_agents_run() -> tuple[subprocess.Popen[str], list[int], Pat
     return proc, pids, workdir, output
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_stops_every_device_and_removes_the_work_directory(presses: int) -> None:
+@pytest.mark.parametrize(("signum", "times", "code"), [
+    (signal.SIGINT, 1, 130), (signal.SIGINT, 2, 130), (signal.SIGTERM, 1, 128 + signal.SIGTERM),
+], ids=["ctrl-c", "ctrl-c-twice", "sigterm"])
+def test_ctrl_c_stops_every_device_and_removes_the_work_directory(signum: int, times: int, code: int) -> None:
     """A second Ctrl-C (an impatient user) used to cut the clean-up short: the demo exited at once,
-    said all was stopped, and left its agents running and its keys in /tmp. Checked the moment the
-    demo exits, not after the agents' own parent watchdog would have stopped them."""
+    said all was stopped, and left its agents running and its keys in /tmp. SIGTERM (`timeout`,
+    `kill`) left them too. Checked the moment the demo exits, not after the agents' own parent
+    watchdog would have stopped them. The signal comes while the devices still start up (seconds)."""
     proc, pids, workdir, output = start_demo_until_agents_run()
     try:
         assert pids and workdir is not None, output
         assert all(_alive(pid) for pid in pids)
-        time.sleep(1.0)
-        for _ in range(presses):
-            proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        for _ in range(times):
+            proc.send_signal(signum)
             time.sleep(0.3)
         rest, _ = proc.communicate(timeout=60)
         output += rest
@@ -93,10 +96,27 @@ def test_ctrl_c_stops_every_device_and_removes_the_work_directory(presses: int) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0, output
+    assert proc.returncode == code, output
     assert not any(_alive(pid) for pid in pids), f"device agents left running: {pids}\n{output}"
     assert not workdir.exists(), f"{workdir} left behind"
     assert f"stopping {len(pids)} device agents" in output and f"stopped {len(pids)} device agents" in output, output
+
+
+def test_an_agent_that_cannot_start_fails_the_demo_at_once_with_its_reason() -> None:
+    """Agents read EDGESWARM_* settings from the environment on top of their file; a bad one stops
+    each agent at start. The demo used to wait for them until its timeout (minutes), silently."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--devices", "2"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env={**ENV, "EDGESWARM_INSTALL_TARGET": "relative/path"},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    assert "exited with code 2 before the fleet finished" in result.stderr, result.stderr
+    assert "install_target: String should match pattern" in result.stderr, result.stderr
+    workdir = Path(re.search(r"work directory (\S+)", result.stdout + result.stderr).group(1))  # type: ignore[union-attr]
+    assert not workdir.exists()
 
 
 def test_agents_stop_by_themselves_when_the_demo_is_killed_outright() -> None:
