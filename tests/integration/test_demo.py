@@ -51,11 +51,19 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A shell starts background commands with SIGINT ignored and children inherit that, so the tests
+    run as `.ci/run &` would send a Ctrl-C the demo never sees (it then finished with 0). A user at a
+    terminal has SIGINT at its default: give the demo that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo_until_agents_run() -> tuple[subprocess.Popen[str], list[int], Path | None, str]:
     """Start `edgeswarm demo --devices 2`; return it once it has printed its agents' PIDs."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "demo", "--devices", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     output = ""
     pids: list[int] = []
