@@ -26,6 +26,14 @@ class MqttError(EdgeswarmError):
     code = ReasonCode.BROKER_ERROR
 
 
+class SubscriptionRefused(MqttError):
+    """The broker answered a SUBSCRIBE with a failure code (an ACL, a limit on subscriptions)."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"the broker refused the subscription to {topic}: {reason}")
+        self.topic, self.reason = topic, reason
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str
@@ -98,7 +106,12 @@ class MqttClient:
         # paho's thread and only its size is queued (so a flood costs at most max_queued x this).
         self.max_payload_bytes = max_payload_bytes
         self._subscriptions: dict[str, int] = {}
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        # A broker grants or refuses each SUBSCRIBE: a refusal is a gap in what this client hears, so it is
+        # raised (subscribe) or kept here (the renewal after a reconnect), never ignored, and every
+        # reconnect asks again.
+        self.refused: dict[str, str] = {}
+        self._renewals: dict[int, str] = {}  # mid -> topic, for subscriptions renewed on reconnect
+        self._pending: dict[int, asyncio.Future[str | None]] = {}  # mid -> the refusal, None when granted
         self._connect_error: str | None = None
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -114,8 +127,10 @@ class MqttClient:
             self._connect_error = str(reason_code)
             self._loop.call_soon_threadsafe(self._refused.set)
             return
-        for topic, qos in self._subscriptions.items():
-            client.subscribe(topic, qos)
+        for topic, qos in list(self._subscriptions.items()):
+            rc, mid = client.subscribe(topic, qos)
+            if rc == paho.MQTT_ERR_SUCCESS:
+                self._renewals[mid] = topic
         if self._birth is not None:
             client.publish(self._birth.topic, self._birth.payload, qos=self._birth.qos, retain=self._birth.retain)
         self._loop.call_soon_threadsafe(self._set_connected, True)
@@ -152,12 +167,20 @@ class MqttClient:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._resolve, mid)
+        refusal = next((str(code) for code in reason_codes if code.is_failure), None)
+        self._loop.call_soon_threadsafe(self._resolve, mid, refusal)
 
-    def _resolve(self, mid: int) -> None:
+    def _resolve(self, mid: int, refusal: str | None = None) -> None:
+        if (topic := self._renewals.pop(mid, None)) is not None:
+            if refusal is not None:
+                log.error("the broker refused the renewed subscription to %s (%s): asked again on the next reconnect",
+                          topic, refusal)
+                self.refused[topic] = refusal
+            else:
+                self.refused.pop(topic, None)
         future = self._pending.pop(mid, None)
         if future is not None and not future.done():
-            future.set_result(None)
+            future.set_result(refusal)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -214,19 +237,29 @@ class MqttClient:
             raise MqttError(f"publish to {topic} not acknowledged within {timeout:.0f} s") from None
 
     async def subscribe(self, topic: str, qos: int = 1, timeout: float = 15.0) -> None:
+        """Subscribe, and keep the subscription across reconnects.
+
+        Raises:
+            SubscriptionRefused: the broker's SUBACK refused it; it stays asked for on every reconnect.
+            MqttError: no SUBACK within `timeout`.
+        """
         assert self._loop is not None
         self._subscriptions[topic] = qos
         rc, mid = self._client.subscribe(topic, qos)
         if rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"subscribe to {topic} failed: {paho.error_string(rc)}")
-        future = self._loop.create_future()
+        future: asyncio.Future[str | None] = self._loop.create_future()
         self._pending[mid] = future
         try:
             async with asyncio.timeout(timeout):
-                await future
+                refusal = await future
         except TimeoutError:
             self._pending.pop(mid, None)
             raise MqttError(f"subscription to {topic} not acknowledged within {timeout:.0f} s") from None
+        if refusal is not None:
+            self.refused[topic] = refusal
+            raise SubscriptionRefused(topic, refusal)
+        self.refused.pop(topic, None)
 
     async def next_message(self, timeout: float | None = None) -> Message:
         # asyncio.timeout, not wait_for: on 3.11, wait_for returns a message that arrived in the same

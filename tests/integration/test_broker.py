@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from services.operator.broker import EmbeddedBroker
-from services.runtime.messaging import MqttClient, Will
+from services.runtime.messaging import MqttClient, SubscriptionRefused, Will
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +85,55 @@ def test_only_unacknowledged_deliveries_are_kept_out_of_the_broker_log() -> None
             logger.exception("Task failed and will be skipped")
     text = stream.getvalue()
     assert text.count("Task failed") == 2 and "PUBACK" not in text and "other" in text and "ValueError" in text
+
+
+class _BrokerWithSubscribeAcl(EmbeddedBroker):
+    """amqtt with its topic ACL plugin: anonymous clients may subscribe to allowed/# only."""
+
+    def _config(self) -> dict[str, Any]:
+        config = super()._config()
+        config["plugins"] = {**config["plugins"],
+                             "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {"acl": {"anonymous": ["allowed/#"]}}}
+        return config
+
+
+@pytest.mark.filterwarnings("ignore:The 'acl' option is deprecated:DeprecationWarning")
+def test_a_refused_subscription_is_an_error_and_asked_for_again_on_every_reconnect(caplog: pytest.LogCaptureFixture) -> None:
+    """The broker's SUBACK may refuse a subscription (an ACL; NATS's MQTT gateway at its subscription
+    limit). The client used to take any SUBACK as granted: a device then never heard its releases."""
+
+    async def scenario() -> None:
+        broker = _BrokerWithSubscribeAcl("127.0.0.1", 0)
+        await broker.start()
+        port = broker.port
+        client = MqttClient("127.0.0.1", port, "device", keepalive=5)
+        try:
+            await client.connect()
+            await client.subscribe("allowed/releases")
+            with pytest.raises(SubscriptionRefused) as refused:
+                await client.subscribe("denied/releases")
+            assert refused.value.topic == "denied/releases"
+            assert "refused the subscription to denied/releases" in str(refused.value)
+            assert client.refused == {"denied/releases": refused.value.reason}
+            client.refused.clear()  # so that only the renewal can list it again
+
+            # A new broker on the same port: the client reconnects and renews both subscriptions;
+            # the one still refused stays listed, the granted one delivers.
+            await broker.stop()
+            broker = _BrokerWithSubscribeAcl("127.0.0.1", port)
+            await broker.start()
+            async with asyncio.timeout(30):
+                while not client._connected.is_set():  # type: ignore[union-attr]
+                    await asyncio.sleep(0.1)
+                async with MqttClient("127.0.0.1", port, "publisher", clean_session=True) as publisher:
+                    await publisher.publish("allowed/releases", b"v2")
+                    await publisher.publish("denied/releases", b"unseen")
+                    await publisher.publish("allowed/releases", b"v3")
+                assert [(await client.next_message(10)).payload for _ in range(2)] == [b"v2", b"v3"]
+            assert client.refused == {"denied/releases": refused.value.reason}
+            assert "refused the renewed subscription to denied/releases" in caplog.text
+        finally:
+            await client.disconnect()
+            await broker.stop()
+
+    asyncio.run(scenario())
