@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -63,6 +64,7 @@ from services.runtime.messaging import (
     Message,
     MqttClient,
     MqttError,
+    SubscriptionRefused,
     Will,
     topic_matches,
 )
@@ -132,6 +134,11 @@ class DeviceAgent:
         self._roots_ahead = RootsAhead()
         self._pending_timestamp: bytes | None = None
         self._retry_at: float | None = None
+        # Subscriptions the broker refused: what was last said about them, and when they are asked again.
+        self._refusals_said: dict[str, str] = {}
+        self._resubscribe_at: float | None = None
+        self._resubscribe_delay = settings.limits.resubscribe_interval
+        self._jitter = random.Random()
         self._freeze_check_at: float | None = time.monotonic() + settings.limits.freeze_grace
         # Until the node and the broker are up, only what undoes a cut switch is performed; the
         # machine's other actions (reports, verifying, updating) wait here, in order.
@@ -424,38 +431,54 @@ class DeviceAgent:
                 origin_grace=self._origin_grace(),
                 keeper=self.keeper,
             )
-            await client.subscribe(topics.root_wildcard(s.fleet))
-            await client.subscribe(topics.timestamp_topic(s.fleet))
-            await client.subscribe(topics.release_topic(s.fleet, s.device_class))
-            await client.subscribe(topics.command_topic(s.fleet, s.device_id))
+            for topic in (topics.root_wildcard(s.fleet), topics.timestamp_topic(s.fleet),
+                          topics.release_topic(s.fleet, s.device_class), topics.command_topic(s.fleet, s.device_id)):
+                await self._subscribe(topic)
             renewer = asyncio.ensure_future(self._keep_mapping(node.peer_id, mapped)) if s.content.nat_pmp else None
             if s.content.rendezvous:
                 self.rendezvous = Rendezvous(client, node, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
                                              max_message_bytes=s.limits.max_message_bytes,
                                              max_peers=s.content.rendezvous_peers)
-                await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
+                try:
+                    await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
+                except SubscriptionRefused as exc:
+                    log.error("%s: rendezvous announcements of other devices are not heard", exc)
+            await self._guarded("the subscriptions", self._say_refusals)
             if self.state.local.pending is not None:
                 log.info("resuming the update interrupted in phase %s", self.state.local.pending.phase.value)
             await self._guarded("start-up", self._release_held)
             stopper = asyncio.ensure_future(stop.wait())
+            refusals = asyncio.ensure_future(client.refusals_changed.wait())
             try:
                 while not stop.is_set():
-                    timers = [t for t in (self._retry_at, self._next_freeze_check()) if t is not None]
+                    if refusals.done():  # a renewal after a reconnect was refused or granted
+                        client.refusals_changed.clear()
+                        refusals = asyncio.ensure_future(client.refusals_changed.wait())
+                        await self._guarded("the subscriptions", self._say_refusals)
+                    freeze_check_at = self._next_freeze_check()
+                    timers = [t for t in (self._retry_at, freeze_check_at, self._resubscribe_at) if t is not None]
                     timeout = max(0.0, min(timers) - time.monotonic()) if timers else None
                     getter = asyncio.ensure_future(client.next_message())
-                    done, _ = await asyncio.wait({getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait({getter, stopper, refusals}, timeout=timeout,
+                                                 return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
                         await self._dispatch_guarded(getter.result())
                         continue
                     getter.cancel()
                     if stop.is_set():
                         break
-                    await self._guarded("the freshness check", self._check_freshness)
+                    # Only when its own timer is due: another timer (a retry) must not cut the freeze grace short.
+                    if freeze_check_at is not None and freeze_check_at <= time.monotonic():
+                        await self._guarded("the freshness check", self._check_freshness)
                     if self._retry_at is not None and self._retry_at <= time.monotonic():
                         self._retry_at = None
                         await self._guarded("a retry", lambda: self._feed(machine.RetryDue()))
+                    if self._resubscribe_at is not None and self._resubscribe_at <= time.monotonic():
+                        self._resubscribe_at = None
+                        await self._guarded("the subscriptions", self._resubscribe)
             finally:
                 stopper.cancel()
+                refusals.cancel()
                 if self.rendezvous is not None:
                     self.rendezvous.close()
                 if renewer is not None:
@@ -467,6 +490,47 @@ class DeviceAgent:
 
     async def _feed_started(self) -> None:
         await self._feed(self._started())
+
+    # -- subscriptions the broker refuses ----------------------------------------------------
+
+    async def _subscribe(self, topic: str) -> None:
+        """A refusal (an ACL, a broker at its subscription limit) does not stop the agent: what it can
+        still hear, it handles; the refusal is said on the state topic and asked again until granted
+        (_say_refusals, once every subscription was asked for)."""
+        try:
+            await self.client.subscribe(topic)
+        except SubscriptionRefused as exc:
+            log.error("%s", exc)
+
+    async def _say_refusals(self) -> None:
+        """Tell the fleet when the set of refused subscriptions changes, and keep asking while it is not empty."""
+        refused = dict(self.client.refused)
+        if refused and self._resubscribe_at is None:
+            # Jittered, so that a fleet refused by one broker does not ask again all at once.
+            self._resubscribe_at = time.monotonic() + self._resubscribe_delay * self._jitter.uniform(0.8, 1.2)
+        if refused == self._refusals_said:
+            return
+        self._refusals_said = refused
+        if refused:
+            listed = "; ".join(f"{topic} ({reason})" for topic, reason in sorted(refused.items()))
+            await self._feed(machine.SubscriptionsRefused(f"the broker refused the subscription to {listed}"[:1000]))
+        else:
+            log.info("every subscription is granted again")
+            self._resubscribe_at = None
+            self._resubscribe_delay = self.settings.limits.resubscribe_interval
+            await self._feed(machine.SubscriptionsGranted())
+
+    async def _resubscribe(self) -> None:
+        for topic in list(self.client.refused):
+            try:
+                await self.client.subscribe(topic)
+            except SubscriptionRefused as exc:
+                log.warning("%s", exc)
+            except MqttError as exc:  # not connected: the reconnect renews every subscription anyway
+                log.info("could not ask for %s again: %s", topic, exc)
+        if self.client.refused:
+            self._resubscribe_delay = min(self._resubscribe_delay * 2, 20 * self.settings.limits.resubscribe_interval)
+        await self._say_refusals()
 
     async def _guarded(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
         """A bug (or a disk error) met while handling one message, a timer or the start must not take a

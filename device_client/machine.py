@@ -192,6 +192,19 @@ class RetryDue:
 
 
 @dataclass(frozen=True)
+class SubscriptionsRefused:
+    """The broker refused subscriptions this device needs (its SUBACK said so): a gap in what the
+    device hears, said beside its phase until a retry is granted."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SubscriptionsGranted:
+    """Every subscription refused before has now been granted."""
+
+
+@dataclass(frozen=True)
 class InternalError:
     """A bug met while handling a message: reported, and the agent goes on."""
 
@@ -209,7 +222,7 @@ class RolledBack:
 Event = (
     Started | ReleaseHeard | ReleaseVerified | ReleaseRefused | TrustDocumentRefused | TimestampAccepted | RootAccepted
     | FreshnessLost | AdmissionReceived | CheckRequested | StatusRequested | PhaseEntered | UpdateSucceeded
-    | UpdateFailed | RetryDue | RolledBack | InternalError
+    | UpdateFailed | RetryDue | RolledBack | InternalError | SubscriptionsRefused | SubscriptionsGranted
 )
 
 
@@ -308,9 +321,15 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
             return state, _reverify_last(state)
         case CheckRequested() if state.last_release is not None:
             return state, [] if state.updating else [Verify(state.last_release)]
-        case CheckRequested() | StatusRequested():
+        case CheckRequested() | StatusRequested() | SubscriptionsGranted():
             last = state.reported
             return state, [Report(last.phase if last else Phase.IDLE, target_version=last.target_version if last else None)]
+        case SubscriptionsRefused(reason=reason):
+            # Not a phase of its own: an update under way goes on (what it needs is already heard), and
+            # the phase stays what the fleet service counts; the reason says what the device may miss.
+            last = state.reported
+            return state, [Report(last.phase if last else Phase.IDLE, target_version=last.target_version if last else None,
+                                  reason=reason, reason_code=ReasonCode.BROKER_ERROR)]
         case InternalError(reason=reason):
             return _report(state, Report(Phase.FAILED, reason=reason, reason_code=ReasonCode.INTERNAL_ERROR))
         case PhaseEntered(phase=phase, target_version=target, progress=progress):

@@ -110,6 +110,7 @@ class MqttClient:
         # raised (subscribe) or kept here (the renewal after a reconnect), never ignored, and every
         # reconnect asks again.
         self.refused: dict[str, str] = {}
+        self.refusals_changed = asyncio.Event()  # set whenever `refused` changes (a renewal refused or granted)
         self._renewals: dict[int, str] = {}  # mid -> topic, for subscriptions renewed on reconnect
         self._pending: dict[int, asyncio.Future[str | None]] = {}  # mid -> the refusal, None when granted
         self._connect_error: str | None = None
@@ -175,12 +176,19 @@ class MqttClient:
             if refusal is not None:
                 log.error("the broker refused the renewed subscription to %s (%s): asked again on the next reconnect",
                           topic, refusal)
-                self.refused[topic] = refusal
-            else:
-                self.refused.pop(topic, None)
+            self._set_refusal(topic, refusal)
         future = self._pending.pop(mid, None)
         if future is not None and not future.done():
             future.set_result(refusal)
+
+    def _set_refusal(self, topic: str, refusal: str | None) -> None:
+        before = self.refused.get(topic)
+        if refusal is None:
+            self.refused.pop(topic, None)
+        else:
+            self.refused[topic] = refusal
+        if before != refusal:
+            self.refusals_changed.set()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -256,10 +264,9 @@ class MqttClient:
         except TimeoutError:
             self._pending.pop(mid, None)
             raise MqttError(f"subscription to {topic} not acknowledged within {timeout:.0f} s") from None
+        self._set_refusal(topic, refusal)
         if refusal is not None:
-            self.refused[topic] = refusal
             raise SubscriptionRefused(topic, refusal)
-        self.refused.pop(topic, None)
 
     async def next_message(self, timeout: float | None = None) -> Message:
         # asyncio.timeout, not wait_for: on 3.11, wait_for returns a message that arrived in the same

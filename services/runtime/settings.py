@@ -95,6 +95,8 @@ class Limits(BaseModel):
     retry_interval: float = Field(30.0, gt=0, description="wait before retrying a failed fetch (s)")
     max_attempts: int = Field(5, ge=1)
     freeze_grace: float = Field(10.0, gt=0, description="report frozen if no fresh timestamp this long after start (s)")
+    resubscribe_interval: float = Field(
+        30.0, gt=0, description="first retry of a subscription the broker refused (s); doubles up to 20x, jittered")
 
 
 class InstallSettings(BaseModel):

@@ -167,6 +167,20 @@ def test_phases_are_recorded_and_reported_and_success_commits_the_new_version() 
     assert actions[0] == m.ClearSwitch(), "the journal goes once state.json holds the commit"
 
 
+def test_a_refused_subscription_is_said_beside_the_phase_and_cleared_when_granted() -> None:
+    """The broker refusing a subscription is no update outcome: an update under way goes on, the phase
+    the fleet service counts stays, and the reason says what the device may not hear."""
+    state, _ = run(fresh(), verified(V2), m.PhaseEntered(Phase.DOWNLOADING, "2.0.0", 10))
+    after, actions = run(state, m.SubscriptionsRefused("the broker refused the subscription to f1/cmd (Not authorized)"))
+    assert after == state
+    assert actions == [m.Report(Phase.DOWNLOADING, target_version="2.0.0", reason_code=ReasonCode.BROKER_ERROR,
+                                reason="the broker refused the subscription to f1/cmd (Not authorized)")]
+    after, actions = run(state, m.SubscriptionsGranted())
+    assert after == state and actions == [m.Report(Phase.DOWNLOADING, target_version="2.0.0")]
+    _, actions = run(fresh(), m.SubscriptionsRefused("refused"))
+    assert [(r.phase, r.reason_code) for r in reports(actions)] == [(Phase.IDLE, ReasonCode.BROKER_ERROR)]
+
+
 def test_a_fetch_failure_is_retried_a_bounded_number_of_times_then_given_up() -> None:
     state, _ = run(fresh(), verified(V2))
     retries = 0
@@ -308,6 +322,8 @@ events = st.one_of(
     st.just(m.RetryDue()),
     st.builds(m.RolledBack, records, st.sampled_from([None, "disk error"])),
     st.just(m.InternalError("bug")),
+    st.just(m.SubscriptionsRefused("refused")),
+    st.just(m.SubscriptionsGranted()),
 )
 pendings = st.one_of(st.none(), st.builds(PendingUpdate, envelope=st.sampled_from(["raw-v2", "raw-v3"]),
                                           phase=st.sampled_from([Phase.DOWNLOADING, Phase.INSTALLING,
@@ -355,6 +371,9 @@ def test_rules_that_hold_for_every_sequence_of_events(pending: PendingUpdate | N
             assert isinstance(event, m.RootAccepted) and Role.RELEASE in event.revoked_roles
         if state.local.timestamp_version < before.local.timestamp_version:
             assert isinstance(event, m.RootAccepted) and Role.TIMESTAMP in event.revoked_roles
+        # What the broker grants or refuses is said, and changes nothing the machine decides.
+        if isinstance(event, (m.SubscriptionsRefused, m.SubscriptionsGranted)):
+            assert state == before and [type(a) for a in actions] == [m.Report]
         # Retries are bounded by max_attempts.
         if any(isinstance(a, m.ScheduleRetry) for a in actions):
             retries_since_start += 1
