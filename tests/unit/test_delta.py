@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 import bsdiff4.core
@@ -453,6 +454,22 @@ def test_lzma_dict_rebuilds_exactly_and_uses_the_window(window_type: type) -> No
     assert len(packed) < 2_000  # everything but 800 bytes is a match into the window
     assert _lzdict.decompress(window_type(window), packed, len(data)) == data
     assert _lzdict.decompress(b"", _lzdict.compress(b"", data), len(data)) == data
+
+
+@pytest.mark.parametrize("dict_max", [4096, 64 << 10, 150_000, 300_000, 1 << 20])
+def test_an_encoder_dictionary_below_the_decoders_still_rebuilds_exactly(dict_max: int) -> None:
+    """The encoder's dictionary is capped (memory); the decoder's holds window + data. Matches it
+    can no longer reach (the window's head) cost size, never correctness, wherever the cap falls."""
+    window = _bytes(7, 200_000)
+    data = window[:30_000] + b"new" * 500 + window[150_000:190_000] + window[60_000:100_000] + _bytes(8, 10_000)
+    capped = _lzdict.compress(window, data, effort=replace(_lzdict.FULL, dict_max=dict_max))
+    assert _lzdict.decompress(window, capped, len(data)) == data
+    full = _lzdict.compress(window, data)
+    assert len(full) <= len(capped)
+    if dict_max >= len(window) + len(data):
+        assert capped == full
+    if dict_max <= 64 << 10:  # the window's head and middle are out of reach: those bytes are literals
+        assert len(capped) > len(full) + 20_000
 
 
 @pytest.mark.parametrize("damage", ["fewer bytes promised", "more bytes promised", "truncated", "trailing bytes", "garbage",
