@@ -8,6 +8,7 @@ checked over those exact bytes before the payload is parsed.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Annotated, Literal
 
 from packaging.version import InvalidVersion, Version
@@ -29,11 +30,20 @@ PublicKeyHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Sequence = Annotated[int, Field(ge=1, le=2**53)]
 
 
-def _check_version(value: str) -> str:
+@functools.lru_cache(maxsize=1024)
+def _valid_version(value: str) -> bool:
+    # A fleet runs a handful of versions and every report names one or two: the fleet service
+    # parsed the same few strings 100,000 times (7 us each, measured in fleet_record_bench).
     try:
         Version(value)
     except InvalidVersion:
-        raise ValueError(f"{value!r} is not a valid version (PEP 440, e.g. 2.1.0)") from None
+        return False
+    return True
+
+
+def _check_version(value: str) -> str:
+    if not _valid_version(value):
+        raise ValueError(f"{value!r} is not a valid version (PEP 440, e.g. 2.1.0)")
     return value
 
 

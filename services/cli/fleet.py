@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -28,60 +30,148 @@ from services.cli.common import (
 if TYPE_CHECKING:  # asyncio loads when a command runs, not for --help
     import asyncio
 
+    from rich.console import Console
+
+    from services.operator.fleet import DeviceView, StatusLine
+    from services.runtime.settings import OperatorSettings
+
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
 
 
 # -- fleet ------------------------------------------------------------------------------------------
 
 
+class StatusSource(str, Enum):
+    broker = "broker"
+    record = "record"
+
+
+ATTENTION = {"failed", "refused", "rolled_back", "frozen"}
+
+
 @fleet_app.command("status")
 def fleet_status(
     config: ConfigOption = None,
-    wait: Annotated[float, typer.Option(help="seconds to collect retained reports")] = 1.5,
+    home: HomeOption = None,
+    wait: Annotated[float, typer.Option(help="seconds to collect retained reports (more while they keep coming)")] = 1.5,
+    source: Annotated[StatusSource, typer.Option(
+        "--from", help="broker: the devices' retained reports; record: the fleet record `fleet serve` keeps in "
+                       "<home>/fleet.sqlite (no broker needed, fast at any fleet size)")] = StatusSource.broker,
+    show_all: Annotated[bool, typer.Option(
+        "--all", help="list every device; a class of more than --limit devices is otherwise summarised by "
+                      "phase, with only its devices that need attention listed")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="devices listed per class without --all")] = 200,
     as_json: JsonOption = False,
 ) -> None:
     """Every device's version and phase, grouped by device class."""
+    from services.operator.fleet import StatusLine
+
+    settings = operator_settings(config)
+    lines: list[StatusLine]
+    where: str
+    if source == StatusSource.record:
+        from services.operator.fleet_store import FleetStore
+
+        path = operator_home(settings, home).path / "fleet.sqlite"
+        if not path.exists():
+            fail(f"{path} does not exist: `edgeswarm fleet serve` records the fleet there (or use --from broker)")
+        store = FleetStore(path)
+        try:
+            if as_json:
+                print(_record_json(settings.fleet, store.reports_json()))
+                return
+            lines = store.status_lines()
+        finally:
+            store.close()
+        where = f"the fleet record {path}"
+    else:
+        views = _from_broker(settings, wait)
+        if as_json:
+            out = []
+            for view in views:
+                entry = view.state.model_dump(mode="json") if view.state else {"device": view.device}
+                entry["online"] = view.online
+                out.append(entry)
+            print(json.dumps({"fleet": settings.fleet, "source": source.value, "devices": out}))
+            return
+        lines = [StatusLine.of(view) for view in views]
+        where = f"{settings.mqtt.host}:{settings.mqtt.port}"
+    console = make_console()
+    if not lines:
+        console.print(f"no devices have reported in fleet {settings.fleet} ({where})")
+        return
+    by_class: dict[str, list[StatusLine]] = {}
+    for line in lines:
+        by_class.setdefault(line.device_class, []).append(line)
+    for device_class, members in by_class.items():
+        _print_class(console, device_class, members, limit=None if show_all else limit)
+
+
+def _record_json(fleet: str, rows: list[tuple[str, str | None, bool | None]]) -> str:
+    """The same document as from the broker, spliced from the reports as recorded (each a JSON object
+    written by the fleet service from a validated report), with each device's online flag added."""
+    entries = [f'{state[:-1]},"online":{json.dumps(online)}}}' if state else json.dumps({"device": device, "online": online})
+               for device, state, online in rows]
+    return f'{{"fleet":{json.dumps(fleet)},"source":"record","devices":[{",".join(entries)}]}}'
+
+
+def _from_broker(settings: OperatorSettings, wait: float) -> list[DeviceView]:
     import asyncio
+
     from services.operator.fleet import FleetTracker
     from services.runtime.messaging import MqttError
 
-    settings = operator_settings(config)
     tracker = FleetTracker(settings.fleet)
 
     async def go() -> None:
         async with operator_client(settings, f"status-{os.getpid()}") as client:
             await tracker.subscribe(client)
-            await tracker.follow(client, duration=wait)
+            # A large fleet's retained reports take longer than `wait` to arrive: read on while they do.
+            await tracker.follow(client, duration=wait, settle=0.5)
 
     try:
         asyncio.run(go())
     except MqttError as exc:
         fail(str(exc))
-    if as_json:
-        out = []
-        for view in sorted(tracker.devices.values(), key=lambda v: v.device):
-            entry = json.loads(view.state.model_dump_json()) if view.state else {"device": view.device}
-            entry["online"] = view.online
-            out.append(entry)
-        print(json.dumps({"fleet": settings.fleet, "devices": out}))
-        return
-    console = make_console()
-    if not tracker.devices:
-        console.print(f"no devices have reported in fleet {settings.fleet} on {settings.mqtt.host}:{settings.mqtt.port}")
-        return
-    for device_class, views in tracker.by_class().items():
-        versions = ", ".join(f"{v}: {n}" for v, n in sorted(tracker.version_counts(device_class).items()))
-        table = Table(title=f"{device_class} — {versions}")
-        for column in ("device", "online", "installed", "phase", "progress", "reason", "reported"):
-            table.add_column(column)
-        for view in views:
-            s = view.state
-            table.add_row(
-                view.device, {True: "yes", False: "[red]no[/]", None: "?"}[view.online],
-                s.installed_version if s else "?", s.phase.value if s else "?", f"{s.progress}%" if s else "",
-                (s.reason or "") if s else "", f"{s.timestamp:%Y-%m-%d %H:%M:%S}" if s else "",
-            )
-        console.print(table)
+    return sorted(tracker.devices.values(), key=lambda v: v.device)
+
+
+def _print_class(console: Console, device_class: str, lines: list[StatusLine], *, limit: int | None) -> None:
+    versions = Counter(line.installed_version for line in lines if line.installed_version)
+    title = f"{device_class} — {', '.join(f'{v}: {n:,}' for v, n in sorted(versions.items()))}"
+    candidates = lines
+    if limit is not None and len(lines) > limit:
+        summary = Table(title=f"{title} — {len(lines):,} devices")
+        summary.add_column("phase")
+        for column in ("devices", "online", "offline", "unknown"):
+            summary.add_column(column, justify="right")
+        by_phase: dict[str, Counter[bool | None]] = {}
+        for line in lines:
+            by_phase.setdefault(line.phase or "?", Counter())[line.online] += 1
+        for phase, online in sorted(by_phase.items(), key=lambda item: -sum(item[1].values())):
+            summary.add_row(phase, f"{sum(online.values()):,}", f"{online[True]:,}", f"{online[False]:,}",
+                            f"{online[None]:,}")
+        console.print(summary)
+        candidates = [line for line in lines
+                      if line.online is False or line.phase is None or line.phase in ATTENTION or line.reason]
+        if not candidates:
+            return
+        title = f"{device_class}: devices that need attention ({len(candidates):,})"
+    listed = candidates if limit is None else candidates[:limit]
+    table = Table(title=title)
+    for column in ("device", "online", "installed", "phase", "progress", "reason", "reported"):
+        table.add_column(column)
+    for line in listed:
+        reported = line.phase is not None
+        table.add_row(
+            line.device, {True: "yes", False: "[red]no[/]", None: "?"}[line.online],
+            line.installed_version or "?", line.phase or "?", f"{line.progress or 0}%" if reported else "",
+            line.reason or "", f"{line.reported:%Y-%m-%d %H:%M:%S}" if line.reported else "",
+        )
+    console.print(table)
+    if len(candidates) > len(listed):
+        console.print(f"... and {len(candidates) - len(listed):,} more: --all lists every device, --json prints "
+                      "them for scripts")
 
 
 @fleet_app.command("serve")
@@ -210,15 +300,14 @@ def fleet_show(
     if not path.exists():
         fail(f"{path} does not exist: run `edgeswarm fleet serve` to record the fleet")
     store = FleetStore(path)
-    rows = [r for r in store.devices() if r.device == device]
-    if not rows:
+    row = store.device(device)
+    if row is None:
         fail(f"no device {device!r} has reported")
     attempts = store.attempts(device)
     store.close()
     if as_json:
-        print(json.dumps({"device": asdict(rows[0]), "attempts": [asdict(a) for a in attempts]}))
+        print(json.dumps({"device": asdict(row), "attempts": [asdict(a) for a in attempts]}))
         return
-    row = rows[0]
     console = make_console()
     console.print(f"[bold]{row.device}[/] ({row.device_class}): {row.installed_version}, {row.phase} "
                   f"{row.progress or 0}%, {'online' if row.online else 'offline'}, last seen {row.last_seen}")

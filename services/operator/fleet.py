@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 
 import pydantic
 
@@ -22,6 +23,36 @@ class DeviceView:
     device: str
     state: DeviceState | None = None
     online: bool | None = None
+
+
+def group_by_class(views: list[DeviceView]) -> dict[str, list[DeviceView]]:
+    """Views by device class ("?" before a device's first report), each in the order given."""
+    groups: dict[str, list[DeviceView]] = {}
+    for view in views:
+        groups.setdefault(view.state.device_class if view.state else "?", []).append(view)
+    return groups
+
+
+@dataclass(frozen=True)
+class StatusLine:
+    """One device as `fleet status` shows it; before its first report only `device` and `online`."""
+
+    device: str
+    online: bool | None
+    device_class: str = "?"
+    installed_version: str | None = None
+    phase: str | None = None
+    progress: int | None = None
+    reason: str | None = None
+    reported: datetime | None = None
+
+    @classmethod
+    def of(cls, view: DeviceView) -> StatusLine:
+        s = view.state
+        if s is None:
+            return cls(view.device, view.online)
+        return cls(view.device, view.online, s.device_class, s.installed_version, s.phase.value, s.progress, s.reason,
+                   s.timestamp)
 
 
 class FleetTracker:
@@ -61,14 +92,17 @@ class FleetTracker:
         self.changed.set()
         return True
 
-    async def follow(self, client: MqttClient, duration: float | None = None) -> None:
-        """Consume messages for `duration` seconds (forever if None)."""
+    async def follow(self, client: MqttClient, duration: float | None = None, *, settle: float | None = None) -> None:
+        """Consume messages for `duration` seconds (forever if None); with `settle`, go on after that
+        until no message came for `settle` seconds (a large fleet's retained reports still arriving)."""
         loop = asyncio.get_running_loop()
         end = None if duration is None else loop.time() + duration
         while True:
             timeout = None if end is None else end - loop.time()
             if timeout is not None and timeout <= 0:
-                return
+                if settle is None:
+                    return
+                timeout = settle
             try:
                 message = await client.next_message(timeout)
             except TimeoutError:
@@ -76,11 +110,7 @@ class FleetTracker:
             self.handle(message)
 
     def by_class(self) -> dict[str, list[DeviceView]]:
-        groups: dict[str, list[DeviceView]] = {}
-        for view in sorted(self.devices.values(), key=lambda v: v.device):
-            cls = view.state.device_class if view.state else "?"
-            groups.setdefault(cls, []).append(view)
-        return groups
+        return group_by_class(sorted(self.devices.values(), key=lambda v: v.device))
 
     def version_counts(self, device_class: str) -> Counter[str]:
         return Counter(v.state.installed_version for v in self.by_class().get(device_class, []) if v.state)

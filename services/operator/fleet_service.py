@@ -24,7 +24,7 @@ import pydantic
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.errors import EdgeswarmError, ReasonCode
-from schemas.models import CommandName, DeviceCommand, ReleaseManifest, RootMetadata
+from schemas.models import CommandName, DeviceCommand, DeviceState, ReleaseManifest, RootMetadata
 from schemas.ops import (
     ControlRollout,
     DeviceRequest,
@@ -33,7 +33,7 @@ from schemas.ops import (
     StartRollout,
 )
 from services.operator.fleet import FleetTracker
-from services.operator.fleet_store import FleetStore
+from services.operator.fleet_store import FleetStore, OnlineSeen
 from services.operator.homeassistant import HomeAssistantBridge, Retained
 from services.operator.rollout import Member, Rollout
 from services.runtime.messaging import Message, MqttClient, topic_matches
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_UNVERIFIED_CLASSES = 256  # releases kept until the root they need arrives, one per class
 ACCESS_CHECK_SECONDS = 10.0
+RECORD_BATCH = 5000  # reports written in one transaction at most; the rest wait for the tick
+COMMAND_BATCH = 500  # install commands in flight at once (each waits for its PUBACK)
 OPERATOR_ONLY = {"rollout/start", "rollout/pause", "rollout/resume", "rollout/abort", "device/retire"}
 
 
@@ -112,6 +114,11 @@ class FleetService:
         self._published: dict[str, bytes] = {}
         self._status_seen: dict[str, str] = {}
         self._dirty: set[str] = set()  # devices whose Home Assistant entity may have changed
+        self._unrecorded: list[DeviceState | OnlineSeen] = []  # written to the store once per tick, in order
+        # What the rollout engine reads, per class, kept as reports arrive: a tick reads it, never rebuilds it.
+        self._members: dict[str, dict[str, Member]] = {}
+        self._class_of: dict[str, str] = {}
+        self._changed: set[str] = set()  # classes whose members changed since their status was last made
 
     # -- main loop ------------------------------------------------------------------------------
 
@@ -156,17 +163,21 @@ class FleetService:
                     next_advance = loop.time() + self.tick
         finally:
             stopper.cancel()
+            self.flush()
 
     async def handle(self, client: MqttClient, message: Message) -> None:
         if self.tracker.handle(message):
             device, leaf = topics.device_from_topic(self.fleet, message.topic) or ("", "")
+            self._track(device)
             view = self.tracker.devices.get(device)
             if view is None:
                 return
             if leaf == "state" and view.state is not None and view.state.device == device:
-                self.store.record_state(view.state)
+                self._unrecorded.append(view.state)
             elif leaf == "online" and view.online is not None:
-                self.store.record_online(device, view.online, self.clock())
+                self._unrecorded.append(OnlineSeen(device, view.online, self.clock()))
+            if len(self._unrecorded) >= RECORD_BATCH:
+                self.flush()
             self._dirty.add(device)
             return
         if topics.topic_matches_release(self.fleet, message.topic):
@@ -258,7 +269,7 @@ class FleetService:
             if verb == "pause":
                 rollout.pause(request.reason)
             elif verb == "resume":
-                rollout.resume(self._members(request.device_class))
+                rollout.resume(self._class_members(request.device_class))
             else:
                 rollout.abort(request.reason)
             self._save(request.device_class)
@@ -317,8 +328,10 @@ class FleetService:
         return f"{device}: told to install {release.version} (sequence {release.sequence})"
 
     async def _retire(self, client: MqttClient, device: str) -> str:
+        self.flush()  # a report still waiting would bring the device back after it is deleted
         known = self.store.retire(device)
         self.tracker.devices.pop(device, None)
+        self._track(device)
         self._dirty.discard(device)
         cleared = [Retained(topics.state_topic(self.fleet, device), b""),
                    Retained(topics.online_topic(self.fleet, device), b"")]
@@ -331,11 +344,28 @@ class FleetService:
 
     # -- rollouts and Home Assistant ------------------------------------------------------------
 
-    def _members(self, device_class: str) -> dict[str, Member]:
-        return {
-            d: Member(d, v.state.installed_version, v.state.phase, v.state.target_version, v.online, bool(v.state.retrying))
-            for d, v in self.tracker.devices.items() if v.state is not None and v.state.device_class == device_class
-        }
+    def flush(self) -> None:
+        """Write the reports heard since the last tick to the fleet record, in one transaction."""
+        if self._unrecorded:
+            batch, self._unrecorded = self._unrecorded, []
+            self.store.record(batch)
+
+    def _track(self, device: str) -> None:
+        view = self.tracker.devices.get(device)
+        before = self._class_of.pop(device, None)
+        if before is not None:
+            self._members[before].pop(device, None)
+            self._changed.add(before)
+        if view is None or view.state is None:
+            return
+        s = view.state
+        self._class_of[device] = s.device_class
+        self._changed.add(s.device_class)
+        self._members.setdefault(s.device_class, {})[device] = Member(
+            device, s.installed_version, s.phase, s.target_version, view.online, bool(s.retrying))
+
+    def _class_members(self, device_class: str) -> dict[str, Member]:
+        return self._members.get(device_class, {})
 
     def _admission_hash(self, device_class: str, rollout: Rollout) -> str | None:
         """The hash install commands of this rollout name; a rollout persisted before hashes were
@@ -349,20 +379,29 @@ class FleetService:
 
     def _save(self, device_class: str) -> None:
         self.store.save_rollout(device_class, self.rollouts[device_class].model_dump_json())
+        self._changed.add(device_class)  # its status is made again at the next tick
 
     async def advance(self, client: MqttClient) -> None:
+        self.flush()
         now = self.clock()
         for device_class, rollout in self.rollouts.items():
-            members = self._members(device_class)
-            before = rollout.model_dump_json()
+            members = self._class_members(device_class)
+            before = rollout.progress()
             admits = self._admission_hash(device_class, rollout)
-            for device in rollout.step(members, now) if admits else []:
-                log.info("rollout %s %s wave %d: install command to %s", device_class, rollout.plan.version,
-                         rollout.wave_index + 1, device)
-                await self._command(client, device, DeviceCommand(command=CommandName.INSTALL, sequence=rollout.sequence,
-                                                                  release_sha256=admits))
-            if rollout.model_dump_json() != before:
+            commands = rollout.step(members, now) if admits else []
+            if commands:
+                log.info("rollout %s %s wave %d: install commands to %d device(s): %s%s", device_class,
+                         rollout.plan.version, rollout.wave_index + 1, len(commands), ", ".join(commands[:10]),
+                         ", ..." if len(commands) > 10 else "")
+                install = DeviceCommand(command=CommandName.INSTALL, sequence=rollout.sequence, release_sha256=admits)
+                for start in range(0, len(commands), COMMAND_BATCH):
+                    await asyncio.gather(*(self._command(client, d, install)
+                                           for d in commands[start:start + COMMAND_BATCH]))
+            if commands or rollout.progress() != before:
                 self._save(device_class)
+            elif device_class not in self._changed and device_class in self._status_seen:
+                continue  # nothing it counts changed: the status is the one published (its time aside)
+            self._changed.discard(device_class)
             status = rollout.status(members, now)
             topic = topics.rollout_status_topic(self.fleet, device_class)
             meaning = status.model_dump_json(exclude={"updated"})  # a new time alone is no news

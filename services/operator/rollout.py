@@ -14,16 +14,24 @@ of at least `canary_percent` contains them), or a list of devices. In every step
 An aborted or paused rollout sends nothing; a device already told to install finishes or rolls
 back atomically on its own, so no device is ever left half-installed. No I/O and no clock reads:
 the caller passes `now`, which keeps every rule testable.
+
+A tick of a class of 100,000 devices passes over all of them: the bucket order, the waves and each
+device's outcome are cached (the order until the class changes, an outcome until that device's
+Member is replaced), so that a pass costs a dictionary look-up per device, not a hash and a
+version parse.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from packaging.version import Version
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from schemas.models import Phase
 from schemas.ops import RolloutPlan, RolloutState, RolloutStatus
@@ -32,6 +40,11 @@ from services.runtime.trust import rollout_bucket
 RESEND_AFTER = timedelta(seconds=20)  # a device still `waiting` this long after its command is told again
 WORKING = frozenset({Phase.DOWNLOADING, Phase.VERIFYING, Phase.PATCHING, Phase.INSTALLING, Phase.CONFIRMING})
 FAILED = frozenset({Phase.FAILED, Phase.REFUSED, Phase.ROLLED_BACK})
+
+
+@functools.lru_cache(maxsize=4096)
+def _version(text: str) -> Version:
+    return Version(text)
 
 
 @dataclass(frozen=True)
@@ -61,27 +74,55 @@ class Rollout(BaseModel):
     commanded: dict[str, datetime] = {}
     acknowledged: list[str] = []
     reason: str = ""
+    # Derived, never persisted: (the class's devices, bucket order) and device -> (its Member, outcome).
+    _order: tuple[frozenset[str], list[str]] | None = PrivateAttr(default=None)
+    _waves: dict[int, frozenset[str]] = PrivateAttr(default_factory=dict)
+    _outcomes: dict[str, tuple[Member, str]] = PrivateAttr(default_factory=dict)
 
     # -- who and how far ---------------------------------------------------------------------
 
-    def members(self, class_devices: list[str], upto: int) -> set[str]:
+    def members(self, class_devices: list[str] | frozenset[str], upto: int) -> frozenset[str]:
         """Devices of waves 0..upto (cumulative)."""
         if upto < 0:
-            return set()
-        ordered = sorted(class_devices, key=lambda d: (rollout_bucket(self.salt, d), d))
-        known = set(class_devices)
+            return frozenset()
+        known = frozenset(class_devices)
+        if self._order is None or self._order[0] != known:
+            self._order = (known, sorted(known, key=lambda d: (rollout_bucket(self.salt, d), d)))
+            self._waves = {}
+        if upto in self._waves:
+            return self._waves[upto]
+        ordered = self._order[1]
         chosen: set[str] = set()
         for wave in self.plan.waves[: upto + 1]:
             if wave.percent is not None:
                 chosen |= set(ordered[: math.ceil(len(ordered) * wave.percent / 100)])
             else:
                 chosen |= set(wave.devices or []) & known
-        return chosen
+        self._waves[upto] = frozenset(chosen)
+        return self._waves[upto]
+
+    def progress(self) -> tuple[object, ...]:
+        """What a step may change besides `commanded` (which changes only with commands): persist on change."""
+        return self.state, self.wave_index, self.wave_started, self.settled_at, self.reason, len(self.acknowledged)
 
     def outcome(self, m: Member) -> str:
         """done, failed, installing or waiting."""
+        return self._outcomes_of({m.device: m}, (m.device,))[m.device]
+
+    def _outcomes_of(self, fleet: Mapping[str, Member], devices: Iterable[str]) -> dict[str, str]:
+        cache = self._outcomes  # bound once: pydantic serves private attributes through __getattr__ (~1 us)
+        found = {}
+        for device in devices:
+            m = fleet[device]
+            cached = cache.get(device)
+            if cached is None or cached[0] is not m:
+                cached = cache[device] = (m, self._outcome(m))
+            found[device] = cached[1]
+        return found
+
+    def _outcome(self, m: Member) -> str:
         version = self.plan.version
-        if m.installed_version is not None and Version(m.installed_version) >= Version(version):
+        if m.installed_version is not None and _version(m.installed_version) >= _version(version):
             return "done"
         if m.target_version == version and m.phase in FAILED and not m.retrying:
             return "failed"
@@ -96,7 +137,7 @@ class Rollout(BaseModel):
             raise ValueError(f"the rollout is {self.state.value}, not running")
         self.state, self.reason = RolloutState.PAUSED, reason or "paused by the operator"
 
-    def resume(self, fleet: dict[str, Member]) -> None:
+    def resume(self, fleet: Mapping[str, Member]) -> None:
         if self.state != RolloutState.PAUSED:
             raise ValueError(f"the rollout is {self.state.value}, not paused")
         # Resuming accepts the failures seen so far: only new ones can pause the rollout again.
@@ -108,25 +149,27 @@ class Rollout(BaseModel):
             raise ValueError(f"the rollout is {self.state.value} already")
         self.state, self.reason = RolloutState.ABORTED, reason or "aborted by the operator"
 
-    def step(self, fleet: dict[str, Member], now: datetime) -> list[str]:
+    def step(self, fleet: Mapping[str, Member], now: datetime) -> list[str]:
         """Advance by the rules above; returns the devices to send an install command to now."""
         if self.state not in (RolloutState.RUNNING, RolloutState.COMPLETED):
             return []
-        devices = sorted(fleet)
+        devices = frozenset(fleet)
         current = self.members(devices, self.wave_index)
+        outcomes = self._outcomes_of(fleet, current)
         if self.state == RolloutState.RUNNING:
             own = current - self.members(devices, self.wave_index - 1) or current
-            failed = sorted(d for d in own if self.outcome(fleet[d]) == "failed" and d not in self.acknowledged)
+            acknowledged = set(self.acknowledged)
+            failed = sorted(d for d in own if outcomes[d] == "failed" and d not in acknowledged)
             if own and len(failed) * 100 > self.plan.max_failed_percent * len(own):
                 self.state = RolloutState.PAUSED
                 self.reason = (f"wave {self.wave_index + 1}: {len(failed)} of {len(own)} devices failed "
                                f"({', '.join(failed[:5])}), above {self.plan.max_failed_percent}%")
                 return []
-        commands = [d for d in sorted(current) if self._needs_command(fleet[d], now)]
+        commands = sorted(d for d in current if self._needs_command(fleet[d], outcomes[d], now))
         for device in commands:
             self.commanded[device] = now
         if self.state == RolloutState.RUNNING:
-            settled = all(self.outcome(fleet[d]) in ("done", "failed") or fleet[d].online is False for d in current)
+            settled = all(outcomes[d] in ("done", "failed") or fleet[d].online is False for d in current)
             if not settled:
                 self.settled_at = None
             else:
@@ -139,31 +182,38 @@ class Rollout(BaseModel):
                     self.state = RolloutState.COMPLETED
         return commands
 
-    def _needs_command(self, m: Member, now: datetime) -> bool:
-        if self.outcome(m) != "waiting" or m.online is False:
+    def _needs_command(self, m: Member, outcome: str, now: datetime) -> bool:
+        if outcome != "waiting" or m.online is False:
             return False
         last = self.commanded.get(m.device)
         return last is None or (m.phase == Phase.WAITING and now - last >= RESEND_AFTER)
 
     # -- reporting ---------------------------------------------------------------------------
 
-    def status(self, fleet: dict[str, Member], now: datetime) -> RolloutStatus:
-        devices = sorted(fleet)
+    def status(self, fleet: Mapping[str, Member], now: datetime) -> RolloutStatus:
+        devices = frozenset(fleet)
         current = self.members(devices, self.wave_index)
-        outcomes = {d: self.outcome(fleet[d]) for d in devices}
+        counts: Counter[str] = Counter()
+        failed: list[str] = []
+        cache = self._outcomes  # one pass over the class: its cost is the tick's at 100,000 devices
+        for device, m in fleet.items():
+            cached = cache.get(device)
+            if cached is None or cached[0] is not m:
+                cached = cache[device] = (m, self._outcome(m))
+            counts[cached[1]] += 1
+            if cached[1] == "failed":
+                failed.append(device)
         own = current - self.members(devices, self.wave_index - 1) or current
-        failed_own = [d for d in own if outcomes[d] == "failed" and d not in self.acknowledged]
+        acknowledged = set(self.acknowledged)
+        failed_own = [d for d in failed if d in own and d not in acknowledged]
         soak_until = (self.settled_at + timedelta(seconds=self.plan.soak_seconds)
                       if self.settled_at is not None and self.state == RolloutState.RUNNING else None)
         return RolloutStatus(
             device_class=self.plan.device_class, version=self.plan.version, sequence=self.sequence,
             state=self.state, wave=self.wave_index + 1, waves=len(self.plan.waves), wave_devices=len(current),
             class_devices=len(devices),
-            done=sum(o == "done" for o in outcomes.values()),
-            failed=sum(o == "failed" for o in outcomes.values()),
-            in_progress=sum(o == "installing" for o in outcomes.values()),
-            waiting=sum(o == "waiting" for o in outcomes.values()),
+            done=counts["done"], failed=counts["failed"], in_progress=counts["installing"], waiting=counts["waiting"],
             failure_rate=round(len(failed_own) / len(own), 4) if own else 0.0,
-            failed_devices=sorted(d for d, o in outcomes.items() if o == "failed"),
+            failed_devices=sorted(failed),
             reason=self.reason, soak_until=soak_until, updated=now,
         )

@@ -169,3 +169,57 @@ def test_an_origin_on_every_interface_writes_addresses_devices_can_dial(tmp_path
 def test_the_example_settings_load_as_they_are(example: str, model: type) -> None:
     settings = load_settings(model, REPO / "config" / example)
     assert settings.fleet == "plant-7"
+
+
+def test_fleet_status_from_the_record_summarises_a_large_class_and_lists_who_needs_attention(tmp_path: Path) -> None:
+    """A class of thousands is not a table of thousands of rows: the phases are counted, and the
+    devices that failed, went offline or carry a reason are listed; --all and --json give everyone."""
+    import json
+    from datetime import UTC, datetime
+
+    from schemas.models import DeviceState, Phase
+    from services.operator.fleet_store import FleetStore, OnlineSeen
+
+    home = tmp_path / "home"
+    config = tmp_path / "operator.toml"
+    config.write_text(f'fleet = "f1"\nhome = "{home}"\n[mqtt]\nport = 1\n')  # no broker: the record is enough
+    missing = cli("fleet", "status", "--from", "record", "--config", str(config), cwd=tmp_path)
+    assert missing.returncode == 1 and "fleet.sqlite does not exist" in missing.stderr
+
+    now = datetime.now(UTC)
+    updates: list[DeviceState | OnlineSeen] = []
+    for i in range(250):
+        device = f"gw-{i:03d}"
+        phase = Phase.ROLLED_BACK if i in (7, 70, 170) else Phase.IDLE
+        updates.append(DeviceState(device=device, fleet="f1", device_class="gw", installed_version="1.0.0",
+                                   installed_sha256="1" * 64, phase=phase, target_version="2.0.0" if phase != Phase.IDLE else None,
+                                   reason="health check failed" if phase != Phase.IDLE else None, timestamp=now))
+        updates.append(OnlineSeen(device, i != 99, now))
+    updates.append(DeviceState(device="ipc-1", fleet="f1", device_class="ipc", installed_version="3.1.0",
+                               installed_sha256="3" * 64, phase=Phase.IDLE, timestamp=now))
+    updates.append(OnlineSeen("not-reported-yet", True, now))
+    store = FleetStore(home / "fleet.sqlite")
+    store.record(updates)
+    store.close()
+
+    table = cli("fleet", "status", "--from", "record", "--config", str(config), cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    assert "gw — 1.0.0: 250 — 250 devices" in out and "devices that need attention (4)" in out
+    listed = {line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│ gw-")}
+    assert listed == {"gw-007", "gw-070", "gw-170", "gw-099"}
+    assert "ipc-1" in out and "--all lists every device" not in out
+    assert cli("fleet", "status", "--from", "record", "--limit", "2", "--config", str(config),
+               cwd=tmp_path).stdout.count("│ gw-") == 2
+    everyone = cli("fleet", "status", "--from", "record", "--all", "--config", str(config), cwd=tmp_path).stdout
+    assert everyone.count("│ gw-") == 250
+    as_json = json.loads(cli("fleet", "status", "--from", "record", "--json", "--config", str(config), cwd=tmp_path).stdout)
+    assert as_json["source"] == "record" and len(as_json["devices"]) == 252
+    by_device = {d["device"]: d for d in as_json["devices"]}
+    assert by_device["not-reported-yet"] == {"device": "not-reported-yet", "online": True}
+    for update in updates:  # each report as the broker's retained copy reads, plus its online flag
+        if isinstance(update, DeviceState):
+            entry = dict(by_device[update.device])
+            online = entry.pop("online")
+            assert entry == update.model_dump(mode="json")
+            assert online is (None if update.device == "ipc-1" else update.device != "gw-099")

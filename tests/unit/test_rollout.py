@@ -249,3 +249,83 @@ def test_tokens_are_created_private_and_scoped(tmp_path) -> None:  # noqa: ANN00
     assert tokens.allows(tokens.homeassistant, "device/install") and tokens.allows(tokens.homeassistant, "device/check")
     assert not tokens.allows(tokens.homeassistant, "rollout/start") and not tokens.allows(tokens.homeassistant, "rollout/abort")
     assert not tokens.allows(tokens.homeassistant, "device/retire") and not tokens.allows("x" * 43, "device/check")
+
+
+# -- the caches a large class needs --------------------------------------------------------------
+
+phases = st.sampled_from([Phase.IDLE, Phase.WAITING, Phase.DOWNLOADING, Phase.DONE, Phase.FAILED, Phase.ROLLED_BACK])
+changes = st.lists(st.tuples(st.integers(0, 29), phases, st.booleans(), st.sampled_from(["1.0.0", "2.0.0", None]),
+                             st.booleans()), max_size=12)
+
+
+@given(ticks=st.lists(changes, min_size=1, max_size=8), waves=st.sampled_from([(5, 50, 100), (34, 100), (100,)]))
+def test_a_rollout_with_its_caches_decides_as_one_rebuilt_from_its_json_every_tick(
+        ticks: list[list[tuple[int, Phase, bool, str | None, bool]]], waves: tuple[int, ...]) -> None:
+    """The bucket order, waves and outcomes are cached between ticks (a class of 100,000 devices):
+    a rollout that kept them decides exactly as one that starts from its persisted JSON each tick,
+    while devices join, leave, report and go offline."""
+    r = rollout(plan(*(pct(p) for p in waves), failed_percent=30))
+    members: dict[str, Member] = {}
+    now = T0
+    for tick in ticks:
+        for index, phase, online, installed, leave in tick:
+            device = f"d{index:02d}"
+            if leave:
+                members.pop(device, None)
+            else:
+                target = "2.0.0" if phase != Phase.IDLE else None
+                members[device] = Member(device, installed, phase, target, online)
+        fresh = Rollout.model_validate_json(r.model_dump_json())
+        assert r.step(members, now) == fresh.step(dict(members), now)
+        assert r.model_dump_json() == fresh.model_dump_json()
+        assert r.status(members, now) == fresh.status(dict(members), now)
+        now += timedelta(seconds=30)
+
+
+kinds = st.sampled_from(["ipc", "gw", "online", "offline", "cleared", "malformed", "other device's state"])
+
+
+@given(messages=st.lists(st.tuples(st.sampled_from(["d1", "d2", "d3"]), kinds), max_size=25))
+def test_the_members_a_tick_reads_are_kept_as_reports_arrive(
+        tmp_path_factory: pytest.TempPathFactory, messages: list[tuple[str, str]]) -> None:
+    """The fleet service no longer rebuilds every class's members from the tracker at each tick: what
+    it keeps as messages arrive must be that rebuild, whatever came (a class change, a cleared
+    retained report, online flags before the first report, garbage)."""
+    import asyncio
+
+    from schemas import topics
+    from schemas.models import DeviceState
+    from services.operator.fleet_service import FleetService
+    from services.operator.fleet_store import FleetStore
+    from services.runtime.messaging import Message
+    from services.runtime.trust import TrustedSet
+    from tests.support.factories import Keyring, sign_root
+
+    keys = Keyring()
+    directory = tmp_path_factory.mktemp("members")
+    service = FleetService("f1", FleetStore(directory / "fleet.sqlite"), OpsTokens.load_or_create(directory / "tokens"),
+                           TrustedSet.load_initial_root(sign_root(keys.root_metadata(), keys.root[:2])))
+
+    def state(device: str, device_class: str, claimed: str | None = None) -> bytes:
+        return DeviceState(device=claimed or device, fleet="f1", device_class=device_class, installed_version="1.0.0",
+                           installed_sha256="1" * 64, phase=Phase.IDLE, timestamp=T0).canonical_bytes()
+
+    async def feed() -> None:
+        for device, kind in messages:
+            leaf = "online" if kind in ("online", "offline") else "state"
+            payload = {"online": b"online", "offline": b"offline", "cleared": b"", "malformed": b"{",
+                       "other device's state": state(device, "ipc", claimed="d9")}.get(kind) or state(device, kind)
+            await service.handle(None, Message(topics.device_topic("f1", device, leaf), payload, True, 1))  # type: ignore[arg-type]
+
+    asyncio.run(feed())
+    rebuilt: dict[str, dict[str, Member]] = {}
+    for device, view in service.tracker.devices.items():
+        if view.state is not None:
+            s = view.state
+            rebuilt.setdefault(s.device_class, {})[device] = Member(device, s.installed_version, s.phase, s.target_version,
+                                                                    view.online, bool(s.retrying))
+    kept = {c: members for c, members in service._members.items() if members}
+    assert kept == rebuilt
+    service.flush()
+    assert {r.device for r in service.store.devices() if r.device_class} >= set().union(*rebuilt.values())
+    service.store.close()

@@ -9,6 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas import export, topics
 from schemas.canonical import MalformedDocument, canonical_json, strict_loads
@@ -189,6 +191,40 @@ def test_the_fleet_store_opens_and_closes_attempts_and_ignores_replayed_reports(
     store.close()
     reopened = FleetStore(tmp_path / "fleet.sqlite")
     assert len(reopened.attempts("d1")) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(reports=st.lists(st.tuples(st.sampled_from(["d1", "d2", "d3"]), st.integers(0, 6),
+                                  st.sampled_from(["idle", "downloading", "installing", "done", "failed", "refused"]),
+                                  st.booleans()), max_size=25))
+def test_the_fleet_store_records_a_batch_as_it_records_one_report_at_a_time(
+        tmp_path_factory: pytest.TempPathFactory, reports: list[tuple[str, int, str, bool]]) -> None:
+    """The fleet service writes a tick's reports in one transaction; the record must be the same as
+    when each report was its own (order kept, replayed copies ignored, online flags between them)."""
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.models import DeviceState, Phase
+    from services.operator.fleet_store import FleetStore, OnlineSeen
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    updates: list[DeviceState | OnlineSeen] = []
+    for device, seconds, phase, online in reports:
+        updates.append(DeviceState(device=device, fleet="f1", device_class="ipc", installed_version="1.0.0",
+                                   installed_sha256="1" * 64, phase=Phase(phase), timestamp=t0 + timedelta(seconds=seconds),
+                                   target_version=None if phase == "idle" else "2.0.0", reason="r" if phase == "failed" else None))
+        updates.append(OnlineSeen(device, online, t0 + timedelta(seconds=seconds)))
+    directory = tmp_path_factory.mktemp("store")
+    one, batch = FleetStore(directory / "one.sqlite"), FleetStore(directory / "batch.sqlite")
+    newer = sum(one.record_state(u) if isinstance(u, DeviceState) else one.record_online(u.device, u.online, u.seen) or 0
+                for u in updates)
+    assert batch.record(updates) == newer
+    assert one.devices() == batch.devices()
+    assert one.status_lines() == batch.status_lines() and one.reports_json() == batch.reports_json()
+    for device in ("d1", "d2", "d3"):
+        assert one.attempts(device) == batch.attempts(device)
+        assert one.device(device) == batch.device(device)
+    one.close()
+    batch.close()
 
 
 def test_demo_images_use_only_packages_edgeswarm_installs() -> None:
