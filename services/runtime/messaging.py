@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,11 @@ class MqttClient:
             clean_session=clean_session,
             protocol=MQTTProtocolVersion.MQTTv311,  # amqtt speaks 3.1.1 only; Mosquitto speaks both
         )
-        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        # paho doubles its wait between reconnects, without jitter: a fleet dropped by one broker
+        # restart would come back in lockstep, all at 1, 3, 7, 15 ... s. A first wait of its own per
+        # client (1-4 s) spreads every later attempt too.
+        self.reconnect_delays = (random.uniform(1.0, 4.0), random.uniform(10.0, 15.0))
+        self._client.reconnect_delay_set(min_delay=self.reconnect_delays[0], max_delay=self.reconnect_delays[1])  # type: ignore[arg-type]
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if username is not None:

@@ -137,3 +137,43 @@ def test_a_refused_subscription_is_an_error_and_asked_for_again_on_every_reconne
             await broker.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_fleet_dropped_by_a_broker_restart_comes_back_spread_out_not_in_lockstep() -> None:
+    """paho's reconnect backoff has no jitter: every client of a restarted broker used to come back
+    in the same instant (at 1 s, then 3 s, 7 s ...). Each client now has a first wait of its own."""
+    count = 60
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = EmbeddedBroker("127.0.0.1", 0)
+        await broker.start()
+        port = broker.port
+        clients = [MqttClient("127.0.0.1", port, f"device-{i}", keepalive=5) for i in range(count)]
+        try:
+            for client in clients:
+                await client.connect()
+            await broker.stop()
+            async with asyncio.timeout(30):
+                while any(c._connected.is_set() for c in clients):  # type: ignore[union-attr]
+                    await asyncio.sleep(0.05)
+            broker = EmbeddedBroker("127.0.0.1", port)
+            await broker.start()
+            back = loop.time()
+            returned: dict[int, float] = {}
+            async with asyncio.timeout(60):
+                while len(returned) < count:
+                    for i, client in enumerate(clients):
+                        if i not in returned and client._connected.is_set():  # type: ignore[union-attr]
+                            returned[i] = loop.time() - back
+                    await asyncio.sleep(0.02)
+            times = sorted(returned.values())
+            # Lockstep would put everyone within a fraction of a second; the first waits span 1-4 s.
+            assert times[-1] - times[0] > 1.0, times
+            assert len({round(t, 1) for t in times}) > count // 4, "spread over many moments, not a few bursts"
+        finally:
+            for client in clients:
+                await client.disconnect()
+            await broker.stop()
+
+    asyncio.run(scenario())
