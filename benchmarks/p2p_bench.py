@@ -3,6 +3,7 @@
     python3 benchmarks/p2p_bench.py                      # 20 devices, 5 NATs, 32 MB, shaped links
     python3 benchmarks/p2p_bench.py --devices 5 --nats 3 --size 8   # a quick run
     python3 benchmarks/p2p_bench.py --json
+    python3 benchmarks/p2p_bench.py --runs 5             # five whole comparisons: every run and the median
 
 N device agents behind K NAT routers (3 of 5 UPnP-capable, 1 plain MASQUERADE, 1 symmetric, the
 devices spread round-robin), the broker and the origin on the WAN with the origin's uplink shaped
@@ -10,6 +11,12 @@ devices spread round-robin), the broker and the origin on the WAN with the origi
 artifact through edgeswarm (NAT-PMP mappings, MQTT rendezvous, peers first, the origin serving one
 peer at a time), then the same artifact over plain HTTP from the same WAN host to the same
 devices. Needs root (network namespaces); installs Debian's iptables, miniupnpd-iptables and coturn when missing.
+
+Besides the ratio to HTTP, each run is set against the swarming bound: no fleet can finish before
+max(F / u_origin, F / d_device, N F / (u_origin + N u_device)) for an artifact of F bytes, N
+devices and those link rates (`bound_seconds`, `fleet_x_bound`); `duplicate_x_artifact` is what
+the devices received on average (origin and peers, as the kernel counted their connections' bytes)
+per artifact: above 1.0 is the same blocks fetched twice.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -50,7 +58,13 @@ def nat_plan(devices: int, nats: int) -> tuple[NatPlan, ...]:
     return tuple(NatPlan(kind, count) for kind, count in zip(kinds, counts, strict=True) if count)  # type: ignore[arg-type]
 
 
-def summary(result: Result, size: int, timeout: float) -> dict:
+def swarm_bound(size: int, devices: int, origin_mbit: float, device_mbit: float) -> float:
+    """Seconds below which no fleet can have the artifact (each device's uplink as fast as its downlink)."""
+    origin, device = origin_mbit * 1e6 / 8, device_mbit * 1e6 / 8
+    return max(size / origin, size / device, devices * size / (origin + devices * device))
+
+
+def summary(result: Result, size: int, timeout: float, bound: float) -> dict:
     # A device that did not finish counts at the timeout (a lower bound on its time), never as absent.
     unfinished = [d.device for d in result.devices if d.version != "2.0.0" or d.seconds is None]
     seconds = sorted(d.seconds if d.device not in unfinished and d.seconds is not None else timeout
@@ -72,6 +86,9 @@ def summary(result: Result, size: int, timeout: float) -> dict:
         "fleet_seconds_http": result.http_completion_seconds,
         "fleet_time_ratio": round(result.completion_seconds / result.http_completion_seconds, 3)
         if result.completion_seconds and result.http_completion_seconds else None,
+        "bound_seconds": round(bound, 2),
+        "fleet_x_bound": round(result.completion_seconds / bound, 2) if result.completion_seconds else None,
+        "duplicate_x_artifact": round(received / size / max(len(result.devices), 1), 2),
         "device_seconds_p2p_p50_p95": [_pct(seconds, 50), _pct(seconds, 95)],
         "device_seconds_http_p50_p95": [_pct(http, 50), _pct(http, 95)],
         "share_of_bytes_from_peers": round(sum(d.from_peers for d in result.devices) / received, 3),
@@ -103,8 +120,15 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the HTTP baseline (~5 min at the defaults): for iterating on the p2p side only")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="build the lab in DIR and leave its logs there")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison; every run and the median are shown")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    # The lab's processes (`python -m services.cli ...` in namespaces, in temporary directories) must run
+    # this checkout's code, not whatever checkout `pip install -e` last pointed at.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    if args.runs < 1 or (args.keep_logs and args.runs > 1):
+        print("--runs must be at least 1, and --keep-logs keeps one run's lab", file=sys.stderr)
+        return 2
     install_lab_tools()
     why = netlab.available() or netlab.upnp_available()
     if why:
@@ -120,17 +144,25 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         args.keep_logs.mkdir(parents=True, exist_ok=True)
-    with (contextlib.nullcontext(str(args.keep_logs)) if args.keep_logs else tempfile.TemporaryDirectory(
-            prefix="edgeswarm-p2p-")) as tmp, FleetLab(Path(tmp), plan) as fleet:
-        print(f"building the lab: {args.devices} devices behind {', '.join(n.kind for n in plan.nats)}", file=sys.stderr)
-        fleet.build()
-        print("releasing over peer-to-peer ...", file=sys.stderr)
-        result = fleet.release()
-        if not args.no_baseline:
-            print("the same artifact over HTTP ...", file=sys.stderr)
-            fleet.http_baseline(result)
-    figures = summary(result, size, plan.timeout)
-    status = 1 if figures["unfinished"] else 0  # an incomplete run is a failed run, whatever else it measured
+    bound = swarm_bound(size, args.devices, args.origin_mbit, args.device_mbit)
+    runs = []
+    for run in range(1, args.runs + 1):
+        with (contextlib.nullcontext(str(args.keep_logs)) if args.keep_logs else tempfile.TemporaryDirectory(
+                prefix="edgeswarm-p2p-")) as tmp, FleetLab(Path(tmp), plan) as fleet:
+            print(f"run {run}/{args.runs}: building the lab: {args.devices} devices behind "
+                  f"{', '.join(n.kind for n in plan.nats)}", file=sys.stderr)
+            fleet.build()
+            print("releasing over peer-to-peer ...", file=sys.stderr)
+            result = fleet.release()
+            if not args.no_baseline:
+                print("the same artifact over HTTP ...", file=sys.stderr)
+                fleet.http_baseline(result)
+        runs.append(summary(result, size, plan.timeout, bound))
+    status = 1 if any(r["unfinished"] for r in runs) else 0  # an incomplete run is a failed run, whatever else it measured
+    if args.runs > 1:
+        print_runs(runs, args.json)
+        return status
+    figures = runs[0]
     if args.json:
         print(json.dumps(figures, indent=2))
         return status
@@ -155,6 +187,8 @@ def main() -> int:
     for device, p in figures["paths"].items():
         paths.add_row(device, p["nat"], f"{p['lan_peer']:,}", f"{p['peer_across_nats']:,}", f"{p['origin']:,}")
     Console().print(paths)
+    print(f"swarming bound {figures['bound_seconds']} s: the fleet took {figures['fleet_x_bound']}x it; devices received "
+          f"{figures['duplicate_x_artifact']}x the artifact on average")
     print(f"completed {figures['completed']}/{figures['devices']}; bytes from peers {figures['share_of_bytes_from_peers']:.1%} "
           f"(LAN {figures['share_from_lan_peers']:.1%}); connections when fetches ended: "
           f"{figures['connections_direct']} direct, {figures['connections_relayed']} relayed")
@@ -162,6 +196,36 @@ def main() -> int:
         print(f"INCOMPLETE: {', '.join(figures['unfinished'])} did not finish within {plan.timeout:.0f} s "
               "(counted at the timeout in p50/p95)", file=sys.stderr)
     return status
+
+
+# JSON key -> column: fleet time / HTTP's, / the swarming bound, origin egress and bytes received per artifact.
+RUN_FIGURES = {"fleet_time_ratio": "x HTTP", "fleet_x_bound": "x bound", "origin_egress_p2p_x_artifact": "origin x",
+               "duplicate_x_artifact": "received x", "fleet_seconds_p2p": "p2p s", "fleet_seconds_http": "HTTP s"}
+
+
+def print_runs(runs: list[dict], as_json: bool) -> None:
+    """Every run and the median of each figure: a claim rests on all of them, not on the best."""
+    medians = {key: _median([r[key] for r in runs]) for key in RUN_FIGURES}
+    completed = [f"{r['completed']}/{r['devices']}" for r in runs]
+    if as_json:
+        print(json.dumps({"runs": runs, "median": medians, "completed": completed}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(runs)} runs")
+    table.add_column("run", justify="right")
+    for column in (*RUN_FIGURES.values(), "done"):
+        table.add_column(column, justify="right")
+    for index, r in enumerate(runs, 1):
+        table.add_row(str(index), *(str(r[key]) for key in RUN_FIGURES), completed[index - 1])
+    table.add_row("median", *(str(medians[key]) for key in RUN_FIGURES), "")
+    Console().print(table)
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None
 
 
 if __name__ == "__main__":
