@@ -13,6 +13,7 @@ segment streams and bsdiff control tuples, not only the header.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,9 @@ with atheris.instrument_imports():
 
 from services.runtime.delta.create import CreateOptions, create_patch  # noqa: E402  (not fuzzed, only makes seeds)
 
-WORK = Path(tempfile.mkdtemp(prefix="fuzz-patch-"))
+# libFuzzer ends the process with exit() at -max_total_time, past any `finally` or atexit: the test
+# names a directory it removes itself (EDGESWARM_FUZZ_TMP), or this one would stay behind in /tmp.
+WORK = Path(tempfile.mkdtemp(prefix="fuzz-patch-", dir=os.environ.get("EDGESWARM_FUZZ_TMP")))
 OLD = WORK / "old"
 OLD.write_bytes(bytes(range(256)) * 64 + b"edgeswarm" * 500 + b"\xe8\x10\x00\x00\x00\x90\xe9\xf0\xff\xff\xff" * 300)
 OLD_SHA = hashlib.sha256(OLD.read_bytes()).hexdigest()

@@ -22,6 +22,7 @@ def test_fuzzing_finds_no_untyped_exception(tmp_path: Path, target_name: str) ->
         [sys.executable, str(target), f"-max_total_time={FUZZ_SECONDS}", "-rss_limit_mb=4096", "-print_final_stats=1",
          str(tmp_path / "corpus")],
         capture_output=True, text=True, timeout=FUZZ_SECONDS + 240, cwd=Path(__file__).parents[2],
+        env={**os.environ, "EDGESWARM_FUZZ_TMP": str(tmp_path)},  # its work files go with tmp_path
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
