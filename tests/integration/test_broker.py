@@ -123,7 +123,9 @@ def test_a_refused_subscription_is_an_error_and_asked_for_again_on_every_reconne
             broker = _BrokerWithSubscribeAcl("127.0.0.1", port)
             await broker.start()
             async with asyncio.timeout(30):
-                while not client._connected.is_set():  # type: ignore[union-attr]
+                # Until the renewals are answered (in order: the refusal comes after the grant), so that
+                # the publisher does not race the client's SUBSCRIBE.
+                while not client._connected.is_set() or not client.refused:  # type: ignore[union-attr]
                     await asyncio.sleep(0.1)
                 async with MqttClient("127.0.0.1", port, "publisher", clean_session=True) as publisher:
                     await publisher.publish("allowed/releases", b"v2")
@@ -175,5 +177,32 @@ def test_a_fleet_dropped_by_a_broker_restart_comes_back_spread_out_not_in_lockst
             for client in clients:
                 await client.disconnect()
             await broker.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_broker_whose_shutdown_hangs_still_stops_and_closes_its_listener(caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt's shutdown waits for each client's reader; once (the demo's Ctrl-C under load) one never
+    stopped and the process ended with a traceback. The wait is bounded; the listener is closed."""
+
+    async def scenario() -> None:
+        broker = EmbeddedBroker("127.0.0.1", 0)
+        await broker.start()
+        port = broker.port
+        amqtt = broker._broker
+        assert amqtt is not None
+        real_shutdown = amqtt.shutdown
+
+        async def hanging_shutdown() -> None:
+            await asyncio.sleep(3600)
+
+        amqtt.shutdown = hanging_shutdown  # type: ignore[method-assign]
+        await broker.stop(timeout=0.5)
+        assert "did not shut down within" in caplog.text
+        with pytest.raises(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+        amqtt.shutdown = real_shutdown  # type: ignore[method-assign]
+        await real_shutdown()
 
     asyncio.run(scenario())
