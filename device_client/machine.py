@@ -322,14 +322,11 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
         case CheckRequested() if state.last_release is not None:
             return state, [] if state.updating else [Verify(state.last_release)]
         case CheckRequested() | StatusRequested() | SubscriptionsGranted():
-            last = state.reported
-            return state, [Report(last.phase if last else Phase.IDLE, target_version=last.target_version if last else None)]
+            return state, [_last_report(state)]
         case SubscriptionsRefused(reason=reason):
             # Not a phase of its own: an update under way goes on (what it needs is already heard), and
             # the phase stays what the fleet service counts; the reason says what the device may miss.
-            last = state.reported
-            return state, [Report(last.phase if last else Phase.IDLE, target_version=last.target_version if last else None,
-                                  reason=reason, reason_code=ReasonCode.BROKER_ERROR)]
+            return state, [replace(_last_report(state), reason=reason, reason_code=ReasonCode.BROKER_ERROR)]
         case InternalError(reason=reason):
             return _report(state, Report(Phase.FAILED, reason=reason, reason_code=ReasonCode.INTERNAL_ERROR))
         case PhaseEntered(phase=phase, target_version=target, progress=progress):
@@ -492,6 +489,12 @@ def _reverify_last(state: AgentState) -> list[Action]:
     if state.last_release is None or state.local.pending is not None or state.updating:
         return []
     return [Verify(state.last_release)]
+
+
+def _last_report(state: AgentState) -> Report:
+    """The last phase reported, said again (idle before any)."""
+    last = state.reported
+    return Report(last.phase if last else Phase.IDLE, target_version=last.target_version if last else None)
 
 
 def _report(state: AgentState, report: Report) -> tuple[AgentState, list[Action]]:

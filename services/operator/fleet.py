@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,14 +22,6 @@ class DeviceView:
     device: str
     state: DeviceState | None = None
     online: bool | None = None
-
-
-def group_by_class(views: list[DeviceView]) -> dict[str, list[DeviceView]]:
-    """Views by device class ("?" before a device's first report), each in the order given."""
-    groups: dict[str, list[DeviceView]] = {}
-    for view in views:
-        groups.setdefault(view.state.device_class if view.state else "?", []).append(view)
-    return groups
 
 
 @dataclass(frozen=True)
@@ -110,7 +101,8 @@ class FleetTracker:
             self.handle(message)
 
     def by_class(self) -> dict[str, list[DeviceView]]:
-        return group_by_class(sorted(self.devices.values(), key=lambda v: v.device))
-
-    def version_counts(self, device_class: str) -> Counter[str]:
-        return Counter(v.state.installed_version for v in self.by_class().get(device_class, []) if v.state)
+        groups: dict[str, list[DeviceView]] = {}
+        for view in sorted(self.devices.values(), key=lambda v: v.device):
+            cls = view.state.device_class if view.state else "?"
+            groups.setdefault(cls, []).append(view)
+        return groups

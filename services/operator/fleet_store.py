@@ -74,6 +74,13 @@ class DeviceRow:
     last_error: str | None
 
 
+ROW_COLUMNS = "device, device_class, installed_version, phase, progress, target_version, online, last_seen, last_error"
+
+
+def _device_row(r: tuple) -> DeviceRow:
+    return DeviceRow(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] is None else bool(r[6]), r[7], r[8])
+
+
 @dataclass(frozen=True)
 class OnlineSeen:
     """A device's online flag changed (its retained `online` topic), seen at `seen`."""
@@ -125,9 +132,6 @@ class FleetStore:
     def record_state(self, state: DeviceState) -> bool:
         """Record one report; False when it is not newer than the last one."""
         return self.record([state]) == 1
-
-    def record_online(self, device: str, online: bool, seen: datetime) -> None:
-        self.record([OnlineSeen(device, online, seen)])
 
     def _state(self, state: DeviceState) -> bool:
         seen = state.timestamp.astimezone(UTC).isoformat()
@@ -195,19 +199,12 @@ class FleetStore:
         return dict(self._db.execute("SELECT device_class, rollout_json FROM rollouts").fetchall())
 
     def devices(self) -> list[DeviceRow]:
-        rows = self._db.execute(
-            """SELECT device, device_class, installed_version, phase, progress, target_version, online, last_seen,
-                      last_error FROM devices ORDER BY device_class, device"""
-        ).fetchall()
-        return [DeviceRow(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] is None else bool(r[6]), r[7], r[8]) for r in rows]
+        rows = self._db.execute(f"SELECT {ROW_COLUMNS} FROM devices ORDER BY device_class, device").fetchall()
+        return [_device_row(r) for r in rows]
 
     def device(self, device: str) -> DeviceRow | None:
-        r = self._db.execute(
-            """SELECT device, device_class, installed_version, phase, progress, target_version, online, last_seen,
-                      last_error FROM devices WHERE device=?""", (device,)
-        ).fetchone()
-        return None if r is None else DeviceRow(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] is None else bool(r[6]),
-                                                r[7], r[8])
+        r = self._db.execute(f"SELECT {ROW_COLUMNS} FROM devices WHERE device=?", (device,)).fetchone()
+        return None if r is None else _device_row(r)
 
     def status_lines(self) -> list[StatusLine]:
         """Every device as `fleet status` shows it, from the record's columns: no report is parsed

@@ -90,8 +90,7 @@ class MqttClient:
         # paho doubles its wait between reconnects, without jitter: a fleet dropped by one broker
         # restart would come back in lockstep, all at 1, 3, 7, 15 ... s. A first wait of its own per
         # client (1-4 s) spreads every later attempt too.
-        self.reconnect_delays = (random.uniform(1.0, 4.0), random.uniform(10.0, 15.0))
-        self._client.reconnect_delay_set(min_delay=self.reconnect_delays[0], max_delay=self.reconnect_delays[1])  # type: ignore[arg-type]
+        self._client.reconnect_delay_set(min_delay=random.uniform(1.0, 4.0), max_delay=random.uniform(10.0, 15.0))  # type: ignore[arg-type]
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if username is not None:

@@ -215,8 +215,7 @@ def test_the_fleet_store_records_a_batch_as_it_records_one_report_at_a_time(
         updates.append(OnlineSeen(device, online, t0 + timedelta(seconds=seconds)))
     directory = tmp_path_factory.mktemp("store")
     one, batch = FleetStore(directory / "one.sqlite"), FleetStore(directory / "batch.sqlite")
-    newer = sum(one.record_state(u) if isinstance(u, DeviceState) else one.record_online(u.device, u.online, u.seen) or 0
-                for u in updates)
+    newer = sum(one.record([u]) for u in updates)
     assert batch.record(updates) == newer
     assert one.devices() == batch.devices()
     assert one.status_lines() == batch.status_lines() and one.reports_json() == batch.reports_json()
