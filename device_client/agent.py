@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import pydantic
 
 from device_client import machine
 from device_client.content_keeper import ContentKeeper
@@ -36,18 +35,15 @@ from device_client.machine import AgentState, Event, MachineConfig
 from device_client.rendezvous import Rendezvous
 from device_client.reporter import Reporter
 from device_client.switch import SwitchJournal, SwitchRecord, SwitchStep, Unreadable
+from device_client.trust_intake import TrustFiles, TrustIntake, command_event
 from device_client.updater import UpdateContext, UpdateError, Updater
 from schemas import topics
-from schemas.canonical import MalformedDocument
 from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import (
     OFFLINE,
     ONLINE,
-    CommandName,
-    DeviceCommand,
     Phase,
     ReleaseManifest,
-    Role,
 )
 from services.runtime import natpmp
 from services.runtime.addresses import local_address
@@ -59,7 +55,7 @@ from services.runtime.content import (
     load_swarm_key,
     open_store,
 )
-from services.runtime.files import atomic_write, read_capped, set_aside
+from services.runtime.files import read_capped, set_aside
 from services.runtime.messaging import (
     Message,
     MqttClient,
@@ -72,17 +68,10 @@ from services.runtime.settings import DeviceSettings
 from services.runtime.traffic import Endpoint, TrafficMeter
 from services.runtime.trust import (
     BUCKETS,
-    Admission,
-    DeviceRecord,
-    FreezeDetected,
-    RootOutdated,
-    RootsAhead,
-    TimestampMismatch,
     TrustedSet,
     TrustError,
     decode_envelope,
     payload_bytes,
-    payload_digest,
     rollout_bucket,
 )
 
@@ -126,13 +115,13 @@ class DeviceAgent:
             retry_interval=settings.limits.retry_interval,
         )
         self.state = AgentState(local=self._load_state())
-        self.trusted = self._load_trust()
-        if self.trusted.timestamp_floor > self.state.local.timestamp_version:  # state.json was rebuilt
-            local = self.state.local.model_copy(update={"timestamp_version": self.trusted.timestamp_floor})
+        trusted = self._load_trust()
+        self.intake = TrustIntake(trusted, max_message_bytes=settings.limits.max_message_bytes,
+                                  store=TrustFiles(self.root_path, self.timestamp_path))
+        if trusted.timestamp_floor > self.state.local.timestamp_version:  # state.json was rebuilt
+            local = self.state.local.model_copy(update={"timestamp_version": trusted.timestamp_floor})
             self.state_store.save(local)
             self.state = AgentState(local=local)
-        self._roots_ahead = RootsAhead()
-        self._pending_timestamp: bytes | None = None
         self._retry_at: float | None = None
         # Subscriptions the broker refused: what was last said about them, and when they are asked again.
         self._refusals_said: dict[str, str] = {}
@@ -260,9 +249,9 @@ class DeviceAgent:
     async def _perform(self, action: machine.Action) -> Event | None:
         match action:
             case machine.Report():
-                await self._report(action)
+                await self.reporter.report_transition(action, self.state.local)
             case machine.Verify(raw=raw, resuming=resuming):
-                return self._verify(raw, resuming=resuming)
+                return self.intake.verify_release(raw, self.state.local, resuming=resuming)
             case machine.RunUpdate():
                 return await self._run_update(action)
             case machine.KeepReleases(installed_sequence=sequence):
@@ -274,35 +263,6 @@ class DeviceAgent:
             case machine.ClearSwitch():
                 await asyncio.to_thread(self.journal.settle)
         return None
-
-    async def _report(self, report: machine.Report) -> None:
-        local = self.state.local
-        fields = {k: v for k, v in report.figures.items() if v is not None}
-        if report.target_version is not None:
-            fields["target_version"] = report.target_version
-        if report.reason is not None:
-            fields["reason"] = report.reason
-        if report.reason_code is not None:
-            fields["reason_code"] = report.reason_code.value
-        if report.progress is not None:
-            fields["progress"] = report.progress
-        await self.reporter.report(
-            phase=report.phase, installed_version=local.installed_version, installed_sha256=local.installed_sha256,
-            last_sequence=local.last_sequence, **fields,
-        )
-
-    def _verify(self, raw: bytes, *, resuming: bool) -> Event:
-        local = self.state.local
-        record = DeviceRecord(local.installed_version, local.installed_sha256, local.last_sequence)
-        now = datetime.now(UTC)
-        try:
-            manifest = self.trusted.verify_release(raw, record, now)
-            digest = payload_digest(decode_envelope(raw, max_bytes=self.settings.limits.max_message_bytes))
-        except TrustError as exc:
-            return machine.ReleaseRefused(exc.code, str(exc), resuming=resuming,
-                                          awaits_timestamp=isinstance(exc, (FreezeDetected, TimestampMismatch)))
-        return machine.ReleaseVerified(manifest, raw, digest, resuming=resuming,
-                                       vouched=self.trusted.vouches_for(manifest, raw, now))
 
     async def _run_update(self, action: machine.RunUpdate) -> Event:
         m = action.manifest
@@ -620,72 +580,31 @@ class DeviceAgent:
             version = int(message.topic.rsplit("/", 1)[1])
         except ValueError:
             return
-        if not self._roots_ahead.add(version, message.payload, self.trusted.root.version):
-            return
-        if not self._roots_ahead.has_next(self.trusted.root.version):
-            await self._feed(machine.TrustDocumentRefused(
-                ReasonCode.ROOT_CHAIN_GAP,
-                f"root v{version} received, but v{self.trusted.root.version + 1} is missing: waiting for it"))
-            return
-        while (raw := self._roots_ahead.take_next(self.trusted.root.version)) is not None:
-            try:
-                update = self.trusted.update_root(raw)
-            except TrustError as exc:
-                await self._feed(machine.TrustDocumentRefused(exc.code, f"root v{self.trusted.root.version + 1}: {exc}"))
-                return
-            atomic_write(self.root_path, raw)
-            if Role.TIMESTAMP in update.revoked_roles:
-                self.timestamp_path.unlink(missing_ok=True)  # its floor goes with it (the machine drops it)
-            await self._feed(machine.RootAccepted(update.root.version, frozenset(update.revoked_roles)))
-            log.info("now trusting root v%d (keys removed from: %s)", update.root.version,
-                     ", ".join(sorted(r.value for r in update.revoked_roles)) or "none")
-        if self._pending_timestamp is not None:
-            raw, self._pending_timestamp = self._pending_timestamp, None
-            await self._on_timestamp(raw)
+        for event in self.intake.root_heard(version, message.payload):
+            if isinstance(event, machine.RootAccepted):
+                log.info("now trusting root v%d (keys removed from: %s)", event.version,
+                         ", ".join(sorted(r.value for r in event.revoked_roles)) or "none")
+            await self._feed(event)
 
     async def _on_timestamp(self, raw: bytes) -> None:
-        try:
-            timestamp = self.trusted.update_timestamp(raw, datetime.now(UTC))
-        except RootOutdated as exc:
-            self._pending_timestamp = raw  # tried again once the root chain has been walked
-            await self._feed(machine.TrustDocumentRefused(exc.code, f"{exc}; waiting for the root"))
-            return
-        except TrustError as exc:
-            await self._feed(machine.TrustDocumentRefused(exc.code, f"timestamp: {exc}"))
-            return
-        atomic_write(self.timestamp_path, raw)
-        await self._feed(machine.TimestampAccepted(timestamp.version))
+        await self._feed(self.intake.timestamp_heard(raw))
 
     def _next_freeze_check(self) -> float | None:
         if self.state.frozen or self.state.local.pending is not None:
             return None  # (the machine does not judge freshness while an update is pending: no timer to spin on)
-        timestamp = self.trusted.timestamp
-        if timestamp is not None:
-            seconds_left = (timestamp.expires - datetime.now(UTC)).total_seconds()
-            return time.monotonic() + max(0.0, seconds_left)
+        seconds_left = self.intake.seconds_until_stale()
+        if seconds_left is not None:
+            return time.monotonic() + seconds_left
         return self._freeze_check_at
 
     async def _check_freshness(self) -> None:
-        try:
-            self.trusted.check_fresh(datetime.now(UTC))
-        except TrustError as exc:
-            await self._feed(machine.FreshnessLost(exc.code, str(exc)))
+        if (event := self.intake.check_fresh()) is not None:
+            await self._feed(event)
 
     # -- commands ---------------------------------------------------------------------------
 
     async def _on_command(self, raw: bytes) -> None:
-        try:
-            command = DeviceCommand.from_bytes(raw, max_bytes=self.settings.limits.max_message_bytes)
-        except (MalformedDocument, pydantic.ValidationError) as exc:
-            await self._feed(machine.TrustDocumentRefused(ReasonCode.MALFORMED_COMMAND, f"bad command: {exc}"[:1000]))
-            return
-        if command.command == CommandName.INSTALL and command.sequence is not None and command.release_sha256:
-            # Only an admission: the release itself must still arrive signed and verify like any other.
-            await self._feed(machine.AdmissionReceived(Admission(command.sequence, command.release_sha256)))
-        elif command.command == CommandName.CHECK:
-            await self._feed(machine.CheckRequested())
-        else:
-            await self._feed(machine.StatusRequested())
+        await self._feed(command_event(raw, max_bytes=self.settings.limits.max_message_bytes))
 
 
 def _traffic_figures(updater: Updater) -> dict[str, object]:

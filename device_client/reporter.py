@@ -8,6 +8,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from device_client.local_state import LocalState
+from device_client.machine import Report
 from schemas import topics
 from schemas.models import DeviceState, Phase
 from services.runtime.messaging import MqttClient, MqttError
@@ -29,6 +31,17 @@ class Reporter:
             # A progress report not yet sent must not arrive after this newer transition.
             self._progress_task.cancel()
         return await self._publish(phase=phase, installed_version=installed_version, installed_sha256=installed_sha256, **fields)
+
+    async def report_transition(self, report: Report, local: LocalState) -> DeviceState:
+        """What the state machine decided to report, with what the device runs now."""
+        fields = {k: v for k, v in report.figures.items() if v is not None}
+        for name in ("target_version", "reason", "progress"):
+            if (value := getattr(report, name)) is not None:
+                fields[name] = value
+        if report.reason_code is not None:
+            fields["reason_code"] = report.reason_code.value
+        return await self.report(phase=report.phase, installed_version=local.installed_version,
+                                 installed_sha256=local.installed_sha256, last_sequence=local.last_sequence, **fields)
 
     def report_progress(self, **fields: Any) -> None:
         """Schedule a progress report without waiting; rate-limited, superseded by the next report()."""

@@ -1,7 +1,10 @@
 """An asyncio MQTT client over paho-mqtt 2.x, in the spirit of aiomqtt.
 
 paho's callbacks and its network thread stay inside this module: callers `await` connects,
-publishes and subscriptions, iterate `messages`, and catch `MqttError`. Sessions are persistent by
+publishes and subscriptions, iterate `messages`, and catch `MqttError`. By default paho runs its
+own network thread per client; `driver="loop"` drives its socket from the running event loop
+instead (no thread per client), for processes that hold thousands of connections (the device
+simulator). Sessions are persistent by
 default (clean_session=False) so a device that was offline gets queued messages, and every
 subscription is made again after a reconnect in case the broker lost the session.
 """
@@ -12,8 +15,10 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -77,8 +82,10 @@ class MqttClient:
         connect_timeout: float = 15.0,
         max_queued: int = 10_000,
         max_payload_bytes: int | None = None,
+        driver: Literal["thread", "loop"] = "thread",
     ) -> None:
         self.host, self.port = host, port
+        self.driver = driver
         self.username = username
         self.connect_timeout = connect_timeout
         self._client = paho.Client(
@@ -90,7 +97,8 @@ class MqttClient:
         # paho doubles its wait between reconnects, without jitter: a fleet dropped by one broker
         # restart would come back in lockstep, all at 1, 3, 7, 15 ... s. A first wait of its own per
         # client (1-4 s) spreads every later attempt too.
-        self._client.reconnect_delay_set(min_delay=random.uniform(1.0, 4.0), max_delay=random.uniform(10.0, 15.0))  # type: ignore[arg-type]
+        self._min_delay, self._max_delay = random.uniform(1.0, 4.0), random.uniform(10.0, 15.0)
+        self._client.reconnect_delay_set(min_delay=self._min_delay, max_delay=self._max_delay)  # type: ignore[arg-type]
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if username is not None:
@@ -118,6 +126,7 @@ class MqttClient:
         self._renewals: dict[int, str] = {}  # mid -> topic, for subscriptions renewed on reconnect
         self._pending: dict[int, asyncio.Future[str | None]] = {}  # mid -> the refusal, None when granted
         self._connect_error: str | None = None
+        self._driven: _LoopDriver | None = None
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -130,7 +139,7 @@ class MqttClient:
         assert self._loop is not None
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
-            self._loop.call_soon_threadsafe(self._refused.set)
+            self._hand_over(self._refused.set)
             return
         for topic, qos in list(self._subscriptions.items()):
             rc, mid = client.subscribe(topic, qos)
@@ -138,11 +147,21 @@ class MqttClient:
                 self._renewals[mid] = topic
         if self._birth is not None:
             client.publish(self._birth.topic, self._birth.payload, qos=self._birth.qos, retain=self._birth.retain)
-        self._loop.call_soon_threadsafe(self._set_connected, True)
+        if self._driven is not None:
+            self._driven.connected()
+        self._hand_over(self._set_connected, True)
+
+    def _hand_over(self, callback: Callable[..., object], *args: object) -> None:
+        """Run `callback` on the event loop: paho's own thread must hand over; the loop driver is on it already."""
+        assert self._loop is not None
+        if self._driven is not None:
+            self._loop.call_soon(callback, *args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._set_connected, False)
+            self._hand_over(self._set_connected, False)
 
     def _set_connected(self, value: bool) -> None:
         assert self._connected is not None
@@ -158,7 +177,7 @@ class MqttClient:
             message = Message(msg.topic, b"", bool(msg.retain), msg.qos, dropped_bytes=size)
         else:
             message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos)
-        self._loop.call_soon_threadsafe(self._enqueue, message)
+        self._hand_over(self._enqueue, message)
 
     def _enqueue(self, message: Message) -> None:
         try:
@@ -168,12 +187,12 @@ class MqttClient:
 
     def _on_ack(self, client, userdata, mid, *rest) -> None:  # noqa: ANN001
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._resolve, mid)
+        self._hand_over(self._resolve, mid)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
         assert self._loop is not None
         refusal = next((str(code) for code in reason_codes if code.is_failure), None)
-        self._loop.call_soon_threadsafe(self._resolve, mid, refusal)
+        self._hand_over(self._resolve, mid, refusal)
 
     def _resolve(self, mid: int, refusal: str | None = None) -> None:
         if (topic := self._renewals.pop(mid, None)) is not None:
@@ -208,24 +227,41 @@ class MqttClient:
         self._connected = asyncio.Event()
         self._refused = asyncio.Event()
         self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
-        self._client.loop_start()
+        if self.driver == "loop":
+            self._driven = _LoopDriver(self._client, self._loop, self._min_delay, self._max_delay, self._keepalive)
+            self._driven.dial()
+        else:
+            self._client.loop_start()
         waiters = {asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._refused.wait())}
         done, pending = await asyncio.wait(waiters, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
             waiter.cancel()
         if not self._connected.is_set():
-            await asyncio.to_thread(self._client.loop_stop)  # stop paho retrying credentials the broker refused
+            await self._stop_network()  # stop paho retrying credentials the broker refused
             why = self._connect_error or "no answer"
             raise MqttError(f"could not connect to MQTT broker {self.host}:{self.port}: {why}")
 
     async def disconnect(self) -> None:
+        if self._driven is not None:
+            self._driven.stop_dialing()
         self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        if self._driven is not None:
+            await self._driven.flushed(timeout=2.0)
+        await self._stop_network()
+
+    async def _stop_network(self) -> None:
+        if self._driven is not None:
+            self._driven.close()
+        else:
+            await asyncio.to_thread(self._client.loop_stop)
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would: the broker publishes the will."""
         sock = self._client.socket()
-        self._client.loop_stop()
+        if self._driven is not None:
+            self._driven.close()
+        else:
+            self._client.loop_stop()
         if sock is not None:
             sock.close()
 
@@ -277,3 +313,92 @@ class MqttClient:
         # loop turn as a cancellation and drops the cancellation (Ctrl-C then did not stop the demo).
         async with asyncio.timeout(timeout):
             return await self._queue.get()
+
+
+class _LoopDriver:
+    """paho's network work on an asyncio loop: its socket read and written when the loop says it is
+    ready, its keepalive checked on a timer, and a lost connection dialled again after a jittered,
+    doubling wait, as paho's thread would. Runs only on the loop's thread."""
+
+    def __init__(self, client: paho.Client, loop: asyncio.AbstractEventLoop, min_delay: float, max_delay: float,
+                 keepalive: int) -> None:
+        self._client, self._loop = client, loop
+        self._min_delay, self._max_delay = min_delay, max_delay
+        self._delay = min_delay
+        self._closed = False
+        self._dialing = True
+        self._sock: object | None = None
+        self._dial_later: asyncio.TimerHandle | None = None
+        # Keepalive pings and the broker's silence are noticed within a third of the interval.
+        self._tick_every = max(0.5, min(5.0, keepalive / 3))
+        self._ticker = loop.call_later(self._tick_every * random.random(), self._tick)
+        client.on_socket_open = self._opened
+        client.on_socket_close = self._closed_socket
+        client.on_socket_register_write = self._want_write
+        client.on_socket_unregister_write = self._wrote
+
+    def dial(self) -> None:
+        self._dial_later = None
+        if not self._dialing:
+            return
+        try:
+            self._client.reconnect()
+        except (OSError, ValueError) as exc:  # refused, unreachable, TLS: tried again later, as paho's thread would
+            log.debug("connection to the broker failed: %s", exc)
+            self._redial()
+
+    def connected(self) -> None:
+        self._delay = self._min_delay
+
+    def stop_dialing(self) -> None:
+        self._dialing = False
+        if self._dial_later is not None:
+            self._dial_later.cancel()
+            self._dial_later = None
+
+    def _redial(self) -> None:
+        if not self._dialing or self._dial_later is not None:
+            return
+        self._dial_later = self._loop.call_later(self._delay, self.dial)
+        self._delay = min(self._delay * 2, self._max_delay)
+
+    def _opened(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._sock = sock
+        self._loop.add_reader(sock, self._read)
+
+    def _closed_socket(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        self._sock = None
+        self._redial()
+
+    def _want_write(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._loop.add_writer(sock, self._write)
+
+    def _wrote(self, client, userdata, sock) -> None:  # noqa: ANN001
+        self._loop.remove_writer(sock)
+
+    def _read(self) -> None:
+        self._client.loop_read()
+
+    def _write(self) -> None:
+        self._client.loop_write()
+
+    def _tick(self) -> None:
+        self._client.loop_misc()
+        if not self._closed:
+            self._ticker = self._loop.call_later(self._tick_every, self._tick)
+
+    async def flushed(self, timeout: float) -> None:
+        """Until paho closed the socket after sending what it queued (a DISCONNECT), or `timeout`."""
+        end = self._loop.time() + timeout
+        while self._sock is not None and self._loop.time() < end:
+            await asyncio.sleep(0.02)
+
+    def close(self) -> None:
+        self._closed = True
+        self._ticker.cancel()
+        self.stop_dialing()
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock)
+            self._loop.remove_writer(self._sock)

@@ -13,16 +13,17 @@ from services.runtime.messaging import MqttClient, SubscriptionRefused, Will
 pytestmark = pytest.mark.integration
 
 
-def test_retained_messages_reach_only_clients_subscribed_to_their_topic() -> None:
+@pytest.mark.parametrize("driver", ["thread", "loop"])  # paho's thread per client, or driven by the event loop
+def test_retained_messages_reach_only_clients_subscribed_to_their_topic(driver: str) -> None:
     async def scenario() -> list[str]:
         async with EmbeddedBroker("127.0.0.1", 0) as broker:
             port = broker.port
-            async with MqttClient("127.0.0.1", port, "publisher", clean_session=True) as pub:
+            async with MqttClient("127.0.0.1", port, "publisher", clean_session=True, driver=driver) as pub:
                 await pub.publish("edgeswarm/f/releases/gateway", b"for gateways", retain=True)
                 await pub.publish("edgeswarm/f/releases/ipc", b"for ipcs", retain=True)
-            async with MqttClient("127.0.0.1", port, "gateway-1") as gateway:
+            async with MqttClient("127.0.0.1", port, "gateway-1", driver=driver) as gateway:
                 await gateway.subscribe("edgeswarm/f/releases/gateway")
-                async with MqttClient("127.0.0.1", port, "ipc-1") as ipc:
+                async with MqttClient("127.0.0.1", port, "ipc-1", driver=driver) as ipc:
                     await ipc.subscribe("edgeswarm/f/releases/ipc")
                     received = []
                     while True:
@@ -34,11 +35,13 @@ def test_retained_messages_reach_only_clients_subscribed_to_their_topic() -> Non
     assert asyncio.run(scenario()) == ["edgeswarm/f/releases/ipc"]
 
 
-def test_a_client_that_dies_gets_its_last_will_published() -> None:
+@pytest.mark.parametrize("driver", ["thread", "loop"])  # paho's thread per client, or driven by the event loop
+def test_a_client_that_dies_gets_its_last_will_published(driver: str) -> None:
     async def scenario() -> bytes:
         async with EmbeddedBroker("127.0.0.1", 0) as broker:
             port = broker.port
-            device = MqttClient("127.0.0.1", port, "device", will=Will("dev/online", b"offline"), birth=Will("dev/online", b"online"))
+            device = MqttClient("127.0.0.1", port, "device", will=Will("dev/online", b"offline"), birth=Will("dev/online", b"online"),
+                                driver=driver)
             await device.connect()
             async with MqttClient("127.0.0.1", port, "watcher", clean_session=True) as watcher:
                 await watcher.subscribe("dev/online")
@@ -98,7 +101,9 @@ class _BrokerWithSubscribeAcl(EmbeddedBroker):
 
 
 @pytest.mark.filterwarnings("ignore:The 'acl' option is deprecated:DeprecationWarning")
-def test_a_refused_subscription_is_an_error_and_asked_for_again_on_every_reconnect(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("driver", ["thread", "loop"])  # paho's thread per client, or driven by the event loop
+def test_a_refused_subscription_is_an_error_and_asked_for_again_on_every_reconnect(
+        caplog: pytest.LogCaptureFixture, driver: str) -> None:
     """The broker's SUBACK may refuse a subscription (an ACL; NATS's MQTT gateway at its subscription
     limit). The client used to take any SUBACK as granted: a device then never heard its releases."""
 
@@ -106,7 +111,7 @@ def test_a_refused_subscription_is_an_error_and_asked_for_again_on_every_reconne
         broker = _BrokerWithSubscribeAcl("127.0.0.1", 0)
         await broker.start()
         port = broker.port
-        client = MqttClient("127.0.0.1", port, "device", keepalive=5)
+        client = MqttClient("127.0.0.1", port, "device", keepalive=5, driver=driver)
         try:
             await client.connect()
             await client.subscribe("allowed/releases")
@@ -141,7 +146,8 @@ def test_a_refused_subscription_is_an_error_and_asked_for_again_on_every_reconne
     asyncio.run(scenario())
 
 
-def test_a_fleet_dropped_by_a_broker_restart_comes_back_spread_out_not_in_lockstep() -> None:
+@pytest.mark.parametrize("driver", ["thread", "loop"])  # paho's thread per client, or driven by the event loop
+def test_a_fleet_dropped_by_a_broker_restart_comes_back_spread_out_not_in_lockstep(driver: str) -> None:
     """paho's reconnect backoff has no jitter: every client of a restarted broker used to come back
     in the same instant (at 1 s, then 3 s, 7 s ...). Each client now has a first wait of its own."""
     count = 60
@@ -151,7 +157,7 @@ def test_a_fleet_dropped_by_a_broker_restart_comes_back_spread_out_not_in_lockst
         broker = EmbeddedBroker("127.0.0.1", 0)
         await broker.start()
         port = broker.port
-        clients = [MqttClient("127.0.0.1", port, f"device-{i}", keepalive=5) for i in range(count)]
+        clients = [MqttClient("127.0.0.1", port, f"device-{i}", keepalive=5, driver=driver) for i in range(count)]
         try:
             for client in clients:
                 await client.connect()

@@ -1,0 +1,500 @@
+"""Thousands of simulated devices against a real broker and the real fleet service, measured.
+
+    python3 benchmarks/scale_bench.py [--devices 10000] [--baseline 200] [--broker mosquitto|embedded]
+                                      [--processes 2] [--no-rollout] [--json]
+    python3 benchmarks/scale_bench.py --quick        # 1,000 devices against 100, embedded broker (~1 min)
+
+Every part is real and runs as its own process: the broker (Debian's Mosquitto with a generated
+config, one login and ACL per device; or the embedded amqtt broker), `edgeswarm fleet serve`
+recording into SQLite, and `--processes` device simulators (device_client.simulator: each device
+its own login, persistent session and trust state, verifying every signed document with the
+agent's trust core and reporting through the agent's state machine). Releases are built by the
+operator's release pipeline and published in the order devices rely on.
+
+Measured, at `--devices` and at `--baseline` devices in the same run (ratios: large / baseline,
+per device where it is a rate):
+- connect + subscribe: from starting the simulators until every device is subscribed;
+- release -> verified: from publishing a release until each device's trust core accepted it (p50/p99/max);
+- report -> record: from a device's report (its timestamp) until the fleet record shows it,
+  sampled by polling the record every 0.2 s (p50/p99; an upper bound by up to the poll interval);
+- reports/s: reports the devices sent after the release, over the time until the record had
+  every device's last one;
+- CPU seconds and peak memory (VmHWM) of the fleet service and of the broker;
+- `edgeswarm fleet status --json` as its own process;
+- a staged rollout (waves 5%, 25%, 100%, pause above 1% failed) of a release every device
+  waits for, with every 50th device in the rollout's order failing (2% of every wave): the
+  rollout must pause on its first wave, and the time until it does.
+
+Targets from issue 19 (10,000 devices on one Mosquitto): all subscribed within 60 s; 99%
+verified within 10 s and all within 30 s; p99 report -> record within 5 s; at least 5,000 reports/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from device_client.simulator import SimulatedDeviceSpec, SimulatedFleetConfig, SimulatedFleetResult  # noqa: E402
+from schemas.models import RolloutRule  # noqa: E402
+from services.operator.home import OperatorHome  # noqa: E402
+from services.operator.release import ReleasePipeline, publish_release  # noqa: E402
+from services.runtime.content import HashOnlyStore  # noqa: E402
+from services.runtime.messaging import MqttClient  # noqa: E402
+from services.runtime.trust import rollout_bucket  # noqa: E402
+
+FLEET = "scale"
+CLASS = "sim"
+TARGET = "/opt/app/current"
+FAIL_EVERY = 50  # 2% of devices, spread evenly over the rollout's order
+
+
+@dataclass
+class Figures:
+    devices: int
+    broker: str
+    processes: int
+    connected: int
+    connect_seconds: float
+    verified: int
+    verify_p50: float
+    verify_p99: float
+    verify_max: float
+    record_p50: float
+    record_p99: float
+    record_samples: int
+    reports_after_release: int
+    reports_per_second: float
+    caught_up_seconds: float  # release -> the record holds every device's final report
+    service_cpu_seconds: float
+    service_peak_mib: float
+    broker_cpu_seconds: float
+    broker_peak_mib: float
+    status_seconds: float
+    rollout_paused_on_wave: int | None = None  # 1 = the first
+    rollout_pause_seconds: float | None = None
+    rollout_reason: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _env() -> dict[str, str]:
+    # The processes import this checkout (as under pytest), whatever an editable install points at.
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def _raise_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))  # root may raise the ceiling
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RecordWatcher:
+    """Polls the fleet record: when each (device, report timestamp) first shows there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.first_seen: dict[tuple[str, str], float] = {}
+        self.latest: dict[str, tuple[str, str | None, str | None]] = {}  # device -> (state_at, phase, version)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RecordWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        db: sqlite3.Connection | None = None
+        while not self._stop.wait(0.2):
+            try:
+                if db is None:
+                    if not self.path.exists():
+                        continue
+                    db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+                rows = db.execute("SELECT device, state_at, phase, installed_version FROM devices").fetchall()
+            except sqlite3.Error:
+                continue
+            now = time.time()
+            for device, state_at, phase, version in rows:
+                if state_at is not None:
+                    self.first_seen.setdefault((device, state_at), now)
+                    self.latest[device] = (state_at, phase, version)
+        if db is not None:
+            db.close()
+
+
+@dataclass
+class Rig:
+    """The broker, the fleet service and the operator home of one scenario."""
+
+    work: Path
+    devices: int
+    broker_kind: str
+    home: OperatorHome = field(init=False)
+    broker: subprocess.Popen | None = None
+    service: subprocess.Popen | None = None
+    port: int = 0
+    operator_mqtt: dict[str, object] = field(default_factory=dict)
+    device_logins: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home = OperatorHome(self.work / "home")
+        self.home.init(FLEET)
+        self.ids = [f"sim-{i:06d}" for i in range(self.devices)]
+
+    def start_broker(self) -> None:
+        log = open(self.work / "broker.log", "wb")  # noqa: SIM115 - the broker's, closed with the process
+        if self.broker_kind == "embedded":
+            port_file = self.work / "broker.port"
+            self.broker = subprocess.Popen([sys.executable, "-m", "services.cli", "broker", "run", "--port", "0",
+                                            "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, env=_env(), cwd=self.work)
+            end = time.monotonic() + 60
+            while not port_file.exists() or not port_file.read_text().strip():
+                if time.monotonic() > end or self.broker.poll() is not None:
+                    raise RuntimeError("embedded broker did not start: " + (self.work / "broker.log").read_text()[-2000:])
+                time.sleep(0.05)
+            self.port = int(port_file.read_text())
+            self.operator_mqtt = {"port": self.port}
+            return
+        from services.operator.mosquitto import BrokerPlan, DevicePrincipal, hand_over, write_config
+
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
+        # The mosquitto user must reach its directory: under /tmp, not under a private work directory.
+        broker_dir = Path(tempfile.mkdtemp(prefix="edgeswarm-scale-mosquitto-"))
+        broker_dir.chmod(0o755)
+        self.broker_dir = broker_dir
+        self.port, local_port = _free_port(), _free_port()
+        plan = BrokerPlan(fleet=FLEET, directory=broker_dir / "broker", host="127.0.0.1", port=self.port,
+                          local_port=local_port, devices=[DevicePrincipal(d, CLASS) for d in self.ids])
+        passwords = write_config(plan)
+        if os.geteuid() == 0:
+            hand_over(plan.directory, "mosquitto")
+        self.device_logins = {d: (d, passwords[d]) for d in self.ids}
+        self.operator_mqtt = {"host": "127.0.0.1", "port": local_port, "username": "edgeswarm-operator",
+                              "password": passwords["edgeswarm-operator"]}
+        self.release_mqtt = {"host": "127.0.0.1", "port": local_port, "username": "edgeswarm-release",
+                             "password": passwords["edgeswarm-release"]}
+        self.broker = subprocess.Popen([binary, "-c", str(plan.config_file)], stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, preexec_fn=_raise_files_limit)
+        _wait_port(self.port, self.broker)
+
+    def start_service(self) -> None:
+        config = self.work / "service.toml"
+        mqtt = "\n".join(f"{k} = {json.dumps(v)}" for k, v in self.operator_mqtt.items())
+        config.write_text(f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\n{mqtt}\n')
+        self.service_config = config
+        log = open(self.work / "service.log", "wb")  # noqa: SIM115
+        self.service = subprocess.Popen([sys.executable, "-m", "services.cli", "fleet", "serve", "--config", str(config)],
+                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(),
+                                        cwd=self.work)
+
+    def release_client(self) -> MqttClient:
+        login = getattr(self, "release_mqtt", self.operator_mqtt)
+        return MqttClient(str(login.get("host", "127.0.0.1")), int(login["port"]), f"bench-release-{os.getpid()}",  # type: ignore[arg-type]
+                          clean_session=True, username=login.get("username"), password=login.get("password"))  # type: ignore[arg-type]
+
+    def cli(self, *args: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess[str]]:
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, env={**_env(), "COLUMNS": "200"}, cwd=self.work, stdin=subprocess.DEVNULL)
+        return time.perf_counter() - t0, done
+
+    def stop(self) -> None:
+        for proc in (self.service, self.broker):
+            if proc is not None:
+                _stop(proc)
+        if hasattr(self, "broker_dir"):
+            shutil.rmtree(self.broker_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    import socket
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+async def _build(rig: Rig, version: str, rule: RolloutRule | None = None) -> tuple[bytes, str]:
+    """The version's signed envelope and artifact hash, built by the operator's pipeline (and recorded
+    in its home, so that the next timestamp names it)."""
+    async with HashOnlyStore(rig.home.path / "cid-scratch", rig.home.seed_dir) as store:
+        image = rig.work / f"image-{version}"
+        image.write_bytes(secrets.token_bytes(4096) + version.encode())
+        built = await ReleasePipeline(rig.home, store, delta_bases=0).build(CLASS, version, image, target=TARGET, rollout=rule)
+    return built.envelope, built.manifest.artifact.sha256
+
+
+async def _publish(rig: Rig, envelope: bytes) -> float:
+    async with rig.release_client() as client:
+        t0 = time.time()
+        await publish_release(client, rig.home, CLASS, envelope)
+        return t0
+
+
+def _start_simulators(rig: Rig, processes: int, v1_sha: str, failing: set[str]) -> list[subprocess.Popen]:
+    procs = []
+    for k in range(processes):
+        mine = rig.ids[k::processes]
+        specs = [SimulatedDeviceSpec(device_id=d, device_class=CLASS, installed_version="1.0.0", installed_sha256=v1_sha,
+                                     username=rig.device_logins.get(d, (None, None))[0],
+                                     password=rig.device_logins.get(d, (None, None))[1], failing_versions=["3.0.0"] if d in failing else [])
+                 for d in mine]
+        config = SimulatedFleetConfig(fleet=FLEET, trusted_root=rig.home.root_file, host="127.0.0.1", port=rig.port,
+                                      install_target=TARGET, devices=specs)
+        path = rig.work / f"simulator-{k}.json"
+        path.write_text(config.model_dump_json())
+        log = open(rig.work / f"simulator-{k}.log", "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen([sys.executable, "-m", "device_client.simulator", str(path)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=rig.work,
+                                      preexec_fn=_raise_files_limit))
+    return procs
+
+
+def _until(predicate, timeout: float, what: str, interval: float = 0.1) -> float:  # noqa: ANN001
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
+    return time.time()
+
+
+def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollout: bool) -> Figures:
+    work.mkdir(parents=True)
+    rig = Rig(work, devices, broker_kind)
+    problems: list[str] = []
+    salt = secrets.token_hex(8)
+    staged = RolloutRule(canary_percent=0, salt=salt)
+    order = sorted(rig.ids, key=lambda d: (rollout_bucket(salt, d), d))
+    failing = set(order[::FAIL_EVERY]) if rollout else set()
+    sims: list[subprocess.Popen] = []
+    try:
+        rig.start_broker()
+        rig.start_service()
+        v1, v1_sha = asyncio.run(_build(rig, "1.0.0"))
+        asyncio.run(_publish(rig, v1))  # what every device runs: its first report says idle
+        v2, _ = asyncio.run(_build(rig, "2.0.0"))
+        with RecordWatcher(rig.home.path / "fleet.sqlite") as watcher:
+            t_start = time.time()
+            sims = _start_simulators(rig, processes, v1_sha, failing)
+            ready = [json.loads(p.stdout.readline() or "{}") for p in sims]  # type: ignore[union-attr]
+            if any(r.get("event") != "ready" for r in ready):
+                raise RuntimeError("a simulator did not start: see " + str(work / "simulator-*.log"))
+            connect_seconds = max(r["ready_at"] for r in ready) - t_start
+            connected = devices - sum(r["failed"] for r in ready)
+            if connected < devices:
+                problems.append(f"{devices - connected} devices did not connect")
+            _until(lambda: sum(1 for v in watcher.latest.values() if v[1] == "idle") >= connected, 120,
+                   "every device idle on 1.0.0 in the record")
+
+            pids = {"service": rig.service.pid, "broker": rig.broker.pid}  # type: ignore[union-attr]
+            cpu0 = {k: _cpu_seconds(p) for k, p in pids.items()}
+            before_release = set(watcher.first_seen)
+            t0 = asyncio.run(_publish(rig, v2))
+            caught_up = _until(lambda: sum(1 for v in watcher.latest.values() if v[1] == "done" and v[2] == "2.0.0")
+                               >= connected, 120, "every device done with 2.0.0 in the record") - t0
+            cpu = {k: _cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+            status_seconds, status = rig.cli("fleet", "status", "--config", str(rig.service_config), "--json")
+            if status.returncode != 0:
+                problems.append(f"fleet status failed: {status.stderr[-300:]}")
+
+            pause_wave = pause_seconds = reason = None
+            if rollout:
+                v3, _ = asyncio.run(_build(rig, "3.0.0", staged))
+                asyncio.run(_publish(rig, v3))
+                _until(lambda: sum(1 for v in watcher.latest.values() if v[1] == "waiting") >= connected, 120,
+                       "every device waiting for the staged 3.0.0")
+                r0 = time.time()
+                _, started = rig.cli("rollout", "start", CLASS, "3.0.0", "--wave", "5%", "--wave", "25%", "--wave", "100%",
+                                     "--soak", "5", "--max-failed", "1", "--config", str(rig.service_config), "--json")
+                if started.returncode != 0:
+                    problems.append(f"rollout start failed: {started.stdout[-300:]} {started.stderr[-300:]}")
+                else:
+                    status_of = _rollout_status(rig)
+                    deadline = time.time() + 120
+                    while (s := status_of()) is None or s.get("state") != "paused":
+                        if time.time() > deadline:
+                            problems.append(f"the rollout did not pause: {s}")
+                            break
+                        time.sleep(0.5)
+                    else:
+                        pause_seconds = time.time() - r0
+                        pause_wave = int(s["wave"])
+                        reason = s.get("reason")
+
+            for p in sims:
+                p.stdin.write(b"stop\n")  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
+            results = [SimulatedFleetResult.model_validate_json(p.stdout.readline()) for p in sims]  # type: ignore[union-attr]
+        timelines = [t for r in results for t in r.devices]
+        verify = [t.verified["2.0.0"] - t0 for t in timelines if "2.0.0" in t.verified]
+        refused = [t for t in timelines if t.refused]
+        if refused:
+            problems.append(f"{len(refused)} devices refused a document, e.g. {refused[0].device}: {refused[0].refused[0]}")
+        record = [seen - datetime.fromisoformat(state_at).timestamp()
+                  for (device, state_at), seen in watcher.first_seen.items() if (device, state_at) not in before_release
+                  and datetime.fromisoformat(state_at).timestamp() >= t0]
+        after = [when for t in timelines for when in t.reported_at if t0 <= when <= t0 + caught_up]
+        return Figures(
+            devices=devices, broker=broker_kind, processes=processes, connected=connected,
+            connect_seconds=round(connect_seconds, 2), verified=len(verify),
+            verify_p50=round(_quantile(verify, 0.5), 3), verify_p99=round(_quantile(verify, 0.99), 3),
+            verify_max=round(max(verify, default=float("nan")), 3),
+            record_p50=round(_quantile(record, 0.5), 3), record_p99=round(_quantile(record, 0.99), 3),
+            record_samples=len(record), reports_after_release=len(after),
+            reports_per_second=round(len(after) / caught_up, 1),
+            caught_up_seconds=round(caught_up, 2),
+            service_cpu_seconds=round(cpu["service"], 2), service_peak_mib=round(_peak_mib(pids["service"]), 1),
+            broker_cpu_seconds=round(cpu["broker"], 2), broker_peak_mib=round(_peak_mib(pids["broker"]), 1),
+            status_seconds=round(status_seconds, 2), rollout_paused_on_wave=pause_wave,
+            rollout_pause_seconds=None if pause_seconds is None else round(pause_seconds, 2),
+            rollout_reason=reason, problems=problems,
+        )
+    finally:
+        for p in sims:
+            _stop(p)
+        rig.stop()
+
+
+def _rollout_status(rig: Rig):  # noqa: ANN202
+    def status() -> dict | None:
+        _, done = rig.cli("rollout", "status", CLASS, "--config", str(rig.service_config), "--wait", "1", "--json")
+        if done.returncode != 0:
+            return None
+        rows = json.loads(done.stdout or "{}").get("rollouts", [])
+        return next((r for r in rows if r.get("device_class") == CLASS), None)
+    return status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--baseline", type=int, default=200)
+    parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
+    parser.add_argument("--processes", type=int, default=2, help="simulator processes")
+    parser.add_argument("--no-rollout", action="store_true", help="skip the staged rollout")
+    parser.add_argument("--quick", action="store_true", help="1,000 devices against 100 on the embedded broker")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", type=Path, help="work in this new directory and keep its logs (default: a temporary one)")
+    args = parser.parse_args()
+    if args.quick:
+        args.devices, args.baseline, args.broker = 1000, 100, "embedded"
+    _raise_files_limit()
+    with tempfile.TemporaryDirectory(prefix="edgeswarm-scale-") as tmp:
+        work = args.keep or Path(tmp)
+        base = measure(args.baseline, args.broker, args.processes, work / "baseline", rollout=not args.no_rollout)
+        large = measure(args.devices, args.broker, args.processes, work / "large", rollout=not args.no_rollout)
+    ratios = {
+        "connect_per_device": _ratio(large.connect_seconds / large.devices, base.connect_seconds / base.devices),
+        "verify_p99": _ratio(large.verify_p99, base.verify_p99),
+        "record_p99": _ratio(large.record_p99, base.record_p99),
+        "reports_per_second": _ratio(large.reports_per_second, base.reports_per_second),
+        "service_cpu_per_device": _ratio(large.service_cpu_seconds / large.devices, base.service_cpu_seconds / base.devices),
+    }
+    targets = {
+        "all_subscribed_within_60s": large.connected == large.devices and large.connect_seconds <= 60,
+        "verified_p99_within_10s": large.verify_p99 <= 10,
+        "all_verified_within_30s": large.verified == large.devices and large.verify_max <= 30,
+        "record_p99_within_5s": large.record_p99 <= 5,
+        "reports_per_second_5000": large.reports_per_second >= 5000,
+        "rollout_paused_on_first_wave": args.no_rollout or large.rollout_paused_on_wave == 1,
+    }
+    if args.json:
+        print(json.dumps({"large": asdict(large), "baseline": asdict(base), "ratios": ratios, "targets": targets}, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"scale: {large.devices:,} devices ({large.broker}) against {base.devices:,}")
+    table.add_column("figure")
+    table.add_column(f"{base.devices:,}", justify="right")
+    table.add_column(f"{large.devices:,}", justify="right")
+    for name in asdict(large):
+        if name not in ("problems", "rollout_reason", "broker"):
+            table.add_row(name, str(getattr(base, name)), str(getattr(large, name)))
+    console.print(table)
+    for name, value in ratios.items():
+        console.print(f"ratio {name}: {value}")
+    for name, ok in targets.items():
+        console.print(f"target {name}: {'met' if ok else '[red]NOT met[/]'}")
+    for p in base.problems + large.problems:
+        console.print(f"[red]problem:[/] {p}")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+if __name__ == "__main__":
+    main()
