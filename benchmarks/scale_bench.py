@@ -21,6 +21,8 @@ per device where it is a rate):
   every device's last one;
 - CPU seconds and peak memory (VmHWM) of the fleet service and of the broker;
 - `edgeswarm fleet status --json` as its own process;
+- a broker restart: until every device is connected again, and until a release published as soon
+  as the broker is back is done on every device;
 - a staged rollout (waves 5%, 25%, 100%, pause above 1% failed) of a release every device
   waits for, with every 50th device in the rollout's order failing (2% of every wave): the
   rollout must pause on its first wave, and the time until it does.
@@ -67,6 +69,11 @@ FLEET = "scale"
 CLASS = "sim"
 TARGET = "/opt/app/current"
 FAIL_EVERY = 50  # 2% of devices, spread evenly over the rollout's order
+PROGRESS = Console(stderr=True)
+
+
+def _say(devices: int, what: str) -> None:
+    PROGRESS.log(f"[{devices:,} devices] {what}")
 
 
 @dataclass
@@ -84,13 +91,16 @@ class Figures:
     record_p99: float
     record_samples: int
     reports_after_release: int
-    reports_per_second: float
+    reports_per_second: float  # end to end: bounded by how fast the simulated devices report, too
+    service_reports_per_cpu_second: float  # what the fleet service ingests per second of its own CPU
     caught_up_seconds: float  # release -> the record holds every device's final report
     service_cpu_seconds: float
     service_peak_mib: float
     broker_cpu_seconds: float
     broker_peak_mib: float
     status_seconds: float
+    reconnect_seconds: float | None = None  # broker restarted -> every device connected again
+    reconnect_caught_up_seconds: float | None = None  # broker restarted -> a release then published done everywhere
     rollout_paused_on_wave: int | None = None  # 1 = the first
     rollout_pause_seconds: float | None = None
     rollout_reason: str | None = None
@@ -211,6 +221,7 @@ class Rig:
                 time.sleep(0.05)
             self.port = int(port_file.read_text())
             self.operator_mqtt = {"port": self.port}
+            self._restart_args = [sys.executable, "-m", "services.cli", "broker", "run", "--port", str(self.port)]
             return
         from services.operator.mosquitto import BrokerPlan, DevicePrincipal, hand_over, write_config
 
@@ -223,7 +234,7 @@ class Rig:
         self.broker_dir = broker_dir
         self.port, local_port = _free_port(), _free_port()
         plan = BrokerPlan(fleet=FLEET, directory=broker_dir / "broker", host="127.0.0.1", port=self.port,
-                          local_port=local_port, devices=[DevicePrincipal(d, CLASS) for d in self.ids])
+                          local_port=local_port, tls=False, devices=[DevicePrincipal(d, CLASS) for d in self.ids])
         passwords = write_config(plan)
         if os.geteuid() == 0:
             hand_over(plan.directory, "mosquitto")
@@ -232,9 +243,22 @@ class Rig:
                               "password": passwords["edgeswarm-operator"]}
         self.release_mqtt = {"host": "127.0.0.1", "port": local_port, "username": "edgeswarm-release",
                              "password": passwords["edgeswarm-release"]}
-        self.broker = subprocess.Popen([binary, "-c", str(plan.config_file)], stdout=log, stderr=subprocess.STDOUT,
+        self._restart_args = [binary, "-c", str(plan.config_file)]
+        self.broker = subprocess.Popen(self._restart_args, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, preexec_fn=_raise_files_limit)
         _wait_port(self.port, self.broker)
+
+    def restart_broker(self) -> float:
+        """Stop the broker (SIGTERM: Mosquitto saves its sessions and retained messages; the embedded
+        broker keeps nothing) and start it again on the same port; returns when it was started."""
+        assert self.broker is not None
+        _stop(self.broker)
+        log = open(self.work / "broker.log", "ab")  # noqa: SIM115
+        started = time.time()
+        self.broker = subprocess.Popen(self._restart_args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=_env(), cwd=self.work, preexec_fn=_raise_files_limit)
+        _wait_port(self.port, self.broker)
+        return started
 
     def start_service(self) -> None:
         config = self.work / "service.toml"
@@ -355,6 +379,7 @@ def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollo
                 raise RuntimeError("a simulator did not start: see " + str(work / "simulator-*.log"))
             connect_seconds = max(r["ready_at"] for r in ready) - t_start
             connected = devices - sum(r["failed"] for r in ready)
+            _say(devices, f"{connected:,} connected and subscribed in {connect_seconds:.1f} s")
             if connected < devices:
                 problems.append(f"{devices - connected} devices did not connect")
             _until(lambda: sum(1 for v in watcher.latest.values() if v[1] == "idle") >= connected, 120,
@@ -363,13 +388,27 @@ def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollo
             pids = {"service": rig.service.pid, "broker": rig.broker.pid}  # type: ignore[union-attr]
             cpu0 = {k: _cpu_seconds(p) for k, p in pids.items()}
             before_release = set(watcher.first_seen)
+            _say(devices, "every device idle on 1.0.0 in the fleet record; releasing 2.0.0")
             t0 = asyncio.run(_publish(rig, v2))
             caught_up = _until(lambda: sum(1 for v in watcher.latest.values() if v[1] == "done" and v[2] == "2.0.0")
                                >= connected, 120, "every device done with 2.0.0 in the record") - t0
             cpu = {k: _cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+            peak = {k: _peak_mib(p) for k, p in pids.items()}  # before the broker restarts
+            _say(devices, f"every device done with 2.0.0 in the fleet record after {caught_up:.1f} s")
             status_seconds, status = rig.cli("fleet", "status", "--config", str(rig.service_config), "--json")
             if status.returncode != 0:
                 problems.append(f"fleet status failed: {status.stderr[-300:]}")
+
+            # The whole fleet reconnects after a broker restart, and a release published at once reaches it.
+            v21, _ = asyncio.run(_build(rig, "2.1.0"))
+            _say(devices, "restarting the broker")
+            r0 = rig.restart_broker()
+            asyncio.run(_publish(rig, v21))
+            reconnect = _until(lambda: _connected(sims) >= connected, 180, "every device connected again", 0.5) - r0
+            _say(devices, f"every device connected again {reconnect:.1f} s after the broker restarted")
+            reconnect_caught_up = _until(lambda: sum(1 for v in watcher.latest.values()
+                                                     if v[1] == "done" and v[2] == "2.1.0") >= connected,
+                                         180, "every device done with 2.1.0 after the restart") - r0
 
             pause_wave = pause_seconds = reason = None
             if rollout:
@@ -377,6 +416,7 @@ def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollo
                 asyncio.run(_publish(rig, v3))
                 _until(lambda: sum(1 for v in watcher.latest.values() if v[1] == "waiting") >= connected, 120,
                        "every device waiting for the staged 3.0.0")
+                _say(devices, "every device waits for the staged 3.0.0; starting its rollout")
                 r0 = time.time()
                 _, started = rig.cli("rollout", "start", CLASS, "3.0.0", "--wave", "5%", "--wave", "25%", "--wave", "100%",
                                      "--soak", "5", "--max-failed", "1", "--config", str(rig.service_config), "--json")
@@ -406,7 +446,7 @@ def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollo
             problems.append(f"{len(refused)} devices refused a document, e.g. {refused[0].device}: {refused[0].refused[0]}")
         record = [seen - datetime.fromisoformat(state_at).timestamp()
                   for (device, state_at), seen in watcher.first_seen.items() if (device, state_at) not in before_release
-                  and datetime.fromisoformat(state_at).timestamp() >= t0]
+                  and t0 <= datetime.fromisoformat(state_at).timestamp() <= t0 + caught_up]
         after = [when for t in timelines for when in t.reported_at if t0 <= when <= t0 + caught_up]
         return Figures(
             devices=devices, broker=broker_kind, processes=processes, connected=connected,
@@ -416,10 +456,12 @@ def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollo
             record_p50=round(_quantile(record, 0.5), 3), record_p99=round(_quantile(record, 0.99), 3),
             record_samples=len(record), reports_after_release=len(after),
             reports_per_second=round(len(after) / caught_up, 1),
+            service_reports_per_cpu_second=round(len(after) / cpu["service"], 1) if cpu["service"] else float("nan"),
             caught_up_seconds=round(caught_up, 2),
-            service_cpu_seconds=round(cpu["service"], 2), service_peak_mib=round(_peak_mib(pids["service"]), 1),
-            broker_cpu_seconds=round(cpu["broker"], 2), broker_peak_mib=round(_peak_mib(pids["broker"]), 1),
-            status_seconds=round(status_seconds, 2), rollout_paused_on_wave=pause_wave,
+            service_cpu_seconds=round(cpu["service"], 2), service_peak_mib=round(peak["service"], 1),
+            broker_cpu_seconds=round(cpu["broker"], 2), broker_peak_mib=round(peak["broker"], 1),
+            status_seconds=round(status_seconds, 2), reconnect_seconds=round(reconnect, 2),
+            reconnect_caught_up_seconds=round(reconnect_caught_up, 2), rollout_paused_on_wave=pause_wave,
             rollout_pause_seconds=None if pause_seconds is None else round(pause_seconds, 2),
             rollout_reason=reason, problems=problems,
         )
@@ -427,6 +469,16 @@ def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollo
         for p in sims:
             _stop(p)
         rig.stop()
+
+
+def _connected(sims: list[subprocess.Popen]) -> int:
+    """Devices connected now, as each simulator counts them."""
+    total = 0
+    for p in sims:
+        p.stdin.write(b"status\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
+        total += json.loads(p.stdout.readline())["connected"]  # type: ignore[union-attr]
+    return total
 
 
 def _rollout_status(rig: Rig):  # noqa: ANN202
@@ -470,7 +522,9 @@ def main() -> None:
         "all_verified_within_30s": large.verified == large.devices and large.verify_max <= 30,
         "record_p99_within_5s": large.record_p99 <= 5,
         "reports_per_second_5000": large.reports_per_second >= 5000,
+        "service_reports_per_cpu_second_5000": large.service_reports_per_cpu_second >= 5000,
         "rollout_paused_on_first_wave": args.no_rollout or large.rollout_paused_on_wave == 1,
+        "reconnect_caught_up_within_120s": (large.reconnect_caught_up_seconds or 1e9) <= 120,
     }
     if args.json:
         print(json.dumps({"large": asdict(large), "baseline": asdict(base), "ratios": ratios, "targets": targets}, indent=2))

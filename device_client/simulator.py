@@ -15,14 +15,16 @@ client). Run a process per core or so:
     python -m device_client.simulator FLEET.json
 
 FLEET.json is a `SimulatedFleetConfig`. The process prints one JSON line when every device has
-connected and subscribed (or failed to), then waits for a line on stdin (or its end) and prints a
-last line with every device's timeline (`SimulatedFleetResult`) after disconnecting them all.
+connected and subscribed (or failed to), then reads commands on stdin: `status` prints how many
+devices are connected now; `stop` (or the end of stdin) disconnects them all and prints a last line
+with every device's timeline (`SimulatedFleetResult`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import resource
 import sys
@@ -255,7 +257,12 @@ async def _serve(config: SimulatedFleetConfig) -> None:
         failed = [d.spec.device_id for d in fleet.devices if d.timeline.connect_error is not None]
         print(f'{{"event": "ready", "devices": {len(fleet.devices)}, "failed": {len(failed)}, '
               f'"started_at": {started}, "ready_at": {time.time()}}}', flush=True)
-        await asyncio.to_thread(sys.stdin.readline)  # a line, or the end of stdin: stop
+        while (command := (await asyncio.to_thread(sys.stdin.readline)).strip()) not in ("", "stop"):
+            if command == "status":
+                connected = sum(1 for d in fleet.devices if d.client.connected)
+                print(f'{{"event": "status", "connected": {connected}, "at": {time.time()}}}', flush=True)
+            else:
+                print(f'{{"event": "unknown", "command": {json.dumps(command)}}}', flush=True)
     print(fleet.result().model_dump_json(), flush=True)
 
 

@@ -73,8 +73,10 @@ def operator_client(settings: OperatorSettings, role: str, *, persistent: bool =
     """The operator side's MQTT connection, named after what it does (one client id per role)."""
     from services.runtime.messaging import MqttClient
 
+    # A persistent session is a service's (fleet serve): what it has not taken yet stays with the broker.
     return MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-{role}",
-                      clean_session=not persistent, **settings.mqtt.client_options())
+                      clean_session=not persistent, acknowledge="when_taken" if persistent else "on_arrival",
+                      **settings.mqtt.client_options())
 
 
 def run_until_signal(main) -> None:  # noqa: ANN001

@@ -100,6 +100,7 @@ def broker_config(
     bridge_site: Annotated[list[str], typer.Option(help="central broker: let this site's broker bridge in; repeatable")] = [],  # noqa: B006
     bridge_to: Annotated[Optional[str], typer.Option(help="site broker: bridge to the central broker at HOST:PORT")] = None,
     bridge_credentials: Annotated[Optional[Path], typer.Option(help="site broker: the central's credentials/edgeswarm-bridge-<site>.toml")] = None,
+    autosave: Annotated[Optional[int], typer.Option(min=0, help="seconds between saves of the broker's database, 0: after every change (default: after every change up to 100 devices, then every 1 s, 1 s more per 2,000 devices; docs/scale.md)")] = None,
 ) -> None:
     """Write a locked-down Mosquitto configuration: TLS, per-device credentials and ACLs.
 
@@ -119,7 +120,7 @@ def broker_config(
     local = port + 1 if local_port is None else local_port or None
     plan = BrokerPlan(fleet=fleet, directory=out.resolve(), host=host, port=port, public_host=public_host, local_port=local,
                       devices=_merge_devices(kept, device), tls=pki is not None, mutual_tls=mutual_tls,
-                      bridge_sites=list(bridge_site))
+                      bridge_sites=list(bridge_site), autosave_seconds=autosave)
     if bridge_to is not None:
         import tomllib
 

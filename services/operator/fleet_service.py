@@ -36,7 +36,7 @@ from services.operator.fleet import FleetTracker
 from services.operator.fleet_store import FleetStore, OnlineSeen
 from services.operator.homeassistant import HomeAssistantBridge, Retained
 from services.operator.rollout import Member, Rollout
-from services.runtime.messaging import Message, MqttClient, topic_matches
+from services.runtime.messaging import Message, MqttClient, MqttError, topic_matches
 from services.runtime.trust import RootsAhead, TrustError, next_root, open_release
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,12 @@ class FleetService:
             ok, message = False, str(exc)[:1000]
         (log.info if ok else log.warning)("%s%s: %s", action, f" {device}" if device else "", message)
         result = OpsResult(request_id=request_id, action=action, ok=ok, message=message, at=self.clock())
-        await client.publish(topics.ops_results_topic(self.fleet), result.model_dump_json(exclude_none=True).encode())
+        try:
+            await client.publish(topics.ops_results_topic(self.fleet), result.model_dump_json(exclude_none=True).encode())
+        except MqttError as exc:
+            # The request was performed; only its answer is late (a broker busy saving, a reconnect).
+            # paho still sends it; the service must not exit over it.
+            log.warning("the answer to %s was not acknowledged (%s); the request itself was performed", action, exc)
 
     async def _perform(self, client: MqttClient, action: str, device: str | None,
                        request: StartRollout | ControlRollout | DeviceRequest) -> str:

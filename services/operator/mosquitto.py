@@ -104,6 +104,7 @@ class BrokerPlan:
     key_file: Path | None = None
     bridge_sites: list[str] = field(default_factory=list)  # site brokers allowed to bridge to this one
     bridge: Bridge | None = None  # this (site) broker bridges to a central one
+    autosave_seconds: int | None = None  # 0: save after every change; None: by the fleet's size (autosave_policy)
 
     @property
     def config_file(self) -> Path:
@@ -174,6 +175,7 @@ def load_plan(directory: Path) -> BrokerPlan:
             public_host=raw.get("public_host"), local_port=raw.get("local_port"),
             devices=[DevicePrincipal(**d) for d in raw["devices"]],
             tls=bool(raw["tls"]), mutual_tls=bool(raw["mutual_tls"]), bridge_sites=list(raw["bridge_sites"]),
+            autosave_seconds=raw.get("autosave_seconds"),
             bridge=Bridge(**{**bridge, "ca_file": Path(bridge["ca_file"]) if bridge.get("ca_file") else None}) if bridge else None,
             **paths,
         )
@@ -190,6 +192,33 @@ def existing_password(plan: BrokerPlan, principal: str) -> str | None:
     except (OSError, tomllib.TOMLDecodeError):
         return None
     return found if isinstance(found, str) and found else None
+
+
+# Mosquitto writes its whole database (every session, every retained message) when it saves, in
+# its only thread, and with `autosave_on_changes` it saves after every loop pass that changed
+# anything. Saved after every change, a crash loses nothing, but each save costs time in proportion
+# to the fleet, and while it saves nothing else moves. Measured here (benchmarks/scale_bench.py):
+# with 10,000 devices the database is 8.6 MB, a save ~0.25 s, and 10,000 devices could not all
+# connect within minutes; with 1,000, a broker restart took 39 s instead of 5 s until a release
+# reached every device, and the fleet service's answers waited over 15 s for their PUBACKs. So
+# only small fleets save after every change; from PER_CHANGE_DEVICES on, every
+# DEVICES_PER_SAVE_SECOND devices add a second between saves (1 s up to 2,000; 5 s at 10,000).
+PER_CHANGE_DEVICES = 100
+DEVICES_PER_SAVE_SECOND = 2000
+
+
+def queued_messages(plan: BrokerPlan) -> int:
+    """QoS 1 messages Mosquitto queues for one client (the fleet service) before it drops them."""
+    return max(1000, 10 * len(plan.devices))
+
+
+def autosave_policy(plan: BrokerPlan) -> int:
+    """Seconds between saves of the broker's database; 0: after every change."""
+    if plan.autosave_seconds is not None:
+        return plan.autosave_seconds
+    if len(plan.devices) <= PER_CHANGE_DEVICES:
+        return 0
+    return -(-len(plan.devices) // DEVICES_PER_SAVE_SECOND)
 
 
 def _acl(plan: BrokerPlan) -> str:
@@ -289,10 +318,15 @@ def write_config(plan: BrokerPlan) -> dict[str, str]:
         f"acl_file {d / 'acl'}",
         "persistence true",
         f"persistence_location {d / 'data'}/",
-        # Save after every change: a crash must not lose retained roots, timestamps or releases.
-        "autosave_on_changes true",
-        "autosave_interval 1",
+        # A crash loses what changed since the last save: retained roots, timestamps and releases
+        # among it. Small fleets save after every change; large ones every few seconds (autosave_policy).
+        *(["autosave_on_changes true", "autosave_interval 1"] if (every := autosave_policy(plan)) == 0
+          else ["autosave_on_changes false", f"autosave_interval {every}"]),
         "max_packet_size 262144",  # devices refuse documents over 64 KiB anyway; nothing bigger passes
+        # Per client: the fleet service receives every device's reports, a few per device in a burst
+        # after a release. At Mosquitto's default (1,000) the broker dropped reports meant for it
+        # once 10,000 devices updated at once ("Outgoing messages are being dropped").
+        f"max_queued_messages {queued_messages(plan)}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +47,7 @@ class Message:
     retain: bool
     qos: int
     dropped_bytes: int = 0  # the payload was larger than the client's max_payload_bytes: this many, not kept
+    mid: int = field(default=0, repr=False, compare=False)  # the broker's packet id, for a PUBACK sent when taken
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,18 @@ class MqttClient:
         max_queued: int = 10_000,
         max_payload_bytes: int | None = None,
         driver: Literal["thread", "loop"] = "thread",
+        acknowledge: Literal["on_arrival", "when_taken"] = "on_arrival",
     ) -> None:
         self.host, self.port = host, port
         self.driver = driver
+        # on_arrival: paho acknowledges a QoS 1 message as it arrives, and a full receive queue drops
+        # it (a device flooded by its broker keeps its memory). when_taken: the PUBACK goes out when
+        # next_message() hands the message over, so nothing acknowledged waits here and nothing is
+        # dropped; the broker holds the rest (Mosquitto sends at most max_inflight_messages
+        # unacknowledged, which bounds this queue). For services that must see every report.
+        self.acknowledge = acknowledge
+        if acknowledge == "when_taken":
+            max_queued = 0
         self.username = username
         self.connect_timeout = connect_timeout
         self._client = paho.Client(
@@ -98,6 +108,8 @@ class MqttClient:
         # restart would come back in lockstep, all at 1, 3, 7, 15 ... s. A first wait of its own per
         # client (1-4 s) spreads every later attempt too.
         self._min_delay, self._max_delay = random.uniform(1.0, 4.0), random.uniform(10.0, 15.0)
+        if acknowledge == "when_taken":
+            self._client.manual_ack_set(True)
         self._client.reconnect_delay_set(min_delay=self._min_delay, max_delay=self._max_delay)  # type: ignore[arg-type]
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
@@ -174,9 +186,9 @@ class MqttClient:
         assert self._loop is not None
         size = len(msg.payload)
         if self.max_payload_bytes is not None and size > self.max_payload_bytes:
-            message = Message(msg.topic, b"", bool(msg.retain), msg.qos, dropped_bytes=size)
+            message = Message(msg.topic, b"", bool(msg.retain), msg.qos, dropped_bytes=size, mid=msg.mid)
         else:
-            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos)
+            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, mid=msg.mid)
         self._hand_over(self._enqueue, message)
 
     def _enqueue(self, message: Message) -> None:
@@ -214,6 +226,10 @@ class MqttClient:
             self.refusals_changed.set()
 
     # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected is not None and self._connected.is_set()
 
     async def __aenter__(self) -> MqttClient:
         await self.connect()
@@ -312,7 +328,10 @@ class MqttClient:
         # asyncio.timeout, not wait_for: on 3.11, wait_for returns a message that arrived in the same
         # loop turn as a cancellation and drops the cancellation (Ctrl-C then did not stop the demo).
         async with asyncio.timeout(timeout):
-            return await self._queue.get()
+            message = await self._queue.get()
+        if self.acknowledge == "when_taken" and message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+        return message
 
 
 class _LoopDriver:

@@ -212,3 +212,35 @@ def test_a_broker_whose_shutdown_hangs_still_stops_and_closes_its_listener(caplo
         await real_shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("acknowledge", ["when_taken", "on_arrival"])
+def test_a_service_that_acknowledges_when_it_takes_loses_nothing_a_device_drops_a_flood(
+        acknowledge: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The fleet service's client used to drop reports once 10,000 waited in its queue, after paho had
+    acknowledged them: lost for good. Acknowledged when taken, nothing is dropped (the broker holds
+    what is not acknowledged); a device's client still drops a flood beyond its queue."""
+    count, room = 60, 5
+
+    async def scenario() -> list[bytes]:
+        async with EmbeddedBroker("127.0.0.1", 0) as broker:
+            async with MqttClient("127.0.0.1", broker.port, "service", max_queued=room, acknowledge=acknowledge) as service:
+                await service.subscribe("f/devices/+/state")
+                async with MqttClient("127.0.0.1", broker.port, "devices", clean_session=True) as devices:
+                    for i in range(count):
+                        await devices.publish(f"f/devices/d{i}/state", str(i).encode())
+                await asyncio.sleep(0.5)  # nobody takes anything meanwhile
+                # The service's own publishes are acknowledged meanwhile (a held thread used to block them).
+                await service.publish("f/ops/results", b"answer", timeout=5)
+                received = []
+                try:
+                    while True:
+                        received.append((await service.next_message(2.0)).payload)
+                except TimeoutError:
+                    return received
+
+    received = asyncio.run(scenario())
+    if acknowledge == "when_taken":
+        assert received == [str(i).encode() for i in range(count)]
+    else:
+        assert len(received) <= room + 1 and "receive queue full" in caplog.text

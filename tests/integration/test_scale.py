@@ -1,0 +1,42 @@
+"""benchmarks/scale_bench.py at CI size: 1,000 simulated devices (each its own login, session and
+trust state) on a real Mosquitto with the fleet service, against 100 in the same run.
+
+Asserts what must hold at any size (every device connects, verifies the release, reports it into
+the fleet record, comes back after a broker restart and updates again; the staged rollout pauses on
+its first wave); the timings are printed by the benchmark, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.harness import mosquitto_available
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed (.ci/run installs it)")
+def test_a_thousand_simulated_devices_update_report_and_come_back_after_a_broker_restart(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_bench.py"), "--devices", "1000",
+                           "--baseline", "100", "--broker", "mosquitto", "--json", "--keep", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout)
+    for size in ("baseline", "large"):
+        f = figures[size]
+        n = f["devices"]
+        assert f["problems"] == [], f["problems"]
+        assert f["connected"] == f["verified"] == n
+        # downloading, installing, done from every device, each found in the fleet record
+        assert f["reports_after_release"] == 3 * n
+        assert f["record_samples"] > 0
+        assert f["reconnect_seconds"] is not None and f["reconnect_caught_up_seconds"] is not None
+        assert f["rollout_paused_on_wave"] == 1
+        assert "wave 1" in f["rollout_reason"] and "above 1%" in f["rollout_reason"]
+    assert figures["large"]["devices"] == 1000
