@@ -124,15 +124,18 @@ def timestamp_cmd(
     home: HomeOption = None,
     every: Annotated[Optional[float], typer.Option(help="re-sign and publish every this many seconds (e.g. 3600)")] = None,
     expires_hours: Annotated[Optional[float], typer.Option(help="lifetime of each timestamp in hours (default: settings key timestamp_expires_hours, else 4)")] = None,
+    republish: Annotated[bool, typer.Option("--republish", help="with each timestamp, publish the root chain and every class's latest release again (retained): a broker that lost them in a crash serves them again")] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Sign and publish a fresh timestamp naming the latest release of every class.
 
     Devices refuse releases no fresh timestamp names and report `frozen` when the last one
-    expires, so run this on a schedule (`--every 3600`) shorter than the lifetime.
+    expires, so run this on a schedule (`--every 3600`) shorter than the lifetime. A broker that
+    saves every few seconds (large fleets, docs/scale.md) loses what a crash catches unsaved:
+    `--republish` publishes the roots and releases again with every timestamp.
     """
     import asyncio
-    from services.operator.release import publish_timestamp
+    from services.operator.release import publish_everything_again, publish_timestamp
     from services.runtime.messaging import MqttError
 
     settings = operator_settings(config)
@@ -145,8 +148,13 @@ def timestamp_cmd(
     async def main(stop: asyncio.Event) -> None:
         async with operator_client(settings, "timestamp") as client:
             while True:
-                version = await publish_timestamp(client, operator, expires_in=lifetime)
-                err.print(f"published timestamp v{version}, expires in {lifetime}")
+                if republish:
+                    version = await publish_everything_again(client, operator, timestamp_expires=lifetime)
+                    err.print(f"published the root chain, timestamp v{version} (expires in {lifetime}) and the "
+                              f"latest release of {len(operator.device_classes())} class(es)")
+                else:
+                    version = await publish_timestamp(client, operator, expires_in=lifetime)
+                    err.print(f"published timestamp v{version}, expires in {lifetime}")
                 if every is None:
                     return
                 try:

@@ -202,7 +202,8 @@ def existing_password(plan: BrokerPlan, principal: str) -> str | None:
 # connect within minutes; with 1,000, a broker restart took 39 s instead of 5 s until a release
 # reached every device, and the fleet service's answers waited over 15 s for their PUBACKs. So
 # only small fleets save after every change; from PER_CHANGE_DEVICES on, every
-# DEVICES_PER_SAVE_SECOND devices add a second between saves (1 s up to 2,000; 5 s at 10,000).
+# DEVICES_PER_SAVE_SECOND devices add a second between saves (1 s up to 2,000; 5 s at 10,000). A
+# central broker that site brokers bridge into saves every second at least.
 PER_CHANGE_DEVICES = 100
 DEVICES_PER_SAVE_SECOND = 2000
 
@@ -216,9 +217,10 @@ def autosave_policy(plan: BrokerPlan) -> int:
     """Seconds between saves of the broker's database; 0: after every change."""
     if plan.autosave_seconds is not None:
         return plan.autosave_seconds
-    if len(plan.devices) <= PER_CHANGE_DEVICES:
+    if len(plan.devices) <= PER_CHANGE_DEVICES and not plan.bridge_sites:
         return 0
-    return -(-len(plan.devices) // DEVICES_PER_SAVE_SECOND)
+    # A central broker holds the retained reports of every site's devices, which its plan does not list.
+    return max(1, -(-len(plan.devices) // DEVICES_PER_SAVE_SECOND))
 
 
 def _acl(plan: BrokerPlan) -> str:

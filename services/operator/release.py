@@ -201,6 +201,21 @@ async def publish_release(client: MqttClient, home: OperatorHome, device_class: 
     await client.publish(topics.release_topic(home.root().fleet, device_class), envelope, retain=True)
 
 
+async def publish_everything_again(client: MqttClient, home: OperatorHome, *,
+                                   timestamp_expires: timedelta = timedelta(hours=4)) -> int:
+    """The root chain, a fresh timestamp and every class's latest release, in that order: what a
+    broker that lost its retained messages (a crash between two saves) needs to serve them again.
+    Returns the timestamp's version."""
+    await publish_trust(client, home)
+    version = await publish_timestamp(client, home, expires_in=timestamp_expires)
+    fleet = home.root().fleet
+    for device_class in home.device_classes():
+        envelope = home.latest_manifest(device_class)
+        if envelope is not None:
+            await client.publish(topics.release_topic(fleet, device_class), envelope, retain=True)
+    return version
+
+
 async def publish_root_change(client: MqttClient, home: OperatorHome, *,
                               timestamp_expires: timedelta = timedelta(hours=4)) -> dict[str, bytes]:
     """After a root rotation: the root chain, each class's latest release re-signed with the current

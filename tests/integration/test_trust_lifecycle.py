@@ -128,3 +128,36 @@ def test_root_rotation_by_the_cli_is_walked_by_devices_and_revokes_the_old_relea
     v3 = fleet.release(IPC, "3.0.0")
     state = fleet.watcher.wait("loyal", lambda s: s.phase == Phase.DONE and s.installed_version == "3.0.0", timeout=60)
     assert state.installed_sha256 == v3.artifact.sha256 == device.installed_sha256()
+
+
+def test_timestamp_republish_gives_a_broker_that_lost_everything_the_roots_and_releases_again(fleet: Fleet) -> None:
+    """Large fleets' brokers save every few seconds (docs/scale.md): a crash between two saves loses the
+    retained release documents. `edgeswarm timestamp --republish` publishes them again, in order."""
+    import asyncio
+
+    from services.operator.broker import EmbeddedBroker
+    from services.runtime.messaging import MqttClient
+
+    fleet.release(IPC, "1.0.0")
+    release = fleet.home.path / "releases" / IPC / "latest.json"
+
+    async def scenario() -> dict[str, bytes]:
+        async with EmbeddedBroker("127.0.0.1", 0) as empty:  # what the crashed broker came back with
+            done = await asyncio.to_thread(fleet.run_cli, "timestamp", "--config", str(fleet.operator_config), "--republish",
+                                           env={"EDGESWARM_MQTT__PORT": str(empty.port)})
+            assert done.returncode == 0, done.stderr
+            assert "latest release of 1 class(es)" in done.stderr
+            seen: dict[str, bytes] = {}
+            async with MqttClient("127.0.0.1", empty.port, "late-device", clean_session=True) as device:
+                for topic in (topics.root_wildcard(FLEET), topics.timestamp_topic(FLEET), topics.release_topic(FLEET, IPC)):
+                    await device.subscribe(topic)
+                try:
+                    while True:
+                        message = await device.next_message(1.5)
+                        seen[message.topic] = message.payload
+                except TimeoutError:
+                    return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[topics.release_topic(FLEET, IPC)] == release.read_bytes()
+    assert topics.root_topic(FLEET, 1) in seen and topics.timestamp_topic(FLEET) in seen

@@ -35,3 +35,9 @@ def test_the_config_says_the_policy_and_an_explicit_setting_wins_and_is_kept(tmp
 
     write_config(_plan(tmp_path, 3, autosave=0))
     assert "autosave_on_changes true" in (tmp_path / "broker" / "mosquitto.conf").read_text().splitlines()
+
+
+def test_a_central_broker_with_bridged_sites_saves_every_second_whatever_its_own_device_list(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, 0)
+    plan.bridge_sites = ["plant-7"]
+    assert autosave_policy(plan) == 1
