@@ -208,9 +208,12 @@ PER_CHANGE_DEVICES = 100
 DEVICES_PER_SAVE_SECOND = 2000
 
 
+CENTRAL_QUEUED_MESSAGES = 200_000  # a central broker's plan lists none of the sites' devices
+
+
 def queued_messages(plan: BrokerPlan) -> int:
     """QoS 1 messages Mosquitto queues for one client (the fleet service) before it drops them."""
-    return max(1000, 10 * len(plan.devices))
+    return max(1000, 10 * len(plan.devices), CENTRAL_QUEUED_MESSAGES if plan.bridge_sites else 0)
 
 
 def autosave_policy(plan: BrokerPlan) -> int:

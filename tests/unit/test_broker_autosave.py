@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from services.operator.mosquitto import BrokerPlan, DevicePrincipal, autosave_policy, load_plan, write_config
+from services.operator.mosquitto import (
+    CENTRAL_QUEUED_MESSAGES,
+    BrokerPlan,
+    DevicePrincipal,
+    autosave_policy,
+    load_plan,
+    queued_messages,
+    write_config,
+)
 
 
 def _plan(tmp_path: Path, devices: int, autosave: int | None = None) -> BrokerPlan:
@@ -37,7 +45,15 @@ def test_the_config_says_the_policy_and_an_explicit_setting_wins_and_is_kept(tmp
     assert "autosave_on_changes true" in (tmp_path / "broker" / "mosquitto.conf").read_text().splitlines()
 
 
-def test_a_central_broker_with_bridged_sites_saves_every_second_whatever_its_own_device_list(tmp_path: Path) -> None:
+def test_a_central_broker_with_bridged_sites_saves_every_second_and_queues_for_a_large_fleet(tmp_path: Path) -> None:
+    """Its plan lists none of the sites' devices, but it carries all their reports to the fleet service."""
     plan = _plan(tmp_path, 0)
+    assert queued_messages(plan) == 1000
     plan.bridge_sites = ["plant-7"]
     assert autosave_policy(plan) == 1
+    assert queued_messages(plan) == CENTRAL_QUEUED_MESSAGES
+
+
+@pytest.mark.parametrize(("devices", "queued"), [(0, 1000), (100, 1000), (101, 1010), (10_000, 100_000)])
+def test_the_fleet_service_may_have_ten_reports_per_device_queued(tmp_path: Path, devices: int, queued: int) -> None:
+    assert queued_messages(_plan(tmp_path, devices)) == queued
