@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-
 from device_client import machine
 from device_client.content_keeper import ContentKeeper
 from device_client.installer import (

@@ -186,7 +186,8 @@ def fleet_serve(
     """Run the fleet service: tracking, staged rollouts, operator requests, Home Assistant.
 
     Records the fleet in <home>/fleet.sqlite, runs staged rollouts, answers operator requests on
-    edgeswarm/<fleet>/ops/ and (with --homeassistant) shows every device in Home Assistant as an
+    edgeswarm/<fleet>/ops/ and (with --homeassistant) shows devices in Home Assistant (every one up
+    to [homeassistant] all_devices_up_to, 200, then only those listed in its `devices`) as an
     update entity. Releases are verified against the root of trust (and the root chain published
     on the broker) as devices verify them: one that does not verify is neither shown nor rolled out.
     """
@@ -206,7 +207,9 @@ def fleet_serve(
     if homeassistant if homeassistant is not None else settings.homeassistant.enabled:
         try:
             bridge = HomeAssistantBridge(settings.fleet, discovery_prefix or settings.homeassistant.discovery_prefix,
-                                         tokens.homeassistant, origin_version=package_version("edgeswarm"))
+                                         tokens.homeassistant, origin_version=package_version("edgeswarm"),
+                                         all_devices_up_to=settings.homeassistant.all_devices_up_to,
+                                         selected=settings.homeassistant.devices)
         except ValueError as exc:
             fail(str(exc))
     root_file = trusted_root or operator.root_file

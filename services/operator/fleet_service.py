@@ -114,6 +114,7 @@ class FleetService:
         self._published: dict[str, bytes] = {}
         self._status_seen: dict[str, str] = {}
         self._dirty: set[str] = set()  # devices whose Home Assistant entity may have changed
+        self._showing_all = True  # the fleet is small enough that every device has an entity
         self._unrecorded: list[DeviceState | OnlineSeen] = []  # written to the store once per tick, in order
         # What the rollout engine reads, per class, kept as reports arrive: a tick reads it, never rebuilds it.
         self._members: dict[str, dict[str, Member]] = {}
@@ -417,13 +418,24 @@ class FleetService:
                     for message in self.bridge.rollout(status):
                         await self._publish(client, message)
         if self.bridge is not None:
+            size = len(self.tracker.devices)
+            showing_all = size <= self.bridge.all_devices_up_to
+            if showing_all != self._showing_all:  # the fleet crossed the limit: every entity is decided again
+                self._showing_all = showing_all
+                self._dirty |= set(self.tracker.devices)
             dirty, self._dirty = self._dirty, set()
             for device in sorted(dirty):
                 view = self.tracker.devices.get(device)
-                if view is not None and view.state is not None:
-                    known = self.releases.get(view.state.device_class)
-                    for message in self.bridge.device(view.state, known.manifest if known else None):
-                        await self._publish(client, message)
+                if view is None or view.state is None:
+                    continue
+                if not self.bridge.shows(device, size):
+                    if self._published.get(self.bridge.discovery_topic(device)):  # shown before: removed now
+                        for message in self.bridge.retire(device):
+                            await self._publish(client, message)
+                    continue
+                known = self.releases.get(view.state.device_class)
+                for message in self.bridge.device(view.state, known.manifest if known else None):
+                    await self._publish(client, message)
 
     async def _publish(self, client: MqttClient, message: Retained, *, force: bool = False) -> None:
         if not force and self._published.get(message.topic) == message.payload:

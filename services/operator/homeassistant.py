@@ -1,5 +1,10 @@
 """Home Assistant MQTT discovery: every device an `update` entity, every rollout a sensor.
 
+Past `all_devices_up_to` devices only the devices an operator selects get an entity: Home
+Assistant keeps every discovered entity in its registry and state machine, and thousands of
+firmware entities make its UI and recorder slow without helping anyone; the rollout sensors
+cover the rest of the fleet.
+
 Pure message building; the fleet service publishes what these return (retained) and only when it
 changed. Entities use the device's own retained `online` topic (its last will) for availability,
 so Home Assistant greys a device out the moment the broker notices it is gone.
@@ -8,7 +13,9 @@ so Home Assistant greys a device out the moment the broker notices it is gone.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from schemas import topics
 from schemas.models import DeviceState, ReleaseManifest
@@ -25,13 +32,23 @@ class Retained:
 
 
 class HomeAssistantBridge:
-    def __init__(self, fleet: str, prefix: str, install_token: str, *, origin_version: str = "") -> None:
+    def __init__(self, fleet: str, prefix: str, install_token: str, *, origin_version: str = "",
+                 all_devices_up_to: int = 200, selected: Sequence[str] = ()) -> None:
         self.fleet = fleet
+        self.all_devices_up_to = all_devices_up_to
+        self.selected = tuple(selected)  # device ids or glob patterns (gw-00*)
         self.prefix = prefix
         self.install_token = install_token
         self.origin_version = origin_version
         topics.ha_discovery_topic(prefix, "update", fleet, "probe")  # refuses a bad prefix now, not later
         self.status_topic = f"{prefix}/status"  # Home Assistant's birth message: "online" after every start
+
+    def shows(self, device: str, fleet_size: int) -> bool:
+        """Whether `device` has an entity in a fleet of `fleet_size` devices."""
+        return fleet_size <= self.all_devices_up_to or any(fnmatchcase(device, p) for p in self.selected)
+
+    def discovery_topic(self, device: str) -> str:
+        return topics.ha_discovery_topic(self.prefix, "update", self.fleet, device)
 
     def _unique(self, name: str) -> str:
         return f"edgeswarm_{self.fleet}_{name}".replace("-", "_")
@@ -71,12 +88,12 @@ class HomeAssistantBridge:
             "update_percentage": state.progress if installing else None,
         }
         return [
-            Retained(topics.ha_discovery_topic(self.prefix, "update", self.fleet, device), _json(config)),
+            Retained(self.discovery_topic(device), _json(config)),
             Retained(topics.ha_state_topic(self.fleet, device), _json(body)),
         ]
 
     def retire(self, device: str) -> list[Retained]:
-        return [Retained(topics.ha_discovery_topic(self.prefix, "update", self.fleet, device), b""),
+        return [Retained(self.discovery_topic(device), b""),
                 Retained(topics.ha_state_topic(self.fleet, device), b"")]
 
     def rollout(self, status: RolloutStatus) -> list[Retained]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -346,7 +347,7 @@ class _LoopDriver:
         self._delay = min_delay
         self._closed = False
         self._dialing = True
-        self._sock: object | None = None
+        self._sock: socket.socket | None = None
         self._dial_later: asyncio.TimerHandle | None = None
         # Keepalive pings and the broker's silence are noticed within a third of the interval.
         self._tick_every = max(0.5, min(5.0, keepalive / 3))
@@ -418,6 +419,8 @@ class _LoopDriver:
         self._closed = True
         self._ticker.cancel()
         self.stop_dialing()
-        if self._sock is not None:
+        if self._sock is not None:  # still open: a connection given up (refused, no CONNACK) or aborted
             self._loop.remove_reader(self._sock)
             self._loop.remove_writer(self._sock)
+            self._sock.close()
+            self._sock = None

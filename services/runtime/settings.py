@@ -114,6 +114,10 @@ class InstallSettings(BaseModel):
 class HomeAssistantSettings(BaseModel):
     enabled: bool = Field(False, description="publish MQTT discovery so every device is a Home Assistant update entity")
     discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$")
+    all_devices_up_to: int = Field(200, ge=0, description="every device is an entity while the fleet has at most this many; above, only `devices`")
+    devices: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=10_000,
+        description="device ids or glob patterns (gw-00*) that keep an entity once the fleet is larger than all_devices_up_to")
 
 
 class _Settings(BaseSettings):
