@@ -64,6 +64,7 @@ from rich.table import Table  # noqa: E402
 from device_client.simulator import SimulatedDeviceSpec, SimulatedFleetConfig, SimulatedFleetResult  # noqa: E402
 from schemas.models import RolloutRule  # noqa: E402
 from services.operator.home import OperatorHome  # noqa: E402
+from services.operator.pki import Pki  # noqa: E402
 from services.operator.release import ReleasePipeline, publish_release  # noqa: E402
 from services.runtime.content import HashOnlyStore  # noqa: E402
 from services.runtime.messaging import MqttClient  # noqa: E402
@@ -84,6 +85,7 @@ def _say(devices: int, what: str) -> None:
 class Figures:
     devices: int
     broker: str
+    tls: bool
     processes: int
     connected: int
     connect_seconds: float
@@ -200,6 +202,7 @@ class Rig:
     work: Path
     devices: int
     broker_kind: str
+    tls: bool = False  # devices (and site bridges) dial Mosquitto over TLS, verified against the fleet CA
     home: OperatorHome = field(init=False)
     broker: subprocess.Popen | None = None
     service: subprocess.Popen | None = None
@@ -238,9 +241,13 @@ class Rig:
         self.broker_dir.chmod(0o755)
         self.port, local_port = _free_port(), _free_port()
         sites = [f"site{k}" for k in range(SITES)] if self.broker_kind == "tiers" else []
+        self.pki: Pki | None = None
+        if self.tls:
+            self.pki = Pki(self.work / "pki")
+            self.pki.init(FLEET, ["localhost", "127.0.0.1"])
         # tiers: the central broker has no devices of its own, only the sites' bridges.
         passwords, config = _mosquitto_config(self.broker_dir / "central", self.port, local_port,
-                                              [] if sites else self.ids, bridge_sites=sites)
+                                              [] if sites else self.ids, bridge_sites=sites, pki=self.pki)
         self.device_logins = {d: (d, passwords[d]) for d in self.ids if d in passwords}
         self.operator_mqtt = {"host": "127.0.0.1", "port": local_port, "username": "edgeswarm-operator",
                               "password": passwords["edgeswarm-operator"]}
@@ -256,8 +263,10 @@ class Rig:
             mine = self.ids[k::len(sites)]
             port = _free_port()
             bridge = Bridge(name=site, host="127.0.0.1", port=self.port, username=f"edgeswarm-bridge-{site}",
-                            password=passwords[f"edgeswarm-bridge-{site}"])
-            site_passwords, site_config = _mosquitto_config(self.broker_dir / site, port, None, mine, bridge=bridge)
+                            password=passwords[f"edgeswarm-bridge-{site}"],
+                            ca_file=self.pki.ca_cert if self.pki else None)
+            site_passwords, site_config = _mosquitto_config(self.broker_dir / site, port, None, mine, bridge=bridge,
+                                                            pki=self.pki)
             self.device_logins.update({d: (d, site_passwords[d]) for d in mine})
             self.device_port.update({d: port for d in mine})
             site_log = open(self.work / f"{site}.log", "wb")  # noqa: SIM115
@@ -313,13 +322,17 @@ SITES = 4  # --broker tiers: site brokers bridged to the central one
 
 
 def _mosquitto_config(directory: Path, port: int, local_port: int | None, devices: list[str], *,
-                      bridge_sites: list[str] = (), bridge: object = None) -> tuple[dict[str, str], Path]:  # type: ignore[assignment]
-    """`edgeswarm broker config` for one broker (plaintext on loopback): its passwords and config file."""
+                      bridge_sites: list[str] = (), bridge: object = None,  # type: ignore[assignment]
+                      pki: Pki | None = None) -> tuple[dict[str, str], Path]:
+    """`edgeswarm broker config` for one broker: its passwords and config file. With `pki`, the
+    listener devices (and bridges) dial is TLS; the operator side's loopback listener stays plaintext."""
     from services.operator.mosquitto import BrokerPlan, DevicePrincipal, hand_over, write_config
 
-    plan = BrokerPlan(fleet=FLEET, directory=directory, host="127.0.0.1", port=port, local_port=local_port, tls=False,
-                      devices=[DevicePrincipal(d, CLASS) for d in devices], bridge_sites=list(bridge_sites),
-                      bridge=bridge)  # type: ignore[arg-type]
+    plan = BrokerPlan(fleet=FLEET, directory=directory, host="127.0.0.1", port=port, local_port=local_port,
+                      tls=pki is not None, devices=[DevicePrincipal(d, CLASS) for d in devices],
+                      bridge_sites=list(bridge_sites), bridge=bridge)  # type: ignore[arg-type]
+    if pki is not None:
+        plan.ca_file, plan.cert_file, plan.key_file = pki.ca_cert, pki.server_cert, pki.server_key
     passwords = write_config(plan)
     if os.geteuid() == 0:
         hand_over(plan.directory, "mosquitto")
@@ -377,6 +390,7 @@ def _start_simulators(rig: Rig, processes: int, v1_sha: str, failing: set[str]) 
                  for d in mine]
         config = SimulatedFleetConfig(fleet=FLEET, trusted_root=rig.home.root_file, host="127.0.0.1",
                                       port=rig.device_port.get(mine[0], rig.port),
+                                      ca_file=rig.pki.ca_cert if rig.pki else None,
                                       install_target=TARGET, devices=specs)
         path = rig.work / f"simulator-{k}.json"
         path.write_text(config.model_dump_json())
@@ -396,9 +410,9 @@ def _until(predicate, timeout: float, what: str, interval: float = 0.1) -> float
     return time.time()
 
 
-def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollout: bool) -> Figures:
+def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollout: bool, tls: bool = False) -> Figures:
     work.mkdir(parents=True)
-    rig = Rig(work, devices, broker_kind)
+    rig = Rig(work, devices, broker_kind, tls=tls)
     problems: list[str] = []
     salt = secrets.token_hex(8)
     staged = RolloutRule(canary_percent=0, salt=salt)
@@ -493,7 +507,7 @@ def measure(devices: int, broker_kind: str, processes: int, work: Path, *, rollo
                   and t0 <= datetime.fromisoformat(state_at).timestamp() <= t0 + caught_up]
         after = [when for t in timelines for when in t.reported_at if t0 <= when <= t0 + caught_up]
         return Figures(
-            devices=devices, broker=broker_kind, processes=len(sims), connected=connected,
+            devices=devices, broker=broker_kind, tls=tls, processes=len(sims), connected=connected,
             connect_seconds=round(connect_seconds, 2), verified=len(verify),
             verify_p50=round(_quantile(verify, 0.5), 3), verify_p99=round(_quantile(verify, 0.99), 3),
             verify_max=round(max(verify, default=float("nan")), 3),
@@ -577,6 +591,7 @@ def main() -> None:
     parser.add_argument("--broker", choices=["mosquitto", "embedded", "tiers"], default="mosquitto",
                         help=f"tiers: {SITES} site Mosquittos bridged to a central one, devices split over the sites")
     parser.add_argument("--processes", type=int, default=2, help="simulator processes")
+    parser.add_argument("--tls", action="store_true", help="devices dial Mosquitto over TLS (pki init, broker config --pki)")
     parser.add_argument("--no-rollout", action="store_true", help="skip the staged rollout")
     parser.add_argument("--quick", action="store_true", help="1,000 devices against 100 on the embedded broker")
     parser.add_argument("--json", action="store_true")
@@ -587,8 +602,10 @@ def main() -> None:
     _raise_files_limit()
     with tempfile.TemporaryDirectory(prefix="edgeswarm-scale-") as tmp:
         work = args.keep or Path(tmp)
-        base = measure(args.baseline, args.broker, args.processes, work / "baseline", rollout=not args.no_rollout)
-        large = measure(args.devices, args.broker, args.processes, work / "large", rollout=not args.no_rollout)
+        if args.tls and args.broker == "embedded":
+            parser.error("--tls needs Mosquitto (--broker mosquitto or tiers)")
+        base = measure(args.baseline, args.broker, args.processes, work / "baseline", rollout=not args.no_rollout, tls=args.tls)
+        large = measure(args.devices, args.broker, args.processes, work / "large", rollout=not args.no_rollout, tls=args.tls)
     ratios = {
         "connect_per_device": _ratio(large.connect_seconds / large.devices, base.connect_seconds / base.devices),
         "verify_p99": _ratio(large.verify_p99, base.verify_p99),
@@ -612,12 +629,12 @@ def main() -> None:
         print(json.dumps({"large": asdict(large), "baseline": asdict(base), "ratios": ratios, "targets": targets}, indent=2))
         return
     console = Console()
-    table = Table(title=f"scale: {large.devices:,} devices ({large.broker}) against {base.devices:,}")
+    table = Table(title=f"scale: {large.devices:,} devices ({large.broker}{', TLS' if large.tls else ''}) against {base.devices:,}")
     table.add_column("figure")
     table.add_column(f"{base.devices:,}", justify="right")
     table.add_column(f"{large.devices:,}", justify="right")
     for name in asdict(large):
-        if name not in ("problems", "rollout_reason", "broker"):
+        if name not in ("problems", "rollout_reason", "broker", "tls"):
             table.add_row(name, str(getattr(base, name)), str(getattr(large, name)))
     console.print(table)
     for name, value in ratios.items():

@@ -1,5 +1,5 @@
 """benchmarks/scale_bench.py at CI size: 1,000 simulated devices (each its own login, session and
-trust state) on a real Mosquitto with the fleet service, against 100 in the same run.
+trust state) on a real Mosquitto over TLS with the fleet service, against 100 in the same run.
 
 Asserts what must hold at any size (every device connects, verifies the release, reports it into
 the fleet record, comes back after a broker restart and updates again; the staged rollout pauses on
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed (.ci/run installs it)")
 def test_a_thousand_simulated_devices_update_report_and_come_back_after_a_broker_restart(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_bench.py"), "--devices", "1000",
-                           "--baseline", "100", "--broker", "mosquitto", "--json", "--keep", str(tmp_path / "work")],
+                           "--baseline", "100", "--broker", "mosquitto", "--tls", "--json", "--keep", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout)
@@ -39,4 +39,4 @@ def test_a_thousand_simulated_devices_update_report_and_come_back_after_a_broker
         assert f["reconnect_seconds"] is not None and f["reconnect_caught_up_seconds"] is not None
         assert f["rollout_paused_on_wave"] == 1
         assert "wave 1" in f["rollout_reason"] and "above 1%" in f["rollout_reason"]
-    assert figures["large"]["devices"] == 1000
+    assert figures["large"]["devices"] == 1000 and figures["large"]["tls"] is True
