@@ -75,7 +75,7 @@ def operator_client(settings: OperatorSettings, role: str, *, persistent: bool =
 
     # A persistent session is a service's (fleet serve): what it has not taken yet stays with the broker.
     return MqttClient(settings.mqtt.host, settings.mqtt.port, f"edgeswarm-{settings.fleet}-{role}",
-                      clean_session=not persistent, acknowledge="when_taken" if persistent else "on_arrival",
+                      clean_session=not persistent, acknowledge="when_full" if persistent else "on_arrival",
                       **settings.mqtt.client_options())
 
 

@@ -77,6 +77,9 @@ def demo(
         result = asyncio.run(_until_sigterm(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep),
                                                      console, live_display=not as_json and console.is_terminal)))
     except KeyboardInterrupt:
+        # Everything is stopped; a further Ctrl-C (asyncio.run has put Python's handler back) must not
+        # turn the exit into death by SIGINT halfway through this message (seen under CI load).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         err.print("interrupted" + kept)
         raise typer.Exit(130) from None
     except Terminated:

@@ -12,6 +12,7 @@ subscription is made again after a reconnect in case the broker lost the session
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import socket
@@ -48,7 +49,7 @@ class Message:
     retain: bool
     qos: int
     dropped_bytes: int = 0  # the payload was larger than the client's max_payload_bytes: this many, not kept
-    mid: int = field(default=0, repr=False, compare=False)  # the broker's packet id, for a PUBACK sent when taken
+    held_mid: int = field(default=0, repr=False, compare=False)  # not acknowledged yet: the PUBACK goes out when taken
 
 
 @dataclass(frozen=True)
@@ -85,17 +86,21 @@ class MqttClient:
         max_queued: int = 10_000,
         max_payload_bytes: int | None = None,
         driver: Literal["thread", "loop"] = "thread",
-        acknowledge: Literal["on_arrival", "when_taken"] = "on_arrival",
+        acknowledge: Literal["on_arrival", "when_full"] = "on_arrival",
     ) -> None:
         self.host, self.port = host, port
         self.driver = driver
         # on_arrival: paho acknowledges a QoS 1 message as it arrives, and a full receive queue drops
-        # it (a device flooded by its broker keeps its memory). when_taken: the PUBACK goes out when
-        # next_message() hands the message over, so nothing acknowledged waits here and nothing is
-        # dropped; the broker holds the rest (Mosquitto sends at most max_inflight_messages
-        # unacknowledged, which bounds this queue). For services that must see every report.
+        # it (a device flooded by its broker keeps its memory). when_full: messages are acknowledged
+        # as they arrive while fewer than max_queued wait here; beyond that, each is acknowledged
+        # only when next_message() hands it over, so nothing is dropped and the broker holds the rest
+        # (Mosquitto sends at most max_inflight_messages unacknowledged). For services that must see
+        # every report. Not every message is held: a broker may deliver retained messages before it
+        # answers the SUBSCRIBE and wait for their acknowledgements (amqtt does), which a consumer
+        # still waiting for that answer would never give.
         self.acknowledge = acknowledge
-        if acknowledge == "when_taken":
+        self._hold_above = max_queued
+        if acknowledge == "when_full":
             max_queued = 0
         self.username = username
         self.connect_timeout = connect_timeout
@@ -109,7 +114,7 @@ class MqttClient:
         # restart would come back in lockstep, all at 1, 3, 7, 15 ... s. A first wait of its own per
         # client (1-4 s) spreads every later attempt too.
         self._min_delay, self._max_delay = random.uniform(1.0, 4.0), random.uniform(10.0, 15.0)
-        if acknowledge == "when_taken":
+        if acknowledge == "when_full":
             self._client.manual_ack_set(True)
         self._client.reconnect_delay_set(min_delay=self._min_delay, max_delay=self._max_delay)  # type: ignore[arg-type]
         if will is not None:
@@ -187,9 +192,14 @@ class MqttClient:
         assert self._loop is not None
         size = len(msg.payload)
         if self.max_payload_bytes is not None and size > self.max_payload_bytes:
-            message = Message(msg.topic, b"", bool(msg.retain), msg.qos, dropped_bytes=size, mid=msg.mid)
+            message = Message(msg.topic, b"", bool(msg.retain), msg.qos, dropped_bytes=size)
         else:
-            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, mid=msg.mid)
+            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos)
+        if self.acknowledge == "when_full" and msg.qos > 0:
+            if self._queue.qsize() < self._hold_above:  # (read on paho's thread: may lag, never by much)
+                self._client.ack(msg.mid, msg.qos)
+            else:
+                message = dataclasses.replace(message, held_mid=msg.mid)
         self._hand_over(self._enqueue, message)
 
     def _enqueue(self, message: Message) -> None:
@@ -330,8 +340,8 @@ class MqttClient:
         # loop turn as a cancellation and drops the cancellation (Ctrl-C then did not stop the demo).
         async with asyncio.timeout(timeout):
             message = await self._queue.get()
-        if self.acknowledge == "when_taken" and message.qos > 0:
-            self._client.ack(message.mid, message.qos)
+        if message.held_mid:
+            self._client.ack(message.held_mid, message.qos)
         return message
 
 

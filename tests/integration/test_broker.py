@@ -214,12 +214,13 @@ def test_a_broker_whose_shutdown_hangs_still_stops_and_closes_its_listener(caplo
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("acknowledge", ["when_taken", "on_arrival"])
-def test_a_service_that_acknowledges_when_it_takes_loses_nothing_a_device_drops_a_flood(
+@pytest.mark.parametrize("acknowledge", ["when_full", "on_arrival"])
+def test_a_service_that_holds_acknowledgements_when_full_loses_nothing_a_device_drops_a_flood(
         acknowledge: str, caplog: pytest.LogCaptureFixture) -> None:
     """The fleet service's client used to drop reports once 10,000 waited in its queue, after paho had
-    acknowledged them: lost for good. Acknowledged when taken, nothing is dropped (the broker holds
-    what is not acknowledged); a device's client still drops a flood beyond its queue."""
+    acknowledged them: lost for good. Past its queue's size it now acknowledges a message only when it
+    takes it, so nothing is dropped (the broker holds what is not acknowledged); a device's client
+    still drops a flood beyond its queue."""
     count, room = 60, 5
 
     async def scenario() -> list[bytes]:
@@ -240,7 +241,22 @@ def test_a_service_that_acknowledges_when_it_takes_loses_nothing_a_device_drops_
                     return received
 
     received = asyncio.run(scenario())
-    if acknowledge == "when_taken":
+    if acknowledge == "when_full":
         assert received == [str(i).encode() for i in range(count)]
     else:
         assert len(received) <= room + 1 and "receive queue full" in caplog.text
+
+
+def test_a_service_holding_acknowledgements_still_gets_the_retained_messages_amqtt_sends_before_its_suback() -> None:
+    """amqtt delivers retained messages before it answers a SUBSCRIBE and waits for their PUBACKs: a
+    client that acknowledged only what it took never got its SUBACK (fleet serve hung at start)."""
+    async def scenario() -> list[bytes]:
+        async with EmbeddedBroker("127.0.0.1", 0) as broker:
+            async with MqttClient("127.0.0.1", broker.port, "devices", clean_session=True) as devices:
+                for i in range(50):
+                    await devices.publish(f"f/devices/d{i}/state", str(i).encode(), retain=True)
+            async with MqttClient("127.0.0.1", broker.port, "service", acknowledge="when_full") as service:
+                await service.subscribe("f/devices/+/state", timeout=10)
+                return sorted([(await service.next_message(5)).payload for _ in range(50)], key=int)
+
+    assert asyncio.run(scenario()) == [str(i).encode() for i in range(50)]
