@@ -211,6 +211,7 @@ class Rig:
     device_logins: dict[str, tuple[str, str]] = field(default_factory=dict)
     sites: list[subprocess.Popen] = field(default_factory=list)  # tiers: the site brokers
     device_port: dict[str, int] = field(default_factory=dict)  # tiers: the site broker each device dials
+    pki: Pki | None = None  # with --tls: the fleet CA devices verify the broker against
 
     def __post_init__(self) -> None:
         self.home = OperatorHome(self.work / "home")
@@ -241,7 +242,6 @@ class Rig:
         self.broker_dir.chmod(0o755)
         self.port, local_port = _free_port(), _free_port()
         sites = [f"site{k}" for k in range(SITES)] if self.broker_kind == "tiers" else []
-        self.pki: Pki | None = None
         if self.tls:
             self.pki = Pki(self.work / "pki")
             self.pki.init(FLEET, ["localhost", "127.0.0.1"])
