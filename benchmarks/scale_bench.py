@@ -69,6 +69,7 @@ from services.operator.release import ReleasePipeline, publish_release  # noqa: 
 from services.runtime.content import HashOnlyStore  # noqa: E402
 from services.runtime.messaging import MqttClient  # noqa: E402
 from services.runtime.trust import rollout_bucket  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 FLEET = "scale"
 CLASS = "sim"
@@ -240,7 +241,7 @@ class Rig:
         # The mosquitto user must reach its directory: under /tmp, not under a private work directory.
         self.broker_dir = Path(tempfile.mkdtemp(prefix="edgeswarm-scale-mosquitto-"))
         self.broker_dir.chmod(0o755)
-        self.port, local_port = _free_port(), _free_port()
+        self.port, local_port = free_port(), free_port()
         sites = [f"site{k}" for k in range(SITES)] if self.broker_kind == "tiers" else []
         if self.tls:
             self.pki = Pki(self.work / "pki")
@@ -261,7 +262,7 @@ class Rig:
 
         for k, site in enumerate(sites):
             mine = self.ids[k::len(sites)]
-            port = _free_port()
+            port = free_port()
             bridge = Bridge(name=site, host="127.0.0.1", port=self.port, username=f"edgeswarm-bridge-{site}",
                             password=passwords[f"edgeswarm-bridge-{site}"],
                             ca_file=self.pki.ca_cert if self.pki else None)
@@ -337,14 +338,6 @@ def _mosquitto_config(directory: Path, port: int, local_port: int | None, device
     if os.geteuid() == 0:
         hand_over(plan.directory, "mosquitto")
     return passwords, plan.config_file
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -575,9 +575,8 @@ class DeviceAgent:
     # -- trust ------------------------------------------------------------------------------
 
     async def _on_root(self, message: Message) -> None:
-        try:
-            version = int(message.topic.rsplit("/", 1)[1])
-        except ValueError:
+        version = topics.root_version(message.topic)
+        if version is None:
             return
         for event in self.intake.root_heard(version, message.payload):
             if isinstance(event, machine.RootAccepted):

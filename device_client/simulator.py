@@ -163,9 +163,7 @@ class SimulatedDevice:
         if message.topic == topics.release_topic(fleet, s.device_class):
             await self._feed(machine.ReleaseHeard(message.payload))
         elif topic_matches(topics.root_wildcard(fleet), message.topic):
-            try:
-                version = int(message.topic.rsplit("/", 1)[1])
-            except ValueError:
+            if (version := topics.root_version(message.topic)) is None:
                 return
             for event in self.intake.root_heard(version, message.payload):
                 await self._feed(event)

@@ -20,6 +20,14 @@ def root_topic(fleet: str, version: int) -> str:
     return f"{ROOT}/{check_identifier(fleet, 'fleet')}/trust/root/{int(version)}"
 
 
+def root_version(topic: str) -> int | None:
+    """The version a root topic (root_topic) names; None when its last level is no number."""
+    try:
+        return int(topic.rsplit("/", 1)[1])
+    except (ValueError, IndexError):
+        return None
+
+
 def root_wildcard(fleet: str) -> str:
     return f"{ROOT}/{check_identifier(fleet, 'fleet')}/trust/root/+"
 

@@ -217,9 +217,8 @@ class FleetService:
 
     def _on_root(self, topic: str, raw: bytes) -> None:
         """Walk the root chain as devices do, so releases signed by rotated keys verify."""
-        try:
-            version = int(topic.rsplit("/", 1)[1])
-        except ValueError:
+        version = topics.root_version(topic)
+        if version is None:
             return
         if len(raw) > MAX_REQUEST_BYTES or not self._roots_ahead.add(version, raw, self.root.version):
             return

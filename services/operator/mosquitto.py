@@ -208,14 +208,6 @@ PER_CHANGE_DEVICES = 100
 DEVICES_PER_SAVE_SECOND = 2000
 
 
-CENTRAL_QUEUED_MESSAGES = 200_000  # a central broker's plan lists none of the sites' devices
-
-
-def queued_messages(plan: BrokerPlan) -> int:
-    """QoS 1 messages Mosquitto queues for one client (the fleet service) before it drops them."""
-    return max(1000, 10 * len(plan.devices), CENTRAL_QUEUED_MESSAGES if plan.bridge_sites else 0)
-
-
 def autosave_policy(plan: BrokerPlan) -> int:
     """Seconds between saves of the broker's database; 0: after every change."""
     if plan.autosave_seconds is not None:
@@ -224,6 +216,14 @@ def autosave_policy(plan: BrokerPlan) -> int:
         return 0
     # A central broker holds the retained reports of every site's devices, which its plan does not list.
     return max(1, -(-len(plan.devices) // DEVICES_PER_SAVE_SECOND))
+
+
+CENTRAL_QUEUED_MESSAGES = 200_000  # a central broker's plan lists none of the sites' devices
+
+
+def queued_messages(plan: BrokerPlan) -> int:
+    """QoS 1 messages Mosquitto queues for one client (the fleet service) before it drops them."""
+    return max(1000, 10 * len(plan.devices), CENTRAL_QUEUED_MESSAGES if plan.bridge_sites else 0)
 
 
 def _acl(plan: BrokerPlan) -> str:

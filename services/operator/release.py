@@ -186,7 +186,7 @@ async def publish_timestamp(client: MqttClient, home: OperatorHome, *, expires_i
     return metadata.version
 
 
-# The publish order devices rely on lives in the two functions below, and only here: the root chain
+# The publish order devices rely on lives in the functions below, and only here: the root chain
 # first (a release may be signed by keys only a newer root names), then the timestamp, then the
 # release. A device must never hear a release that no fresh timestamp names yet: it would refuse it
 # (timestamp_mismatch) and wait for the next timestamp.

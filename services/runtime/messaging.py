@@ -355,7 +355,6 @@ class _LoopDriver:
         self._client, self._loop = client, loop
         self._min_delay, self._max_delay = min_delay, max_delay
         self._delay = min_delay
-        self._closed = False
         self._dialing = True
         self._sock: socket.socket | None = None
         self._dial_later: asyncio.TimerHandle | None = None
@@ -416,8 +415,7 @@ class _LoopDriver:
 
     def _tick(self) -> None:
         self._client.loop_misc()
-        if not self._closed:
-            self._ticker = self._loop.call_later(self._tick_every, self._tick)
+        self._ticker = self._loop.call_later(self._tick_every, self._tick)
 
     async def flushed(self, timeout: float) -> None:
         """Until paho closed the socket after sending what it queued (a DISCONNECT), or `timeout`."""
@@ -426,7 +424,6 @@ class _LoopDriver:
             await asyncio.sleep(0.02)
 
     def close(self) -> None:
-        self._closed = True
         self._ticker.cancel()
         self.stop_dialing()
         if self._sock is not None:  # still open: a connection given up (refused, no CONNACK) or aborted
