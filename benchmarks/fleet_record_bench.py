@@ -2,6 +2,7 @@
 
     python3 benchmarks/fleet_record_bench.py [--devices 100000] [--baseline 1000] [--json]
     python3 benchmarks/fleet_record_bench.py --quick      # 20,000 devices against 1,000 (~10 s)
+    python3 benchmarks/fleet_record_bench.py --record postgres   # the record in PostgreSQL (Debian's, started here)
 
 The parts of the fleet service that grow with the fleet, measured in process against a real
 embedded broker and a real SQLite record (nothing mocked):
@@ -46,11 +47,12 @@ from schemas.models import DeviceState, PayloadType, Phase, Role, RoleKeys, Root
 from schemas.ops import RolloutPlan, Wave  # noqa: E402
 from services.operator.broker import EmbeddedBroker  # noqa: E402
 from services.operator.fleet_service import FleetService, OpsTokens  # noqa: E402
-from services.operator.fleet_store import FleetStore  # noqa: E402
+from services.operator.fleet_store import open_fleet_store  # noqa: E402
 from services.operator.rollout import Rollout  # noqa: E402
 from services.runtime.keys import SigningKey, sign_envelope  # noqa: E402
 from services.runtime.messaging import Message, MqttClient  # noqa: E402
 from services.runtime.trust import TrustedSet  # noqa: E402
+from tests.support.postgres import PostgresServer  # noqa: E402
 
 FLEET = "bench"
 CLASS = "gw"
@@ -99,12 +101,12 @@ def _state(device: str, when: datetime, phase: Phase = Phase.IDLE, target: str |
     return Message(topics.state_topic(FLEET, device), state.canonical_bytes(), True, 1)
 
 
-async def _measure(n: int, work: Path, broker_port: int) -> Figures:
+async def _measure(n: int, work: Path, broker_port: int, database: str | None) -> Figures:
     gc.collect()
     before = _rss_mib()
     home = work / f"home-{n}"
     home.mkdir()
-    store = FleetStore(home / "fleet.sqlite")
+    store = open_fleet_store(database, home)
     service = FleetService(FLEET, store, OpsTokens.load_or_create(home / "tokens"), _root())
     devices = [f"dev-{i:06d}" for i in range(n)]
     start = datetime.now(UTC) - timedelta(hours=1)
@@ -149,7 +151,8 @@ async def _measure(n: int, work: Path, broker_port: int) -> Figures:
     store.close()
 
     config = home / "operator.toml"
-    config.write_text(f'fleet = "{FLEET}"\nhome = "{home}"\n[mqtt]\nport = {broker_port}\n')
+    config.write_text(f'fleet = "{FLEET}"\nhome = "{home}"\n[mqtt]\nport = {broker_port}\n'
+                      + (f'[record]\ndatabase = "{database}"\n' if database else ""))
     status = _timed_cli(["fleet", "status", "--from", "record", "--config", str(config)])
     status_json = _timed_cli(["fleet", "status", "--from", "record", "--json", "--config", str(config)])
     return Figures(devices=n, ingest_seconds=round(ingest, 3), reports_per_second=round(n / ingest),
@@ -169,10 +172,11 @@ def _timed_cli(args: list[str]) -> float:
     return seconds
 
 
-async def _run(sizes: list[int]) -> list[Figures]:
+async def _run(sizes: list[int], postgres: PostgresServer | None) -> list[Figures]:
     with tempfile.TemporaryDirectory(prefix="fleet-record-bench-") as work:
         async with EmbeddedBroker("127.0.0.1", 0) as broker:
-            return [await _measure(n, Path(work), broker.port) for n in sizes]
+            return [await _measure(n, Path(work), broker.port,
+                                   postgres.create_database(f"bench_{n}") if postgres else None) for n in sizes]
 
 
 def main() -> int:
@@ -180,10 +184,17 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=100_000)
     parser.add_argument("--baseline", type=int, default=1_000)
     parser.add_argument("--quick", action="store_true", help="20,000 devices against 1,000")
+    parser.add_argument("--record", choices=["sqlite", "postgres"], default="sqlite",
+                        help="where the fleet record is: a SQLite file, or a PostgreSQL server started here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     large = 20_000 if args.quick else args.devices
-    baseline, measured = asyncio.run(_run([args.baseline, large]))
+    postgres = PostgresServer().start() if args.record == "postgres" else None
+    try:
+        baseline, measured = asyncio.run(_run([args.baseline, large], postgres))
+    finally:
+        if postgres is not None:
+            postgres.stop()
     per_device = {
         key: round((getattr(measured, key) / measured.devices) / (getattr(baseline, key) / baseline.devices), 2)
         for key in ("ingest_seconds", "tick_seconds_p50", "pause_tick_seconds", "status_seconds", "status_json_seconds")
@@ -197,11 +208,12 @@ def main() -> int:
     }
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
-        print(json.dumps({"baseline": asdict(baseline), "measured": asdict(measured),
+        print(json.dumps({"record": args.record, "baseline": asdict(baseline), "measured": asdict(measured),
                           "per_device_x_baseline": per_device, "targets": targets, "peak_rss_mib": round(peak, 1)}))
         return 0
     console = Console()
-    table = Table(title=f"fleet record: {measured.devices:,} devices against {baseline.devices:,} (same run)")
+    table = Table(title=f"fleet record ({args.record}): {measured.devices:,} devices against {baseline.devices:,} "
+                        "(same run)")
     for column in ("figure", f"{baseline.devices:,}", f"{measured.devices:,}", "per device x baseline"):
         table.add_column(column, justify="right")
     for key, value in asdict(measured).items():

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # asyncio loads when a command runs, not for --help
     from rich.console import Console
 
     from services.operator.fleet import DeviceView, StatusLine
+    from services.operator.fleet_store import FleetStore
     from services.runtime.settings import OperatorSettings
 
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
@@ -56,7 +57,7 @@ def fleet_status(
     wait: Annotated[float, typer.Option(help="seconds to collect retained reports (more while they keep coming)")] = 1.5,
     source: Annotated[StatusSource, typer.Option(
         "--from", help="broker: the devices' retained reports; record: the fleet record `fleet serve` keeps in "
-                       "<home>/fleet.sqlite (no broker needed, fast at any fleet size)")] = StatusSource.broker,
+                       "<home>/fleet.sqlite or [record] database (no broker needed, fast at any fleet size)")] = StatusSource.broker,
     show_all: Annotated[bool, typer.Option(
         "--all", help="list every device; a class of more than --limit devices is otherwise summarised by "
                       "phase, with only its devices that need attention listed")] = False,
@@ -70,12 +71,7 @@ def fleet_status(
     lines: list[StatusLine]
     where: str
     if source == StatusSource.record:
-        from services.operator.fleet_store import FleetStore
-
-        path = operator_home(settings, home).path / "fleet.sqlite"
-        if not path.exists():
-            fail(f"{path} does not exist: `edgeswarm fleet serve` records the fleet there (or use --from broker)")
-        store = FleetStore(path)
+        store = _open_record(settings, home, hint=" (or use --from broker)")
         try:
             if as_json:
                 print(_record_json(settings.fleet, store.reports_json()))
@@ -83,7 +79,7 @@ def fleet_status(
             lines = store.status_lines()
         finally:
             store.close()
-        where = f"the fleet record {path}"
+        where = f"the fleet record {store.where}"
     else:
         views = _from_broker(settings, wait)
         if as_json:
@@ -105,6 +101,18 @@ def fleet_status(
         by_class.setdefault(line.device_class, []).append(line)
     for device_class, members in by_class.items():
         _print_class(console, device_class, members, limit=None if show_all else limit)
+
+
+def _open_record(settings: OperatorSettings, home: Path | None, *, hint: str = "") -> FleetStore:
+    """The fleet record for reading: it must exist already (an empty one would answer wrongly)."""
+    from services.operator.fleet_store import RecordMissing, open_fleet_store
+    from services.operator.record_database import RecordUnavailable
+
+    try:
+        return open_fleet_store(settings.record.database, operator_home(settings, home).path, must_exist=True)
+    except (RecordMissing, RecordUnavailable) as exc:
+        fail(f"{exc}{hint}")
+        raise
 
 
 def _record_json(fleet: str, rows: list[tuple[str, str | None, bool | None]]) -> str:
@@ -185,18 +193,20 @@ def fleet_serve(
 ) -> None:
     """Run the fleet service: tracking, staged rollouts, operator requests, Home Assistant.
 
-    Records the fleet in <home>/fleet.sqlite, runs staged rollouts, answers operator requests on
-    edgeswarm/<fleet>/ops/ and (with --homeassistant) shows devices in Home Assistant (every one up
-    to [homeassistant] all_devices_up_to, 200, then only those listed in its `devices`) as an
-    update entity. Releases are verified against the root of trust (and the root chain published
+    Records the fleet in <home>/fleet.sqlite (or in PostgreSQL, [record] database), runs staged
+    rollouts, answers operator requests on edgeswarm/<fleet>/ops/ and (with --homeassistant) shows
+    devices in Home Assistant (every one up to [homeassistant] all_devices_up_to, 200, then only
+    those listed in its `devices`) as an update entity. A second `fleet serve` on the same record
+    waits as standby and takes over when the active one stops. Releases are verified against the root of trust (and the root chain published
     on the broker) as devices verify them: one that does not verify is neither shown nor rolled out.
     """
     from importlib.metadata import version as package_version
 
     from schemas import topics
     from services.operator.fleet_service import FleetService, OpsTokens
-    from services.operator.fleet_store import FleetStore
+    from services.operator.fleet_store import open_fleet_store
     from services.operator.homeassistant import HomeAssistantBridge
+    from services.operator.standby import wait_until_active
     from services.runtime.trust import TrustedSet, TrustError
 
     settings = operator_settings(config)
@@ -222,13 +232,16 @@ def fleet_serve(
         fail(f"{root_file} is not a valid signed root: {exc}")
     if root.fleet != settings.fleet:
         fail(f"{root_file} is the root of fleet {root.fleet!r}, the settings say {settings.fleet!r}")
-    store = FleetStore(operator.path / "fleet.sqlite")
-    service = FleetService(settings.fleet, store, tokens, root, bridge=bridge)
+    store = open_fleet_store(settings.record.database, operator.path)
 
     async def main(stop: asyncio.Event) -> None:
-        # A persistent session: reports sent while this service was down are queued for it.
+        if not await wait_until_active(store, settings.fleet, stop, poll=settings.record.standby_poll):
+            return
+        # Made once active: the rollouts it resumes are those the record holds now, not at start.
+        service = FleetService(settings.fleet, store, tokens, root, bridge=bridge)
+        # A persistent session: reports sent while this service was down (or none was active) are queued for it.
         async with operator_client(settings, "fleet-service", persistent=True) as client:
-            err.print(f"fleet service for {settings.fleet}: recording in {operator.path / 'fleet.sqlite'}, "
+            err.print(f"fleet service for {settings.fleet} (active): recording in {store.where}, "
                       f"operator requests on {topics.ops_wildcard(settings.fleet)}"
                       + (f", Home Assistant discovery under {bridge.prefix}/" if bridge else ""))
             await service.run(client, stop)
@@ -296,13 +309,7 @@ def fleet_show(
     """One device: its latest state and every update attempt (recorded by `edgeswarm fleet serve`)."""
     from dataclasses import asdict
 
-    from services.operator.fleet_store import FleetStore
-
-    operator = operator_home(operator_settings(config), home)
-    path = operator.path / "fleet.sqlite"
-    if not path.exists():
-        fail(f"{path} does not exist: run `edgeswarm fleet serve` to record the fleet")
-    store = FleetStore(path)
+    store = _open_record(operator_settings(config), home)
     row = store.device(device)
     if row is None:
         fail(f"no device {device!r} has reported")

@@ -56,6 +56,7 @@ def release(
     """
     import asyncio
     from services.operator.fleet_store import versions_of_class
+    from services.operator.record_database import RecordUnavailable
     from services.operator.release import (
         ReleaseError,
         ReleasePipeline,
@@ -88,7 +89,11 @@ def release(
     from schemas.models import RolloutRule
 
     rollout = RolloutRule(canary_percent=canary_percent, salt=secrets.token_hex(8)) if staged else None
-    fleet_versions = versions_of_class(operator.path / "fleet.sqlite", device_class)
+    try:
+        fleet_versions = versions_of_class(settings.record.database, operator.path, device_class)
+    except RecordUnavailable as exc:
+        err.print(f"[yellow]warning:[/] {exc}; deltas are made from the latest versions released instead")
+        fleet_versions = {}
     if fleet_versions:
         err.print(f"delta bases from fleet tracking: {dict(fleet_versions)}")
 

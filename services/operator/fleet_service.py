@@ -2,7 +2,7 @@
 bridge, in one process with one MQTT session and one event loop.
 
 Everything it decides comes from retained topics (device state and online, releases) plus the
-SQLite store, so a restart picks up where it left off: rollouts are persisted after every change,
+fleet record (SQLite or PostgreSQL), so a restart, or a standby taking over, picks up where it left off: rollouts are persisted after every change,
 device facts come back as retained messages.
 """
 
@@ -387,6 +387,7 @@ class FleetService:
         self._changed.add(device_class)  # its status is made again at the next tick
 
     async def advance(self, client: MqttClient) -> None:
+        self.store.check_leading()  # a service that lost the record's lock stops deciding at once
         self.flush()
         now = self.clock()
         for device_class, rollout in self.rollouts.items():

@@ -1,8 +1,11 @@
-"""The fleet in SQLite: latest state per device and the history of update attempts; survives restarts.
+"""The fleet record: latest state per device and the history of update attempts; survives restarts.
 
 An attempt opens when a device starts working on a target version (downloading, verifying,
 patching, installing, confirming) and closes when it reports done, failed, refused or
 rolled_back for that version. A refusal before any download is a closed attempt of its own.
+
+The record is a SQLite file by default or a PostgreSQL database (record_database: the same SQL,
+and the lock that makes one fleet service active and another one its standby).
 
 Reports are written in batches (`record`, one transaction each): a fleet of thousands reports in
 bursts, and a commit per report is a WAL sync per report.
@@ -10,15 +13,16 @@ bursts, and a commit per report is a WAL sync per report.
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from schemas.errors import EdgeswarmError
 from schemas.models import DeviceState, Phase
 from services.operator.fleet import StatusLine
+from services.operator.record_database import PostgresDatabase, RecordDatabase, SqliteDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -36,7 +40,7 @@ CREATE TABLE IF NOT EXISTS devices (
     state_json TEXT
 );
 CREATE TABLE IF NOT EXISTS attempts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {id_column},
     device TEXT NOT NULL,
     target_version TEXT NOT NULL,
     started TEXT NOT NULL,
@@ -44,9 +48,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome TEXT,
     reason TEXT,
     used_delta INTEGER,
-    bytes_from_origin INTEGER,
-    bytes_from_peers INTEGER,
-    millis INTEGER
+    bytes_from_origin BIGINT,
+    bytes_from_peers BIGINT,
+    millis BIGINT
 );
 CREATE INDEX IF NOT EXISTS attempts_by_device ON attempts(device, id);
 CREATE INDEX IF NOT EXISTS devices_by_class ON devices(device_class, device);
@@ -56,6 +60,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     updated TEXT NOT NULL
 );
 """
+SCHEMAS = {SqliteDatabase: SCHEMA.format(id_column="INTEGER PRIMARY KEY AUTOINCREMENT"),
+           PostgresDatabase: SCHEMA.format(id_column="BIGSERIAL PRIMARY KEY")}
 
 WORKING = {Phase.DOWNLOADING, Phase.VERIFYING, Phase.PATCHING, Phase.INSTALLING, Phase.CONFIRMING}
 ENDED = {Phase.DONE: "done", Phase.FAILED: "failed", Phase.REFUSED: "refused", Phase.ROLLED_BACK: "rolled_back"}
@@ -104,24 +110,35 @@ class Attempt:
 
 
 class FleetStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)  # autocommit; each record() is one transaction
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # A power cut may lose the last batches, never corrupt the file: the devices' retained reports
-        # bring their latest state back when the service restarts.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+    def __init__(self, database: RecordDatabase) -> None:
+        self._db = database
+        self.where = database.where
+        database.create(SCHEMAS[type(database)])
+
+    @classmethod
+    def sqlite(cls, path: Path) -> FleetStore:
+        return cls(SqliteDatabase(path))
+
+    @classmethod
+    def postgres(cls, url: str) -> FleetStore:
+        return cls(PostgresDatabase(url))
 
     def close(self) -> None:
         self._db.close()
+
+    def try_lead(self, fleet: str) -> bool:
+        """Become the fleet's active service if no other one is (see record_database)."""
+        return self._db.try_lead(fleet)
+
+    def check_leading(self) -> None:
+        """Raises RecordUnavailable once this service can no longer be the active one."""
+        self._db.check_leading()
 
     def record(self, updates: Sequence[DeviceState | OnlineSeen]) -> int:
         """Record reports and online changes in their order, in one transaction; returns how many
         reports were newer than the device's last one (the others are retained copies, replayed)."""
         recorded = 0
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._db.transaction():
             for update in updates:
                 if isinstance(update, OnlineSeen):
                     self._online(update)
@@ -162,13 +179,13 @@ class FleetStore:
                              (state.device, state.target_version, seen))
         elif state.phase in ENDED:
             if open_attempt is None:
-                self._db.execute("INSERT INTO attempts (device, target_version, started) VALUES (?, ?, ?)",
-                                 (state.device, state.target_version, seen))
-                open_attempt = self._db.execute("SELECT last_insert_rowid()").fetchone()
+                open_attempt = self._db.execute(
+                    "INSERT INTO attempts (device, target_version, started) VALUES (?, ?, ?) RETURNING id",
+                    (state.device, state.target_version, seen)).fetchone()
             self._db.execute(
                 """UPDATE attempts SET finished=?, outcome=?, reason=?, used_delta=?, bytes_from_origin=?,
                        bytes_from_peers=?, millis=? WHERE id=?""",
-                (seen, ENDED[state.phase], state.reason, state.used_delta, state.bytes_from_origin,
+                (seen, ENDED[state.phase], state.reason, _int(state.used_delta), state.bytes_from_origin,
                  state.bytes_from_peers, state.update_millis, open_attempt[0]),
             )
         return True
@@ -177,17 +194,17 @@ class FleetStore:
         self._db.execute(
             """INSERT INTO devices (device, online, last_seen) VALUES (?, ?, ?)
                ON CONFLICT(device) DO UPDATE SET online=excluded.online,
-                   last_seen=CASE WHEN excluded.online THEN excluded.last_seen ELSE devices.last_seen END""",
+                   last_seen=CASE WHEN excluded.online <> 0 THEN excluded.last_seen ELSE devices.last_seen END""",
             (update.device, int(update.online), update.seen.isoformat()),
         )
 
     def retire(self, device: str) -> bool:
         """Forget a decommissioned device (its attempts stay, for the record); False if unknown."""
-        with self._db:
+        with self._db.transaction():
             return self._db.execute("DELETE FROM devices WHERE device=?", (device,)).rowcount > 0
 
     def save_rollout(self, device_class: str, rollout_json: str) -> None:
-        with self._db:
+        with self._db.transaction():
             self._db.execute(
                 """INSERT INTO rollouts (device_class, rollout_json, updated) VALUES (?, ?, ?)
                    ON CONFLICT(device_class) DO UPDATE SET rollout_json=excluded.rollout_json, updated=excluded.updated""",
@@ -210,8 +227,8 @@ class FleetStore:
         """Every device as `fleet status` shows it, from the record's columns: no report is parsed
         (100,000 of them took longer than the 2 s `fleet status` may take)."""
         rows = self._db.execute(
-            """SELECT device, online, device_class, installed_version, phase, progress,
-                      json_extract(state_json, '$.reason'), state_at FROM devices ORDER BY device""").fetchall()
+            f"""SELECT device, online, device_class, installed_version, phase, progress,
+                       {self._db.json_text('state_json', 'reason')}, state_at FROM devices ORDER BY device""").fetchall()
         return [StatusLine(device, None if online is None else bool(online), device_class or "?", installed, phase,
                            progress, reason, datetime.fromisoformat(at) if at else None)
                 for device, online, device_class, installed, phase, progress, reason, at in rows]
@@ -230,12 +247,32 @@ class FleetStore:
         return [Attempt(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else bool(r[5]), r[6], r[7], r[8]) for r in rows]
 
 
-def versions_of_class(path: Path, device_class: str) -> dict[str, int]:
+def _int(value: bool | None) -> int | None:
+    return None if value is None else int(value)
+
+
+class RecordMissing(EdgeswarmError):
+    """No fleet record exists yet where the settings point."""
+
+
+def open_fleet_store(database: str | None, home: Path, *, must_exist: bool = False) -> FleetStore:
+    """The fleet record the settings name: PostgreSQL at `database` (a postgresql:// URL), else
+    <home>/fleet.sqlite. `must_exist`: a reader's question, not to be answered by creating an empty one."""
+    if database is not None:
+        return FleetStore.postgres(database)
+    path = home / "fleet.sqlite"
+    if must_exist and not path.exists():
+        raise RecordMissing(f"{path} does not exist: `edgeswarm fleet serve` records the fleet there")
+    return FleetStore.sqlite(path)
+
+
+def versions_of_class(database: str | None, home: Path, device_class: str) -> dict[str, int]:
     """How many tracked devices of the class run each version (empty before `fleet serve` recorded any):
     the release pipeline makes deltas from the versions most devices run."""
-    if not path.exists():
+    try:
+        store = open_fleet_store(database, home, must_exist=True)
+    except RecordMissing:
         return {}
-    store = FleetStore(path)
     try:
         return dict(Counter(d.installed_version for d in store.devices()
                             if d.device_class == device_class and d.installed_version))

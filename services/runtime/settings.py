@@ -120,6 +120,14 @@ class HomeAssistantSettings(BaseModel):
         description="device ids or glob patterns (gw-00*) that keep an entity once the fleet is larger than all_devices_up_to")
 
 
+class RecordSettings(BaseModel):
+    database: Annotated[str, StringConstraints(pattern=r"^postgres(ql)?://")] | None = Field(
+        None, description="the fleet record in PostgreSQL (a libpq URL: postgresql://user@host/db, or "
+        "postgresql:///db?host=/run/postgresql); two `fleet serve` on one database are active and standby. "
+        "Unset: <home>/fleet.sqlite")
+    standby_poll: float = Field(1.0, gt=0, le=60, description="a standby asks for the active lock this often (s)")
+
+
 class _Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(
@@ -175,6 +183,7 @@ class OperatorSettings(_Settings):
     delta_bases: int = Field(3, ge=0, le=16, description="make deltas from this many previous versions")
     timestamp_expires_hours: float = Field(4.0, gt=0, description="lifetime of each signed timestamp")
     homeassistant: HomeAssistantSettings = HomeAssistantSettings()
+    record: RecordSettings = RecordSettings()
 
 
 S = TypeVar("S", bound=_Settings)

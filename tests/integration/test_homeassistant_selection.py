@@ -32,7 +32,7 @@ def test_a_large_fleet_shows_only_the_selected_devices_in_home_assistant(tmp_pat
     keys = Keyring()
     root = TrustedSet.load_initial_root(sign_root(keys.root_metadata(), keys.root[:2]))
     bridge = HomeAssistantBridge("f1", "homeassistant", "t" * 32, all_devices_up_to=3, selected=["gw-1", "plant-*"])
-    service = FleetService("f1", FleetStore(tmp_path / "fleet.sqlite"), OpsTokens.load_or_create(tmp_path / "tokens"),
+    service = FleetService("f1", FleetStore.sqlite(tmp_path / "fleet.sqlite"), OpsTokens.load_or_create(tmp_path / "tokens"),
                            root, bridge=bridge)
 
     async def entities(port: int) -> set[str]:

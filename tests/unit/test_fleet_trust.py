@@ -26,7 +26,7 @@ def keys() -> Keyring:
 @pytest.fixture
 def service(tmp_path: Path, keys: Keyring) -> FleetService:
     root = TrustedSet.load_initial_root(sign_root(keys.root_metadata(), keys.root[:2]))
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = FleetStore.sqlite(tmp_path / "fleet.sqlite")
     return FleetService("f1", store, OpsTokens.load_or_create(tmp_path / "tokens"), root, clock=lambda: NOW)
 
 

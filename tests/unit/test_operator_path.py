@@ -198,7 +198,7 @@ def test_fleet_status_from_the_record_summarises_a_large_class_and_lists_who_nee
     updates.append(DeviceState(device="ipc-1", fleet="f1", device_class="ipc", installed_version="3.1.0",
                                installed_sha256="3" * 64, phase=Phase.IDLE, timestamp=now))
     updates.append(OnlineSeen("not-reported-yet", True, now))
-    store = FleetStore(home / "fleet.sqlite")
+    store = FleetStore.sqlite(home / "fleet.sqlite")
     store.record(updates)
     store.close()
 

@@ -303,7 +303,7 @@ def test_the_members_a_tick_reads_are_kept_as_reports_arrive(
 
     keys = Keyring()
     directory = tmp_path_factory.mktemp("members")
-    service = FleetService("f1", FleetStore(directory / "fleet.sqlite"), OpsTokens.load_or_create(directory / "tokens"),
+    service = FleetService("f1", FleetStore.sqlite(directory / "fleet.sqlite"), OpsTokens.load_or_create(directory / "tokens"),
                            TrustedSet.load_initial_root(sign_root(keys.root_metadata(), keys.root[:2])))
 
     def state(device: str, device_class: str, claimed: str | None = None) -> bytes:

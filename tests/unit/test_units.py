@@ -169,7 +169,7 @@ def test_the_fleet_store_opens_and_closes_attempts_and_ignores_replayed_reports(
     from schemas.models import DeviceState, Phase
     from services.operator.fleet_store import FleetStore
 
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = FleetStore.sqlite(tmp_path / "fleet.sqlite")
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
 
     def report(seconds: int, phase: Phase, **fields: object) -> bool:
@@ -189,7 +189,7 @@ def test_the_fleet_store_opens_and_closes_attempts_and_ignores_replayed_reports(
     (row,) = store.devices()
     assert row.installed_version == "2.0.0" and row.last_error == "hash_mismatch: bad bytes"
     store.close()
-    reopened = FleetStore(tmp_path / "fleet.sqlite")
+    reopened = FleetStore.sqlite(tmp_path / "fleet.sqlite")
     assert len(reopened.attempts("d1")) == 2
 
 
@@ -214,7 +214,7 @@ def test_the_fleet_store_records_a_batch_as_it_records_one_report_at_a_time(
                                    target_version=None if phase == "idle" else "2.0.0", reason="r" if phase == "failed" else None))
         updates.append(OnlineSeen(device, online, t0 + timedelta(seconds=seconds)))
     directory = tmp_path_factory.mktemp("store")
-    one, batch = FleetStore(directory / "one.sqlite"), FleetStore(directory / "batch.sqlite")
+    one, batch = FleetStore.sqlite(directory / "one.sqlite"), FleetStore.sqlite(directory / "batch.sqlite")
     newer = sum(one.record([u]) for u in updates)
     assert batch.record(updates) == newer
     assert one.devices() == batch.devices()
