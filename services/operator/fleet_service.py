@@ -149,13 +149,19 @@ class FleetService:
                 wait = max(0.0, min(next_advance, probe_deadline or next_advance) - loop.time())
                 done, _ = await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    message = getter.result()
-                    if message.topic == probe_topic:
-                        if message.payload == probe and probe_deadline is not None:
-                            log.info("broker login checked: it may write and read %s", topics.ops_wildcard(self.fleet))
-                            probe_deadline = None
-                        continue
-                    await self.handle(client, message)
+                    message: Message | None = getter.result()
+                    # A burst of reports is handled as it waits, up to a tick's worth, before the next wait.
+                    for _ in range(RECORD_BATCH):
+                        if message is None:
+                            break
+                        if message.topic == probe_topic:
+                            if message.payload == probe and probe_deadline is not None:
+                                log.info("broker login checked: it may write and read %s",
+                                         topics.ops_wildcard(self.fleet))
+                                probe_deadline = None
+                        else:
+                            await self.handle(client, message)
+                        message = client.waiting_message() if loop.time() < next_advance else None
                 else:
                     getter.cancel()
                 # Once per tick, not per message: a burst of a thousand reports is one pass over the rollouts.

@@ -40,7 +40,9 @@ class RecordDatabase(Protocol):
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> Rows: ...
 
-    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+    def transaction(self, *, batch: bool = False) -> contextlib.AbstractContextManager[None]:
+        """One transaction; `batch`: statements whose results are not read may be sent without waiting."""
+        ...
 
     def json_text(self, column: str, key: str) -> str:
         """SQL for the text of `key` in the JSON object held in `column`."""
@@ -75,7 +77,7 @@ class SqliteDatabase:
         return self._db.execute(sql, params)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, batch: bool = False) -> Iterator[None]:
         with self._db:
             self._db.execute("BEGIN")
             yield
@@ -142,9 +144,10 @@ class PostgresDatabase:
             raise RecordUnavailable(f"lost the fleet record {self.where}: {exc}".strip()) from exc
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, batch: bool = False) -> Iterator[None]:
         try:
-            with self._conn.transaction():
+            # Pipeline mode: a statement goes out at once and only a result that is read waits for the server.
+            with self._conn.pipeline() if batch else contextlib.nullcontext(), self._conn.transaction():
                 yield
         except self._psycopg.OperationalError as exc:
             raise RecordUnavailable(f"lost the fleet record {self.where}: {exc}".strip()) from exc

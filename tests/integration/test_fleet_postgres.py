@@ -229,3 +229,15 @@ def test_the_standby_takes_over_a_paused_rollout_and_finishes_it(fleet: Fleet, p
     assert {d["device"]: d["installed_version"] for d in record["devices"]} == {
         "good-1": "2.0.0", "good-2": "2.0.0", "sick-1": "1.0.0"}
 
+
+
+def test_the_standby_benchmark_runs_ci_sized() -> None:
+    """benchmarks/standby_bench.py --quick: three takeovers, each after a SIGKILL, each answering."""
+    bench = Path(__file__).parents[2] / "benchmarks" / "standby_bench.py"
+    result = subprocess.run([sys.executable, str(bench), "--quick", "--seed", "7", "--json"], capture_output=True,
+                            text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert figures["seed"] == 7 and figures["trials"] == 3 and len(figures["runs"]) == 3
+    for trial in figures["runs"]:  # the lock comes first, then the broker session, then the answer
+        assert 0 < trial["lock_seconds"] <= trial["connected_seconds"] <= trial["answered_seconds"]
