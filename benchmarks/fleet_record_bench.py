@@ -189,8 +189,10 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     large = 20_000 if args.quick else args.devices
-    postgres = PostgresServer().start() if args.record == "postgres" else None
+    postgres = PostgresServer() if args.record == "postgres" else None
     try:
+        if postgres is not None:
+            postgres.start()
         baseline, measured = asyncio.run(_run([args.baseline, large], postgres))
     finally:
         if postgres is not None:

@@ -85,8 +85,9 @@ async def _ask(port: int, token: str, *, until: float, every: float = 0.5) -> fl
 
 
 def run(trials: int, seed: int) -> tuple[list[float], list[Trial]]:
-    postgres = PostgresServer().start()
+    postgres = PostgresServer()
     try:
+        postgres.start()
         with tempfile.TemporaryDirectory(prefix="standby-bench-") as work:
             fleet = Fleet(Path(work))
             try:

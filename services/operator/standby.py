@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from services.operator.fleet_store import FleetStore
 
 log = logging.getLogger(__name__)
 
 
-async def wait_until_active(store: FleetStore, fleet: str, stop: asyncio.Event, *, poll: float = 1.0,
-                            on_standby: Callable[[], None] | None = None) -> bool:
+async def wait_until_active(store: FleetStore, fleet: str, stop: asyncio.Event, *, poll: float = 1.0) -> bool:
     """True once this process is the fleet's active service; False if `stop` is set first."""
     waited = False
     while not stop.is_set():
@@ -28,8 +26,6 @@ async def wait_until_active(store: FleetStore, fleet: str, stop: asyncio.Event, 
         if not waited:
             waited = True
             log.info("standby: another fleet service of %s holds %s; taking over when it stops", fleet, store.where)
-            if on_standby is not None:
-                on_standby()
         try:
             await asyncio.wait_for(stop.wait(), poll)
         except TimeoutError:

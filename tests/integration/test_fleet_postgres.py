@@ -35,9 +35,9 @@ pytestmark = [pytest.mark.integration,
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
+    server = PostgresServer()
     try:
-        yield server
+        yield server.start()
     finally:
         server.stop()
 
