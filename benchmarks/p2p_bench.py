@@ -4,6 +4,7 @@
     python3 benchmarks/p2p_bench.py --devices 5 --nats 3 --size 8   # a quick run
     python3 benchmarks/p2p_bench.py --json
     python3 benchmarks/p2p_bench.py --runs 5             # five whole comparisons: every run and the median
+    python3 benchmarks/p2p_bench.py --plot timeline.png  # and a picture of where each device's time went
 
 N device agents behind K NAT routers (3 of 5 UPnP-capable, 1 plain MASQUERADE, 1 symmetric, the
 devices spread round-robin), the broker and the origin on the WAN with the origin's uplink shaped
@@ -17,6 +18,13 @@ max(F / u_origin, F / d_device, N F / (u_origin + N u_device)) for an artifact o
 devices and those link rates (`bound_seconds`, `fleet_x_bound`); `duplicate_x_artifact` is what
 the devices received on average (origin and peers, as the kernel counted their connections' bytes)
 per artifact: above 1.0 is the same blocks fetched twice.
+
+Where the time goes: once a second (`--sample`) counting rules in every device's namespace give
+its bytes over time from the origin, from LAN peers and from peers across NATs (JSON `timeline`;
+they keep what closed connections delivered, which the agents' per-socket counts lose), its idle stretches (2 s or more receiving nothing before its last byte), its
+node restarts and origin dials (from its log), and every node's CPU time (`cpu_seconds_per_mb`: the
+agents with their embedded Kubo and the origin, per MiB delivered to a device). `--plot FILE.png`
+draws it (benchmarks/p2p_plot.py; matplotlib, installed when missing).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support import netlab  # noqa: E402
 from tests.support.p2p_scenario import FleetLab, NatPlan, Plan, Result  # noqa: E402
+from tests.support.swarm_timeline import DeviceTimeline  # noqa: E402
 
 
 def install_lab_tools() -> None:
@@ -69,7 +78,14 @@ def summary(result: Result, size: int, timeout: float, bound: float) -> dict:
     unfinished = [d.device for d in result.devices if d.version != "2.0.0" or d.seconds is None]
     seconds = sorted(d.seconds if d.device not in unfinished and d.seconds is not None else timeout
                      for d in result.devices)
-    received = sum(d.from_origin + d.from_peers for d in result.devices) or 1
+    received_by_agents = sum(d.from_origin + d.from_peers for d in result.devices) or 1
+    timelines = {t.device: t for t in result.timelines}
+    # The timeline's count includes connections that closed during a fetch, which the agents' own
+    # before/after snapshots miss: it is the one the duplicate figure uses when there is one.
+    received = sum(t.received for t in timelines.values()) if timelines else received_by_agents
+    device_cpu = [t.cpu_seconds for t in timelines.values() if t.cpu_seconds is not None]
+    cpu_total = sum(device_cpu) + (result.origin_cpu_seconds or 0)
+    delivered_mb = len(result.devices) * size / (1 << 20)
     paths = {d.device: {"nat": d.nat, "lan_peer": d.from_lan_peers, "peer_across_nats": d.from_peers - d.from_lan_peers,
                         "origin": d.from_origin} for d in result.devices}
     http = sorted(result.http_device_seconds)
@@ -89,6 +105,17 @@ def summary(result: Result, size: int, timeout: float, bound: float) -> dict:
         "bound_seconds": round(bound, 2),
         "fleet_x_bound": round(result.completion_seconds / bound, 2) if result.completion_seconds else None,
         "duplicate_x_artifact": round(received / size / max(len(result.devices), 1), 2),
+        "received_x_artifact_agents": round(received_by_agents / size / max(len(result.devices), 1), 2),
+        # Every node's CPU (the agents, each with its embedded Kubo, and the origin) from the release to
+        # the last device's done, per MiB that reached a device: what a duplicate or an idle node costs.
+        "cpu_seconds_per_mb": round(cpu_total / delivered_mb, 3) if timelines else None,
+        "cpu_seconds_devices": round(sum(device_cpu), 1) if timelines else None,
+        "cpu_seconds_origin": result.origin_cpu_seconds,
+        "idle_seconds_total": round(sum(_idle(t) for t in timelines.values()), 1) if timelines else None,
+        "idle_seconds_max_device": round(max((_idle(t) for t in timelines.values()), default=0), 1) if timelines else None,
+        "node_restarts": sum(len(t.restarts) for t in timelines.values()) if timelines else None,
+        "origin_dials": sum(len(t.origin_dials) for t in timelines.values()) if timelines else None,
+        "sampling_cpu_seconds": result.sampling_cpu_seconds,
         "device_seconds_p2p_p50_p95": [_pct(seconds, 50), _pct(seconds, 95)],
         "device_seconds_http_p50_p95": [_pct(http, 50), _pct(http, 95)],
         "share_of_bytes_from_peers": round(sum(d.from_peers for d in result.devices) / received, 3),
@@ -97,7 +124,16 @@ def summary(result: Result, size: int, timeout: float, bound: float) -> dict:
         "connections_direct": sum(d.peers_direct or 0 for d in result.devices),
         "connections_relayed": sum(d.peers_relayed or 0 for d in result.devices),
         "paths": paths,
+        "timeline": {t.device: {"nat": t.nat, "done": t.done_seconds, "cpu_seconds": t.cpu_seconds,
+                                "received_x_artifact": round(t.received / size, 3), "idle": t.idle_stretches(),
+                                "restarts": t.restarts, "origin_dials": t.origin_dials,
+                                "samples": [list(sample) for sample in t.samples]}
+                     for t in timelines.values()},
     }
+
+
+def _idle(timeline: DeviceTimeline) -> float:
+    return sum(end - start for start, end in timeline.idle_stretches())
 
 
 def _pct(values: list[float], p: int) -> float | None:
@@ -106,6 +142,15 @@ def _pct(values: list[float], p: int) -> float | None:
     if len(values) == 1:
         return values[0]
     return round(statistics.quantiles(values, n=100, method="inclusive")[p - 1], 2)
+
+
+def ensure_matplotlib() -> None:
+    """--plot's one dependency, installed when missing (as the lab's Debian tools are) before a long run."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("matplotlib") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib>=3.7"], check=True)
 
 
 def main() -> int:
@@ -121,6 +166,10 @@ def main() -> int:
                         help="skip the HTTP baseline (~5 min at the defaults): for iterating on the p2p side only")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="build the lab in DIR and leave its logs there")
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison; every run and the median are shown")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw each device's timeline (with --runs K: FILE-1.png ... FILE-K.png)")
+    parser.add_argument("--sample", type=float, default=1.0, metavar="S",
+                        help="seconds between timeline samples (default 1; each lists the counters of every namespace)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     # The lab's processes (`python -m services.cli ...` in namespaces, in temporary directories) must run
@@ -129,7 +178,12 @@ def main() -> int:
     if args.runs < 1 or (args.keep_logs and args.runs > 1):
         print("--runs must be at least 1, and --keep-logs keeps one run's lab", file=sys.stderr)
         return 2
+    if args.sample <= 0:
+        print("--sample must be above 0", file=sys.stderr)
+        return 2
     install_lab_tools()
+    if args.plot:
+        ensure_matplotlib()
     why = netlab.available() or netlab.upnp_available()
     if why:
         print(f"cannot build the NAT lab: {why}", file=sys.stderr)
@@ -137,7 +191,7 @@ def main() -> int:
     size = args.size << 20
     plan = Plan(nats=nat_plan(args.devices, args.nats), size=size, origin_mbit=args.origin_mbit,
                 device_mbit=args.device_mbit, origin_grace=args.grace,
-                rendezvous_peers=args.peers, timeout=1800)
+                rendezvous_peers=args.peers, timeout=1800, sample_interval=args.sample)
     if args.keep_logs:
         if args.keep_logs.exists() and any(args.keep_logs.iterdir()):
             print(f"--keep-logs {args.keep_logs}: not empty (a lab of an earlier run?); give a new directory",
@@ -158,6 +212,12 @@ def main() -> int:
                 print("the same artifact over HTTP ...", file=sys.stderr)
                 fleet.http_baseline(result)
         runs.append(summary(result, size, plan.timeout, bound))
+        if args.plot:
+            from p2p_plot import plot_run
+
+            target = args.plot if args.runs == 1 else args.plot.with_name(f"{args.plot.stem}-{run}{args.plot.suffix}")
+            plot_run(runs[-1], target, f"run {run}/{args.runs}: {args.devices} devices, {args.nats} NATs, {args.size} MB")
+            print(f"timeline drawn in {target}", file=sys.stderr)
     status = 1 if any(r["unfinished"] for r in runs) else 0  # an incomplete run is a failed run, whatever else it measured
     if args.runs > 1:
         print_runs(runs, args.json)
@@ -189,6 +249,10 @@ def main() -> int:
     Console().print(paths)
     print(f"swarming bound {figures['bound_seconds']} s: the fleet took {figures['fleet_x_bound']}x it; devices received "
           f"{figures['duplicate_x_artifact']}x the artifact on average")
+    print(f"CPU {figures['cpu_seconds_per_mb']} s per MiB delivered (devices {figures['cpu_seconds_devices']} s, "
+          f"origin {figures['cpu_seconds_origin']} s); idle {figures['idle_seconds_total']} s in all, "
+          f"{figures['idle_seconds_max_device']} s at most on one device; {figures['node_restarts']} node restarts, "
+          f"{figures['origin_dials']} origin dials")
     print(f"completed {figures['completed']}/{figures['devices']}; bytes from peers {figures['share_of_bytes_from_peers']:.1%} "
           f"(LAN {figures['share_from_lan_peers']:.1%}); connections when fetches ended: "
           f"{figures['connections_direct']} direct, {figures['connections_relayed']} relayed")
@@ -198,9 +262,11 @@ def main() -> int:
     return status
 
 
-# JSON key -> column: fleet time / HTTP's, / the swarming bound, origin egress and bytes received per artifact.
+# JSON key -> column: fleet time / HTTP's, / the swarming bound, origin egress and bytes received per artifact,
+# CPU per MiB delivered, idle seconds and node restarts summed over the devices.
 RUN_FIGURES = {"fleet_time_ratio": "x HTTP", "fleet_x_bound": "x bound", "origin_egress_p2p_x_artifact": "origin x",
-               "duplicate_x_artifact": "received x", "fleet_seconds_p2p": "p2p s", "fleet_seconds_http": "HTTP s"}
+               "duplicate_x_artifact": "received x", "cpu_seconds_per_mb": "CPU s/MiB", "idle_seconds_total": "idle s",
+               "node_restarts": "restarts", "fleet_seconds_p2p": "p2p s", "fleet_seconds_http": "HTTP s"}
 
 
 def print_runs(runs: list[dict], as_json: bool) -> None:

@@ -43,6 +43,15 @@ def test_six_devices_behind_five_nats_update_mostly_from_each_other(tmp_path: Pa
     assert by_device["d06"].nat == "masquerade behind masquerade" and by_device["d06"].version == "2.0.0"
     # Nothing but the static forward it announced lets the symmetric-NAT device reach d04.
     assert f"connected to d04 at {forward}/p2p/" in symmetric_log
+    # The benchmark's timeline saw every device receive the artifact, at least what the agents counted
+    # themselves (they miss connections that closed mid-fetch), and no more than the fleet could send.
+    timelines = {t.device: t for t in result.timelines}
+    assert set(timelines) == set(by_device)
+    for name, timeline in timelines.items():
+        agent_count = by_device[name].from_origin + by_device[name].from_peers
+        assert plan.size <= timeline.received >= 0.98 * agent_count, (name, timeline.received, agent_count)
+        assert timeline.samples[-1][0] >= by_device[name].seconds and timeline.cpu_seconds > 0
+    assert sum(t.samples[-1][1] for t in timelines.values()) <= result.origin_egress * 1.02  # origin bytes: only the origin's
     print(f"origin egress {result.origin_egress / plan.size:.2f}x the artifact; fleet done in {result.completion_seconds} s")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from services.demo.processes import PARENT_ENV
 from services.demo.provision import DeviceSpec, provision
 from tests.support.netlab import Namespace, NatLab, Router, RouterKind
+from tests.support.swarm_timeline import DeviceTimeline, TimelineSampler, Watched, cpu_seconds, log_events
 
 FLEET = "lab"
 CLASS = "gw"
@@ -51,6 +52,7 @@ class Plan:
     rendezvous_peers: int = 32
     timeout: float = 300.0
     http_baseline: bool = False
+    sample_interval: float | None = 1.0  # seconds between timeline samples; None: no timeline
 
 
 @dataclass
@@ -75,6 +77,9 @@ class Result:
     http_origin_egress: int | None = None
     http_completion_seconds: float | None = None
     http_device_seconds: list[float] = field(default_factory=list)
+    timelines: list[DeviceTimeline] = field(default_factory=list)  # empty without Plan.sample_interval
+    origin_cpu_seconds: float | None = None  # the origin's CPU time from the release to the last device's done
+    sampling_cpu_seconds: float = 0.0  # what taking the timeline cost (CPU time of its counter listings)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,6 +93,7 @@ class FleetLab:
         self.plan = plan
         self.lab = NatLab(workdir / "lab")
         self.devices: list[tuple[Namespace, NatPlan, str]] = []
+        self.agent_pids: dict[str, int] = {}  # `ip netns exec` execs the agent: its PID is the agent's
 
     def __enter__(self) -> FleetLab:
         return self
@@ -135,8 +141,8 @@ class FleetLab:
         env = {PARENT_ENV: str(os.getpid())}
         lab.popen(self.wan, [PY, "-m", "services.cli", "broker", "run", "--host", self.wan.ip, "--port", str(BROKER_PORT)],
                   "broker.log", env=env)
-        lab.popen(self.wan, [PY, "-m", "services.cli", "origin", "--config", str(self.config)], "origin.log", env=env,
-                  cwd=self.workdir)
+        self.origin_pid = lab.popen(self.wan, [PY, "-m", "services.cli", "origin", "--config", str(self.config)],
+                                    "origin.log", env=env, cwd=self.workdir).pid
         address_file = home / "origin" / "multiaddr"
         _wait(lambda: address_file.exists(), 60, "the origin node did not start")
         self.origin = address_file.read_text().splitlines()[0]
@@ -155,8 +161,8 @@ class FleetLab:
             )
             config = provision(spec)
             announce = {"EDGESWARM_CONTENT__ANNOUNCE": json.dumps([self.forwards[name]])} if name in self.forwards else {}
-            lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(config)], f"agent-{name}.log",
-                      env={**env, **announce})
+            self.agent_pids[name] = lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(config)],
+                                              f"agent-{name}.log", env={**env, **announce}).pid
             if plan.device_mbit:
                 lab.shape(ns, rate_mbit=plan.device_mbit)
                 lab.shape(self.router_of[name], rate_mbit=plan.device_mbit, interface=lab.lan_port(ns))
@@ -187,7 +193,36 @@ class FleetLab:
         result = Result(artifact_size=self.plan.size)
         before = self.egress(ORIGIN_PORT)
         started = time.time()  # wall clock: the devices' reports carry their own (same machine) timestamps
-        self.cli("release", CLASS, "2.0.0", str(self.artifacts["2.0.0"]), "--config", str(self.config))
+        sampler = self._sampler()
+        origin_cpu = cpu_seconds(self.origin_pid)
+        if sampler is not None:
+            sampler.start(started)
+        try:
+            self.cli("release", CLASS, "2.0.0", str(self.artifacts["2.0.0"]), "--config", str(self.config))
+            self._await_done(result, started)
+        finally:
+            device_cpu = sampler.stop() if sampler is not None else {}
+        result.origin_egress = self.egress(ORIGIN_PORT) - before
+        origin_cpu_now = cpu_seconds(self.origin_pid)
+        if origin_cpu is not None and origin_cpu_now is not None:
+            result.origin_cpu_seconds = round(origin_cpu_now - origin_cpu, 2)
+        if sampler is not None:
+            result.sampling_cpu_seconds = round(sampler.sample_cpu_seconds, 2)
+            for d in result.devices:
+                restarts, dials = log_events((self.lab.workdir / f"agent-{d.device}.log").read_text(errors="replace"),
+                                             started)
+                result.timelines.append(DeviceTimeline(
+                    device=d.device, nat=d.nat, samples=sampler.samples[d.device], done_seconds=d.seconds,
+                    cpu_seconds=device_cpu.get(self.agent_pids[d.device]), restarts=restarts, origin_dials=dials))
+        return result
+
+    def _sampler(self) -> TimelineSampler | None:
+        if self.plan.sample_interval is None:
+            return None
+        watched = [Watched(name, ns.name, ns.ip.rsplit(".", 1)[0], self.agent_pids[name]) for ns, _, name in self.devices]
+        return TimelineSampler(watched, origin_ip=self.wan.ip, broker_port=BROKER_PORT, interval=self.plan.sample_interval)
+
+    def _await_done(self, result: Result, started: float) -> None:
         done: dict[str, dict] = {}
 
         def all_done() -> bool:
@@ -201,7 +236,6 @@ class FleetLab:
 
         finished = _wait(all_done, self.plan.timeout, None)
         result.completion_seconds = round(max(d["seen"] for d in done.values()), 2) if finished else None
-        result.origin_egress = self.egress(ORIGIN_PORT) - before
         last = self.states()
         for ns, nat, name in self.devices:
             state = done.get(name) or last.get(name, {})
@@ -213,7 +247,6 @@ class FleetLab:
                 from_lan_peers=state.get("bytes_from_lan_peers", 0),
                 peers_direct=state.get("peers_direct"), peers_relayed=state.get("peers_relayed"),
             ))
-        return result
 
     def http_baseline(self, result: Result) -> None:
         """Every device downloads the same artifact over plain HTTP from the WAN host, all at once."""
