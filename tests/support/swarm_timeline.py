@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from tests.support.netlab import IPT
@@ -82,7 +83,7 @@ def split_by_namespace(output: str) -> dict[str, str]:
 def cpu_seconds(pid: int) -> float | None:
     """User and system CPU time of process `pid` so far (None once it is gone)."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -108,7 +109,7 @@ class DeviceTimeline:
         received nothing."""
         end = self.done_seconds if self.done_seconds is not None else (self.samples[-1][0] if self.samples else 0.0)
         # Growth seen at a sample happened since the one before it: a stretch runs from the sample
-        # that last saw growth to the last sample that saw none (or to the done report).
+        # that last saw growth to the last sample that saw none.
         stretches, since, previous, last_total = [], 0.0, 0.0, 0
         for t, *counts in self.samples:
             if t > end:
