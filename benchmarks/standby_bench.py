@@ -55,13 +55,28 @@ class Trial:
 
 
 def _wait_log(service: ServiceProcess, text: str, since: int, timeout: float = 60.0) -> float:
+    return _wait_logs(service, (text,), since, timeout)[0]
+
+
+def _wait_logs(service: ServiceProcess, texts: tuple[str, ...], since: int, timeout: float = 60.0) -> list[float]:
+    """time.monotonic() when each of `texts`, logged in this order, was first seen after `since`.
+
+    One watcher for all of them: two would each see a pair of lines written together at their own
+    poll, and a later line could get the earlier time."""
     end = time.monotonic() + timeout
-    while text not in service.log_file.read_text(errors="replace")[since:]:
-        if service.proc.poll() is not None or time.monotonic() > end:
-            raise SystemExit(f"{service.log_file} (exit {service.proc.poll()}): no {text!r} after {since}:\n"
+    seen: list[float] = []
+    while len(seen) < len(texts):
+        log = service.log_file.read_text(errors="replace")[since:]
+        now = time.monotonic()
+        while len(seen) < len(texts) and texts[len(seen)] in log:
+            seen.append(now)
+        if len(seen) == len(texts):
+            break
+        if service.proc.poll() is not None or now > end:
+            raise SystemExit(f"{service.log_file} (exit {service.proc.poll()}): no {texts[len(seen)]!r} after {since}:\n"
                              f"{service.log_file.read_text()[-3000:]}")
         time.sleep(0.01)
-    return time.monotonic()
+    return seen
 
 
 def _log_size(service: ServiceProcess) -> int:
@@ -114,11 +129,10 @@ def run(trials: int, seed: int) -> tuple[list[float], list[Trial]]:
                     os.killpg(active.proc.pid, signal.SIGKILL)
                     killed = time.monotonic()
                     active.proc.wait()
-                    with ThreadPoolExecutor(2) as watchers:  # the log lines' times, seen while the requests go out
-                        lock_at = watchers.submit(_wait_log, standby, "now the active one", since)
-                        connected_at = watchers.submit(_wait_log, standby, "(active)", since)
+                    with ThreadPoolExecutor(1) as watcher:  # the log lines' times, seen while the requests go out
+                        logged = watcher.submit(_wait_logs, standby, ("now the active one", "(active)"), since)
                         answered_at = asyncio.run(_ask(fleet.broker_port, token, until=killed + 60))
-                        lock, connected = lock_at.result() - killed, connected_at.result() - killed
+                        lock, connected = (at - killed for at in logged.result())
                     results.append(Trial(round(lock, 3), round(connected, 3), round(answered_at - killed, 3)))
                     restarted = ServiceProcess(args, active.log_file, Path(work))
                     fleet.processes.append(restarted)
