@@ -43,7 +43,6 @@ sys.path.insert(0, str(REPO))
 
 from tests.support import netlab  # noqa: E402
 from tests.support.p2p_scenario import FleetLab, NatPlan, Plan, Result  # noqa: E402
-from tests.support.swarm_timeline import DeviceTimeline  # noqa: E402
 
 
 def install_lab_tools() -> None:
@@ -86,6 +85,8 @@ def summary(result: Result, size: int, timeout: float, bound: float) -> dict:
     device_cpu = [t.cpu_seconds for t in timelines.values() if t.cpu_seconds is not None]
     cpu_total = sum(device_cpu) + (result.origin_cpu_seconds or 0)
     delivered_mb = len(result.devices) * size / (1 << 20)
+    idle = {t.device: t.idle_stretches() for t in timelines.values()}
+    idle_seconds = [sum(end - start for start, end in stretches) for stretches in idle.values()]
     paths = {d.device: {"nat": d.nat, "lan_peer": d.from_lan_peers, "peer_across_nats": d.from_peers - d.from_lan_peers,
                         "origin": d.from_origin} for d in result.devices}
     http = sorted(result.http_device_seconds)
@@ -111,29 +112,26 @@ def summary(result: Result, size: int, timeout: float, bound: float) -> dict:
         "cpu_seconds_per_mb": round(cpu_total / delivered_mb, 3) if timelines else None,
         "cpu_seconds_devices": round(sum(device_cpu), 1) if timelines else None,
         "cpu_seconds_origin": result.origin_cpu_seconds,
-        "idle_seconds_total": round(sum(_idle(t) for t in timelines.values()), 1) if timelines else None,
-        "idle_seconds_max_device": round(max((_idle(t) for t in timelines.values()), default=0), 1) if timelines else None,
+        "idle_seconds_total": round(sum(idle_seconds), 1) if timelines else None,
+        "idle_seconds_max_device": round(max(idle_seconds, default=0), 1) if timelines else None,
         "node_restarts": sum(len(t.restarts) for t in timelines.values()) if timelines else None,
         "origin_dials": sum(len(t.origin_dials) for t in timelines.values()) if timelines else None,
         "sampling_cpu_seconds": result.sampling_cpu_seconds,
         "device_seconds_p2p_p50_p95": [_pct(seconds, 50), _pct(seconds, 95)],
         "device_seconds_http_p50_p95": [_pct(http, 50), _pct(http, 95)],
-        "share_of_bytes_from_peers": round(sum(d.from_peers for d in result.devices) / received, 3),
-        "share_from_lan_peers": round(sum(d.from_lan_peers for d in result.devices) / received, 3),
+        # The agents' own split, over the agents' own total: the timeline's total is another count.
+        "share_of_bytes_from_peers": round(sum(d.from_peers for d in result.devices) / received_by_agents, 3),
+        "share_from_lan_peers": round(sum(d.from_lan_peers for d in result.devices) / received_by_agents, 3),
         # As the devices report them when their fetch ended (their IPFS connections).
         "connections_direct": sum(d.peers_direct or 0 for d in result.devices),
         "connections_relayed": sum(d.peers_relayed or 0 for d in result.devices),
         "paths": paths,
         "timeline": {t.device: {"nat": t.nat, "done": t.done_seconds, "cpu_seconds": t.cpu_seconds,
-                                "received_x_artifact": round(t.received / size, 3), "idle": t.idle_stretches(),
+                                "received_x_artifact": round(t.received / size, 3), "idle": idle[t.device],
                                 "restarts": t.restarts, "origin_dials": t.origin_dials,
                                 "samples": [list(sample) for sample in t.samples]}
                      for t in timelines.values()},
     }
-
-
-def _idle(timeline: DeviceTimeline) -> float:
-    return sum(end - start for start, end in timeline.idle_stretches())
 
 
 def _pct(values: list[float], p: int) -> float | None:
