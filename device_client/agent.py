@@ -13,6 +13,7 @@ version untouched.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -35,7 +36,7 @@ from device_client.rendezvous import Rendezvous
 from device_client.reporter import Reporter
 from device_client.switch import SwitchJournal, SwitchRecord, SwitchStep, Unreadable
 from device_client.trust_intake import TrustFiles, TrustIntake, command_event
-from device_client.updater import UpdateContext, UpdateError, Updater
+from device_client.updater import DiskFull, UpdateContext, UpdateError, Updater
 from schemas import topics
 from schemas.errors import EdgeswarmError, ReasonCode
 from schemas.models import (
@@ -281,12 +282,15 @@ class DeviceAgent:
         updater = Updater(self.update_context, enter, progress)
         try:
             await updater.run(m, action.installed_sha256)
+        except DiskFull as exc:
+            return self._failure(m, updater, exc.code, exc.reason, retryable=True, spent=exc.spent)
         except FetchTooLarge as exc:
             return self._failure(m, updater, exc.code, str(exc), phase=Phase.REFUSED)
         except FetchError as exc:
             return self._failure(m, updater, exc.code, str(exc), retryable=True)
         except OSError as exc:
-            return self._failure(m, updater, ReasonCode.IO_ERROR, str(exc), retryable=True)
+            code = ReasonCode.DISK_FULL if exc.errno == errno.ENOSPC else ReasonCode.IO_ERROR
+            return self._failure(m, updater, code, str(exc), retryable=True)
         except UpdateError as exc:
             return self._failure(m, updater, exc.code, exc.reason, phase=exc.phase)
         except Exception as exc:  # noqa: BLE001 - a bug must not leave the update pending for ever
@@ -297,8 +301,9 @@ class DeviceAgent:
         })
 
     def _failure(self, m: ReleaseManifest, updater: Updater, code: ReasonCode, reason: str, *,
-                 phase: Phase = Phase.FAILED, retryable: bool = False) -> machine.UpdateFailed:
-        return machine.UpdateFailed(m, code, reason, phase=phase, retryable=retryable, figures=_traffic_figures(updater))
+                 phase: Phase = Phase.FAILED, retryable: bool = False, spent: bool = True) -> machine.UpdateFailed:
+        return machine.UpdateFailed(m, code, reason, phase=phase, retryable=retryable, figures=_traffic_figures(updater),
+                                    spent=spent)
 
     async def _keep_releases(self, installed_sequence: int) -> None:
         try:

@@ -126,12 +126,16 @@ class _Directory:
         """`name` as a new regular file holding `source`'s bytes, on disk before this returns."""
         self.unlink(name)
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
-        with open(fd, "wb") as out, open(source, "rb") as src:
-            while chunk := src.read(CHUNK):
-                out.write(chunk)
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
+        try:
+            with open(fd, "wb") as out, open(source, "rb") as src:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+                out.flush()
+                os.fchmod(out.fileno(), mode)
+                os.fsync(out.fileno())
+        except BaseException:
+            self.unlink(name)  # a full disk, say: no partial copy left to fill it further
+            raise
 
     def replace(self, source: str, dest: str) -> None:
         os.replace(source, dest, src_dir_fd=self.fd, dst_dir_fd=self.fd)

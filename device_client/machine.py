@@ -5,7 +5,8 @@ events, saves the persisted part of the new state before it performs the actions
 outcome of each action back as the next event. Every decision of the agent lives here, so every
 path is a few lines of unit test (tests/unit/test_machine.py, with hypothesis over event sequences).
 
-    Started ─┬─ a switch journal that moved something (or is rolling back) ─► RollBack ─► RolledBack ─► ROLLED_BACK
+    Started ─┬─ a switch journal that moved something (or is rolling back) ─► RollBack ─► RolledBack ─┬─► ROLLED_BACK
+             │      (an unconfirmed switch: tried again, max_attempts in all) ─► Verify(pending, resuming) ◄┘
              ├─ pending in CONFIRMING with no readable journal ─► RollBack (to the installed bytes)
              └─ pending in another phase (a journal that moved nothing is cleared) ─► Verify(pending, resuming)
     ReleaseHeard ──► Verify(raw)
@@ -184,6 +185,7 @@ class UpdateFailed:
     phase: Phase = Phase.FAILED  # REFUSED: the bytes were wrong; ROLLED_BACK: installed, then undone
     retryable: bool = False
     figures: dict[str, Any] = field(default_factory=dict)
+    spent: bool = True  # counts against max_attempts; False: nothing was tried (no room yet): wait, for ever
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,7 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
         case RolledBack() if not state.rolling_back:
             return state, []
         case RolledBack():
-            return _rolled_back(state, event)
+            return _rolled_back(state, event, config)
     raise TypeError(f"not an event: {event!r}")
 
 
@@ -379,11 +381,23 @@ def _started(state: AgentState, event: Started) -> tuple[AgentState, list[Action
     return state, [*actions, Verify(pending.envelope.encode(), resuming=True)]
 
 
-def _rolled_back(state: AgentState, event: RolledBack) -> tuple[AgentState, list[Action]]:
-    record = event.record
-    local = state.local.model_copy(update={
-        "pending": None, "rolled_back_sequence": max(state.local.rolled_back_sequence, record.sequence)})
-    if record.step == SwitchStep.SWITCHING:
+def _rolled_back(state: AgentState, event: RolledBack, config: MachineConfig) -> tuple[AgentState, list[Action]]:
+    """A switch undone at start. A restart before the health check answered says nothing against the
+    release (a power cut, most often), so the update is tried again, up to `max_attempts` in all like a
+    boot counter: a version that itself kills the device during its check is given up after that."""
+    record, pending = event.record, state.local.pending
+    # SWITCHING: found at start; ROLLING_BACK for that same reason: that rollback was itself cut short.
+    interrupted = record.step == SwitchStep.SWITCHING or record.reason_code == ReasonCode.UNCONFIRMED_RESTART
+    attempts = (pending.attempts if pending is not None else 0) + 1
+    retrying = interrupted and pending is not None and event.problem is None and attempts < config.max_attempts
+    if retrying:
+        assert pending is not None
+        local = state.local.model_copy(update={"pending": pending.model_copy(update={"attempts": attempts,
+                                                                                     "phase": Phase.DOWNLOADING})})
+    else:
+        local = state.local.model_copy(update={
+            "pending": None, "rolled_back_sequence": max(state.local.rolled_back_sequence, record.sequence)})
+    if interrupted:
         reason, code = f"restarted before {record.version} was confirmed healthy", ReasonCode.UNCONFIRMED_RESTART
     else:
         reason = record.reason or f"{record.version} was being rolled back"
@@ -391,9 +405,17 @@ def _rolled_back(state: AgentState, event: RolledBack) -> tuple[AgentState, list
     reason += f"; rolled back to {local.installed_version}"
     if event.problem:
         reason += f" (the rollback reported: {event.problem})"
+    if retrying:
+        reason += f"; retry {attempts + 1} of {config.max_attempts}"
     state, actions = _report(replace(state, local=local, rolling_back=False),
-                             Report(Phase.ROLLED_BACK, target_version=record.version, reason=reason, reason_code=code))
-    return state, actions if event.problem else [*actions, ClearSwitch()]
+                             Report(Phase.ROLLED_BACK, target_version=record.version, reason=reason, reason_code=code,
+                                    figures={"retrying": True} if retrying else {}))
+    if event.problem:
+        return state, actions
+    if retrying:
+        assert pending is not None
+        return state, [*actions, ClearSwitch(), Verify(pending.envelope.encode(), resuming=True)]
+    return state, [*actions, ClearSwitch()]
 
 
 def _verified(state: AgentState, event: ReleaseVerified, config: MachineConfig) -> tuple[AgentState, list[Action]]:
@@ -464,7 +486,7 @@ def _succeeded(state: AgentState, event: UpdateSucceeded) -> tuple[AgentState, l
 def _failed(state: AgentState, event: UpdateFailed, config: MachineConfig) -> tuple[AgentState, list[Action]]:
     m, local = event.manifest, state.local
     pending = local.pending
-    attempts = (pending.attempts if pending else 0) + 1
+    attempts = (pending.attempts if pending else 0) + event.spent
     retrying = event.retryable and pending is not None and attempts < config.max_attempts
     reason = event.reason
     updates: dict[str, Any] = {}
@@ -474,7 +496,8 @@ def _failed(state: AgentState, event: UpdateFailed, config: MachineConfig) -> tu
     if retrying:
         assert pending is not None
         updates["pending"] = pending.model_copy(update={"attempts": attempts})
-        reason = f"{reason}; retry {attempts + 1} of {config.max_attempts} in {config.retry_interval:.0f} s"
+        reason = (f"{reason}; retry {attempts + 1} of {config.max_attempts} in {config.retry_interval:.0f} s" if event.spent
+                  else f"{reason}; checking again in {config.retry_interval:.0f} s")
         actions.append(ScheduleRetry(config.retry_interval))
     else:
         updates["pending"] = None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_client.content_keeper import ContentKeeper
+from device_client.disk_room import room_needed, shortfalls
 from device_client.health import wait_healthy
 from device_client.installer import Installer, InstallError, installer_for, sha256_file
 from device_client.switch import SwitchJournal, SwitchRecord
@@ -37,6 +38,16 @@ from services.runtime.settings import InstallSettings
 from services.runtime.traffic import Endpoint, TrafficMeter, on_link, received_since
 
 log = logging.getLogger(__name__)
+
+
+class DiskFull(EdgeswarmError):
+    """No room for the update: found before anything was fetched (`spent` False: the attempt is not
+    counted, the device just waits for room), or when a write ran out of space on the way."""
+
+    def __init__(self, reason: str, *, spent: bool) -> None:
+        super().__init__(reason, code=ReasonCode.DISK_FULL)
+        self.reason = reason
+        self.spent = spent
 
 
 class UpdateError(EdgeswarmError):
@@ -101,7 +112,16 @@ class Updater:
         if m.install.handler not in self.ctx.install.allowed_handlers:
             raise UpdateError(ReasonCode.HANDLER_NOT_ALLOWED,
                               f"install handler {m.install.handler!r} is not allowed on this device", Phase.REFUSED)
-        new_file = await self._obtain(m, installed_sha256)
+        short = self._short_of_room(m, installed_sha256)
+        if short:
+            raise DiskFull(f"not enough room for {m.version}: {short}; the working version stays", spent=False)
+        try:
+            new_file = await self._obtain(m, installed_sha256)
+        except FetchError as exc:  # the node reports a full disk as a failed fetch: tell them apart
+            short = self._short_of_room(m, installed_sha256)
+            if short:
+                raise DiskFull(f"{exc}: ran out of room ({short})", spent=True) from None
+            raise
         installer = installer_for(m.install, self.ctx.target, command_timeout=self.ctx.install.command_timeout)
         await self.enter(Phase.INSTALLING, 95)
         try:
@@ -127,6 +147,12 @@ class Updater:
         for leftover in self.ctx.download_dir.iterdir():
             leftover.unlink(missing_ok=True)
         self.elapsed_ms = int((time.monotonic() - started) * 1000)
+
+    def _short_of_room(self, m: ReleaseManifest, installed_sha256: str) -> str | None:
+        download_dir = self.ctx.download_dir
+        partial = {p: p.stat().st_size for p in download_dir.iterdir() if p.is_file()}
+        short = shortfalls(room_needed(m, installed_sha256, download_dir, self.ctx.target, partial))
+        return "; ".join(str(s) for s in short) or None
 
     async def _roll_back(self, installer: Installer, record: SwitchRecord, reason: str, code: ReasonCode) -> str | None:
         """Undo the switch; a problem doing so is returned for the report (the journal keeps the

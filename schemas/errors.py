@@ -50,6 +50,7 @@ class ReasonCode(StrEnum):
     ROLLED_BACK = "rolled_back"
     AWAITING_ROLLOUT = "awaiting_rollout"
     IO_ERROR = "io_error"
+    DISK_FULL = "disk_full"  # no room for the update on the device's file systems; retried, the old version stays
     INTERNAL_ERROR = "internal_error"
     STATE_RESET = "state_reset"
     # The device's network and broker.

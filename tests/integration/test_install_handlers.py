@@ -60,7 +60,7 @@ def test_a_failed_health_check_rolls_back_to_the_other_slot_and_is_not_retried(f
 
 
 @integration
-def test_a_restart_before_confirmation_rolls_back(fleet: Fleet) -> None:
+def test_a_restart_before_confirmation_rolls_back_then_tries_again(fleet: Fleet) -> None:
     device = _device(fleet, "ab-cut", 'allowed_handlers = ["ab"]\nhealth_command = ["sleep", "30"]\n'
                                       "health_timeout = 60\nconfirm_deadline = 120\n")
     v1 = device.installed_sha256()
@@ -71,8 +71,11 @@ def test_a_restart_before_confirmation_rolls_back(fleet: Fleet) -> None:
     restarted = datetime.now(UTC)
     fleet.start_device("ab-cut")
     state = fleet.watcher.wait("ab-cut", lambda s: s.phase == Phase.ROLLED_BACK and s.timestamp > restarted, timeout=60)
-    assert state.reason_code == "unconfirmed_restart" and state.installed_version == "1.0.0"
-    assert device.installed_sha256() == v1 and os.readlink(device.spec.installed_file).endswith("slot-a")
+    assert state.reason_code == "unconfirmed_restart" and state.installed_sha256 == v1 and state.retrying
+    assert "retry 2 of 5" in (state.reason or ""), "max_attempts (limits, default 5) counts these too"
+    # The cut says nothing against the release: it is installed again, and waits for its check again.
+    again = fleet.watcher.wait("ab-cut", lambda s: s.phase == Phase.CONFIRMING and s.timestamp > state.timestamp, timeout=60)
+    assert again.target_version == "2.0.0" and os.readlink(device.spec.installed_file).endswith("slot-b")
 
 
 @integration

@@ -9,6 +9,7 @@ waiting, rolled back, frozen) reported once.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,14 +84,34 @@ def test_start_reports_idle_and_resumes_a_pending_update_by_verifying_it_again()
     assert actions == [m.Report(Phase.IDLE), m.Verify(b"raw-v2", resuming=True)]
 
 
-def test_start_in_confirming_without_a_journal_rolls_back_to_the_installed_bytes() -> None:
+def test_start_in_confirming_without_a_journal_rolls_back_to_the_installed_bytes_and_tries_again() -> None:
     pending = PendingUpdate(envelope="raw-v2", phase=Phase.CONFIRMING)
     state, actions = run(fresh(pending=pending), m.Started())
     assert actions == [m.RollBack(None, "raw-v2")], "nothing is reported before the old version is back"
     state, actions = run(state, m.RolledBack(switch(V2)))
+    assert state.local.installed_version == "1.0.0" and state.local.rolled_back_sequence == 0
+    assert state.local.pending == PendingUpdate(envelope="raw-v2", phase=Phase.DOWNLOADING, attempts=1)
+    said = reports(actions)[0]
+    assert said.reason_code == ReasonCode.UNCONFIRMED_RESTART and said.figures == {"retrying": True}
+    assert "retry 2 of 3" in (said.reason or "")
+    assert actions[-2:] == [m.ClearSwitch(), m.Verify(b"raw-v2", resuming=True)]
+
+
+def test_an_update_cut_before_its_check_every_time_is_given_up_after_max_attempts() -> None:
+    """Like a boot counter: a version that kills the device during its own health check is not
+    retried for ever; the third unconfirmed restart leaves the device on its working version."""
+    state = fresh(pending=PendingUpdate(envelope="raw-v2", phase=Phase.CONFIRMING))
+    for attempt in range(1, 4):
+        state = replace(state, local=state.local.model_copy(update={
+            "pending": state.local.pending.model_copy(update={"phase": Phase.CONFIRMING})}))
+        state, _ = run(state, m.Started(switch=switch(V2), active_sha256=V2.artifact.installed_sha256))
+        state, actions = run(state, m.RolledBack(switch(V2)))
+        if attempt < 3:
+            assert state.local.pending is not None and state.local.pending.attempts == attempt
+            assert m.Verify(b"raw-v2", resuming=True) in actions
     assert state.local.pending is None and state.local.rolled_back_sequence == 2
-    assert reports(actions)[0].reason_code == ReasonCode.UNCONFIRMED_RESTART
-    assert state.local.installed_version == "1.0.0" and actions[-1] == m.ClearSwitch()
+    assert not [a for a in actions if isinstance(a, m.Verify)] and actions[-1] == m.ClearSwitch()
+    assert reports(actions)[0].figures == {} and "retry" not in (reports(actions)[0].reason or "")
 
 
 def test_a_switch_that_moved_is_rolled_back_at_start_whatever_phase_state_json_recorded() -> None:
@@ -102,8 +123,9 @@ def test_a_switch_that_moved_is_rolled_back_at_start_whatever_phase_state_json_r
         state, actions = run(fresh(pending=pending), started)
         assert actions == [m.RollBack(switch(V2))] and state.rolling_back
         state, actions = run(state, m.RolledBack(switch(V2)))
-        assert state.local.installed_sha256 == SHA_V1 and state.local.pending is None
-        assert [r.phase for r in reports(actions)] == [Phase.ROLLED_BACK] and actions[-1] == m.ClearSwitch()
+        assert state.local.installed_sha256 == SHA_V1 and state.local.pending.attempts == 1
+        assert [r.phase for r in reports(actions)] == [Phase.ROLLED_BACK]
+        assert actions[-2:] == [m.ClearSwitch(), m.Verify(b"raw-v2", resuming=True)], "tried again, from the start"
 
 
 def test_a_switch_that_moved_nothing_is_forgotten_and_the_install_resumes() -> None:
@@ -121,6 +143,17 @@ def test_a_rollback_cut_short_is_finished_at_start_with_its_reason() -> None:
         state, actions = run(state, m.RolledBack(record))
         assert reports(actions)[0].reason_code == ReasonCode.HEALTH_CHECK_FAILED
         assert state.local.rolled_back_sequence == 2 and state.local.installed_sha256 == SHA_V1
+
+
+def test_the_rollback_of_an_unconfirmed_restart_cut_short_is_finished_and_the_update_tried_again() -> None:
+    record = switch(V2, SwitchStep.ROLLING_BACK).model_copy(update={
+        "reason": "unconfirmed restart", "reason_code": ReasonCode.UNCONFIRMED_RESTART})
+    state, actions = run(fresh(pending=PendingUpdate(envelope="raw-v2", phase=Phase.CONFIRMING)),
+                         m.Started(switch=record, active_sha256=V2.artifact.installed_sha256))
+    assert actions == [m.RollBack(record)]
+    state, actions = run(state, m.RolledBack(record))
+    assert reports(actions)[0].reason_code == ReasonCode.UNCONFIRMED_RESTART and state.local.rolled_back_sequence == 0
+    assert actions[-1] == m.Verify(b"raw-v2", resuming=True)
 
 
 def test_a_rollback_that_fails_keeps_its_journal_for_the_next_start() -> None:
@@ -194,6 +227,20 @@ def test_a_fetch_failure_is_retried_a_bounded_number_of_times_then_given_up() ->
         state, _ = run(state, verified(V2, resuming=True))
     assert retries == CONFIG.max_attempts - 1
     assert state.local.pending is None and reports(actions)[0].phase == Phase.FAILED
+
+
+def test_waiting_for_room_on_the_disk_spends_no_attempt_and_goes_on_until_there_is_room() -> None:
+    """Nothing was fetched or written: the device checks again every retry_interval, for ever,
+    and an attempt that then fails on the way still counts (and is still bounded)."""
+    state, _ = run(fresh(), verified(V2))
+    for _ in range(3 * CONFIG.max_attempts):
+        state, actions = run(state, m.UpdateFailed(V2, ReasonCode.DISK_FULL, "no room", retryable=True, spent=False))
+        said = reports(actions)[0]
+        assert said.reason_code == ReasonCode.DISK_FULL and "checking again" in (said.reason or "")
+        assert m.ScheduleRetry(CONFIG.retry_interval) in actions and state.local.pending.attempts == 0
+        state, _ = run(state, m.RetryDue(), verified(V2, resuming=True))
+    state, actions = run(state, m.UpdateFailed(V2, ReasonCode.DISK_FULL, "ran out", retryable=True))
+    assert state.local.pending.attempts == 1 and "retry 2 of" in (reports(actions)[0].reason or "")
 
 
 def test_a_rolled_back_release_is_not_retried_and_said_once() -> None:
