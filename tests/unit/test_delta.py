@@ -184,6 +184,22 @@ def test_a_crash_twice_in_a_row_still_resumes(old_image: Path, tmp_path: Path) -
     assert target.read_bytes() == new.read_bytes()
 
 
+def test_applying_in_place_again_after_it_finished_is_a_no_op(old_image: Path, tmp_path: Path) -> None:
+    """A cut after the application finished but before its caller noted it: the rerun succeeds
+    and touches nothing; a file that is neither the old nor the new one is still refused."""
+    old, new = _pair(old_image, tmp_path, "insert-front")
+    patch, target = tmp_path / "patch", tmp_path / "target"
+    create_patch(old, new, patch, SMALL_IN_PLACE)
+    shutil.copyfile(old, target)
+    header = apply_in_place(target, patch)
+    written = target.stat().st_mtime_ns
+    assert apply_in_place(target, patch) == header and target.stat().st_mtime_ns == written
+    assert target.read_bytes() == new.read_bytes() and not Journal.path(target).exists()
+    target.write_bytes(new.read_bytes()[:-1] + bytes([new.read_bytes()[-1] ^ 1]))  # same size, other bytes
+    with pytest.raises(BadPatch):
+        apply_in_place(target, patch)
+
+
 def test_a_journal_of_another_patch_stops_in_place_application(old_image: Path, tmp_path: Path) -> None:
     old, new = _pair(old_image, tmp_path, "insert-front")
     patch, other, target = tmp_path / "patch", tmp_path / "other", tmp_path / "target"

@@ -207,6 +207,10 @@ class Journal:
         atomic_write(self.path(target), json.dumps(record).encode())
 
 
+def _is_new(header: PatchHeader, target: Path) -> bool:
+    return target.stat().st_size == header.new_size and sha256_file(target) == header.new_sha256
+
+
 def _write_durably(handle: BinaryIO, offset: int, data: bytes, step: StepHook | None, index: int) -> None:
     # written in two halves so that tests can cut the power between them
     half = len(data) // 2
@@ -224,7 +228,8 @@ def apply_in_place(target: Path, patch: Path, *, progress: Progress | None = Non
 
     A fresh application first rehearses: it rebuilds every segment in memory and checks the
     whole result's sha256 without writing, so a bad patch is refused while the target is still
-    the intact old file.
+    the intact old file. A target that already is the new file is left alone: a caller cut off
+    after the application finished, but before it noted so, may simply run it again.
     `step(name, segment)` is called at every point a crash could matter (used by tests).
     """
     patch_sha256 = sha256_file(patch)
@@ -236,6 +241,8 @@ def apply_in_place(target: Path, patch: Path, *, progress: Progress | None = Non
         conflict = header.in_place_conflict()
         if conflict:
             raise BadPatch(f"this patch cannot be applied in place: {conflict} (create it with --in-place)")
+        if journal is None and _is_new(header, target):
+            return header
         if journal is None:
             _check_old(header, target)
             with open(target, "rb") as old_handle:
