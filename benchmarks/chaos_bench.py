@@ -1,10 +1,13 @@
 """Faults at random moments of real updates, and what the devices look like afterwards (issue 15).
 
-    python3 benchmarks/chaos_bench.py [--trials 200] [--disk-trials 12] [--clock-trials 9] [--seed S] [--json]
-    python3 benchmarks/chaos_bench.py --quick            # 24 power cuts, 4 full disks, 3 wrong clocks (~3 min)
+    python3 benchmarks/chaos_bench.py [--trials 200] [--disk-trials 12] [--clock-trials 9]
+                                      [--broker-trials 20] [--service-trials 10] [--seed S] [--json]
+    python3 benchmarks/chaos_bench.py --quick            # a few of each (~4 min)
 
 Faults: power cuts (tests/support/power_chaos.py), full disks and wrong clocks
-(tests/support/disk_clock_chaos.py; the full disks need root, for a tmpfs per device).
+(tests/support/disk_clock_chaos.py; the full disks need root, for a tmpfs per device), and the
+broker or the fleet service killed in the middle of a staged rollout, on the embedded broker and
+on Mosquitto (tests/support/rollout_chaos.py).
 
 Power cuts: every trial provisions a fresh device on
 1.0.0 in one fleet (embedded broker, origin, real agents with their embedded IPFS node), cuts its
@@ -41,7 +44,9 @@ from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tests.support.disk_clock_chaos import plan_faults, run_fault  # noqa: E402
+from tests.support.harness import mosquitto_available  # noqa: E402
 from tests.support.power_chaos import Outcome, power_lab  # noqa: E402
+from tests.support.rollout_chaos import RolloutOutcome, rollout_lab  # noqa: E402
 
 
 def summarize(outcomes: list[Outcome], seed: int, listing_widths: dict[str, dict[str, float]]) -> dict:
@@ -92,13 +97,51 @@ def print_report(console: Console, report: dict) -> None:
         console.print(f"[red]{failure['cut']}[/red] (landed: {failure['landed']}): {'; '.join(failure['problems'])}")
 
 
+def summarize_rollouts(outcomes: list[RolloutOutcome]) -> dict:
+    rows: dict[str, dict[str, int]] = defaultdict(lambda: {"trials": 0, "completed": 0, "devices": 0, "devices_on_new": 0,
+                                                           "missing_from_record": 0, "installed_twice": 0})
+    for o in outcomes:
+        row = rows[f"{o.fault} killed ({o.broker})"]
+        row["trials"] += 1
+        row["completed"] += o.completed
+        row["devices"] += o.devices
+        row["devices_on_new"] += o.devices_on_new
+        row["missing_from_record"] += len(o.missing_from_record)
+        row["installed_twice"] += len(o.installed_twice)
+    return {"per_fault": dict(sorted(rows.items())),
+            "seconds_median": round(statistics.median(o.seconds for o in outcomes), 1) if outcomes else None,
+            "failures": [o.as_json() for o in outcomes if o.problems]}
+
+
+def print_rollouts(console: Console, report: dict) -> None:
+    if not report["per_fault"]:
+        return
+    table = Table(title="crashes during a staged rollout")
+    for column in ("fault", "trials", "rollout completed", "devices on the new version", "missing from the record",
+                   "installed twice"):
+        table.add_column(column, justify="left" if column == "fault" else "right")
+    for fault, row in report["per_fault"].items():
+        table.add_row(fault, str(row["trials"]), str(row["completed"]), f"{row['devices_on_new']}/{row['devices']}",
+                      str(row["missing_from_record"]), str(row["installed_twice"]))
+    console.print(table)
+    console.print(f"median trial (release to checked) {report['seconds_median']} s")
+    for failure in report["failures"]:
+        console.print(f"[red]{failure['fault']} killed ({failure['broker']}) at {failure['kill_at']} s[/red]: "
+                      f"{'; '.join(failure['problems'])}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=200, help="power-cut trials (default 200)")
     parser.add_argument("--seed", type=int, default=None, help="repeat a run: the seed it printed")
     parser.add_argument("--disk-trials", type=int, default=12, help="full-disk trials (default 12; as root)")
     parser.add_argument("--clock-trials", type=int, default=9, help="wrong-clock trials (default 9)")
-    parser.add_argument("--quick", action="store_true", help="24 power cuts, 4 full disks, 3 clocks: a CI-sized look")
+    parser.add_argument("--broker-trials", type=int, default=20, help="broker kills in a rollout, per broker (default 20)")
+    parser.add_argument("--service-trials", type=int, default=10,
+                        help="fleet-service kills in a rollout, per broker (default 10)")
+    parser.add_argument("--brokers", default="embedded,mosquitto", help="brokers of the rollout trials (default both)")
+    parser.add_argument("--quick", action="store_true",
+                        help="24 power cuts, 4 full disks, 3 clocks, 2 broker and 1 service kill per broker: a CI-sized look")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
     options = parser.parse_args()
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -109,6 +152,12 @@ def main() -> int:
         console.print("not root: no full-disk trials (each needs a tmpfs of its own)")
         disk_trials = 0
     clock_trials = 3 if options.quick else options.clock_trials
+    broker_trials = 2 if options.quick else options.broker_trials
+    service_trials = 1 if options.quick else options.service_trials
+    brokers = [b for b in options.brokers.split(",") if b]
+    if "mosquitto" in brokers and not mosquitto_available():
+        console.print("no mosquitto here: rollout trials on the embedded broker only")
+        brokers.remove("mosquitto")
     console.print(f"seed {seed}: repeat with --seed {seed}")
     rng = random.Random(seed)
     started = time.monotonic()
@@ -125,14 +174,29 @@ def main() -> int:
             for fault in faults:
                 outcomes.append(run_fault(lab, fault, Path(tmp) / "work"))
                 progress.advance(task)
+    rollouts: list[RolloutOutcome] = []
+    for broker in brokers if broker_trials + service_trials else []:
+        plan = ["broker"] * broker_trials + ["service"] * service_trials
+        rng.shuffle(plan)
+        with tempfile.TemporaryDirectory(prefix="chaos-rollout-") as tmp, Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"rollouts, {broker}", total=len(plan))
+            lab = rollout_lab(Path(tmp), broker, devices=5)
+            try:
+                for fault in plan:
+                    rollouts.append(lab.trial(rng, fault))
+                    progress.advance(task)
+            finally:
+                lab.stop()
     report = summarize(outcomes, seed, widths)
+    report["rollout"] = summarize_rollouts(rollouts)
     report["seconds"] = round(time.monotonic() - started, 1)
     if options.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(console, report)
+        print_rollouts(console, report["rollout"])
     return 0 if report["bricked"] == report["mixed_versions"] == report["with_problems"] == 0 \
-        and report["reached_new_version"] == report["trials"] else 1
+        and report["reached_new_version"] == report["trials"] and not report["rollout"]["failures"] else 1
 
 
 if __name__ == "__main__":
