@@ -49,7 +49,8 @@ from tests.support.power_chaos import Outcome, power_lab  # noqa: E402
 from tests.support.rollout_chaos import RolloutOutcome, rollout_lab  # noqa: E402
 
 
-def summarize(outcomes: list[Outcome], seed: int, listing_widths: dict[str, dict[str, float]]) -> dict:
+def summarize(outcomes: list[Outcome], seed: int, listing_widths: dict[str, dict[str, float]],
+              travels: dict[str, int]) -> dict:
     per_phase: dict[str, dict[str, int]] = defaultdict(lambda: {"trials": 0, "bricked": 0, "mixed_versions": 0,
                                                                 "reached_new_version": 0, "with_problems": 0})
     landed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -61,7 +62,10 @@ def summarize(outcomes: list[Outcome], seed: int, listing_widths: dict[str, dict
         row["reached_new_version"] += outcome.reached_new_version
         row["with_problems"] += bool(outcome.problems)
         landed[outcome.cut.cell][outcome.landed] += 1
-    refetched = [o.refetched_bytes for o in outcomes if o.cut.kind == "phase" and o.cut.phase == "downloading"]
+    refetched: dict[str, list[int]] = defaultdict(list)
+    for o in outcomes:
+        if o.cut.kind == "phase" and o.cut.phase == "downloading":
+            refetched[o.cut.handler].append(o.refetched_bytes)  # type: ignore[attr-defined]
     return {
         "seed": seed,
         "trials": len(outcomes),
@@ -71,8 +75,10 @@ def summarize(outcomes: list[Outcome], seed: int, listing_widths: dict[str, dict
         "with_problems": sum(bool(o.problems) for o in outcomes),
         "per_phase": dict(sorted(per_phase.items())),
         "landed": {cell: dict(counts) for cell, counts in sorted(landed.items())},
-        "refetched_bytes_after_download_cuts": {"median": statistics.median(refetched) if refetched else None,
-                                                "max": max(refetched, default=None)},
+        # Per handler: what the restarted device fetched again, against what the update fetches in all.
+        "refetched_bytes_after_download_cuts": {
+            handler: {"trials": len(values), "median": statistics.median(values), "max": max(values),
+                      "update_fetches": travels.get(handler)} for handler, values in sorted(refetched.items())},
         "recovery_seconds_median": round(statistics.median(o.recovery_seconds for o in outcomes), 2) if outcomes else None,
         "phase_widths_seconds": listing_widths,
         "failures": [o.as_json() for o in outcomes if o.problems or not o.reached_new_version],
@@ -91,8 +97,9 @@ def print_report(console: Console, report: dict) -> None:
     console.print(f"{report['trials']} trials: {report['bricked']} bricked, {report['mixed_versions']} mixed versions, "
                   f"{report['reached_new_version']} reached the new version, {report['with_problems']} with problems; "
                   f"median recovery {report['recovery_seconds_median']} s")
-    refetched = report["refetched_bytes_after_download_cuts"]
-    console.print(f"after a cut while downloading, fetched again: median {refetched['median']} bytes, max {refetched['max']}")
+    for handler, row in report["refetched_bytes_after_download_cuts"].items():
+        console.print(f"{handler}: after a cut while downloading, fetched again: median {row['median']:,.0f} bytes, "
+                      f"max {row['max']:,} ({row['trials']} cuts; the update fetches {row['update_fetches']:,})")
     for failure in report["failures"]:
         console.print(f"[red]{failure['cut']}[/red] (landed: {failure['landed']}): {'; '.join(failure['problems'])}")
 
@@ -163,6 +170,7 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp, power_lab(Path(tmp)) as lab:
         widths = {handler: {k: round(v, 3) for k, v in listing.widths.items()} for handler, listing in lab.listings.items()}
+        travels = lab.travels
         cuts = lab.plan(rng, trials)
         faults = plan_faults(rng, disk_trials, clock_trials)
         outcomes: list[Outcome] = []
@@ -187,7 +195,7 @@ def main() -> int:
                     progress.advance(task)
             finally:
                 lab.stop()
-    report = summarize(outcomes, seed, widths)
+    report = summarize(outcomes, seed, widths, travels)
     report["rollout"] = summarize_rollouts(rollouts)
     report["seconds"] = round(time.monotonic() - started, 1)
     if options.json:

@@ -229,6 +229,7 @@ class PowerLab:
     first_root: Path
     signed: dict[str, str]  # installed sha256 -> version
     patch: Path  # 1.0.0 -> 2.0.0, made for patching in place
+    travels: dict[str, int]  # handler -> bytes fetched by an update from 1.0.0 (the artifact, or the delta)
     listings: dict[str, Listing] = field(default_factory=dict)
     in_place_width: float = 0.0
     counter: int = 0
@@ -419,6 +420,7 @@ def power_lab(root: Path) -> Iterator[PowerLab]:
         fleet.cli("keys", "rotate", "timestamp", "--config", str(fleet.operator_config))
         fleet.cli("root", "publish", "--config", str(fleet.operator_config))
         signed: dict[str, str] = {}
+        travels: dict[str, int] = {}
         for handler in HANDLERS:
             device_class = f"ipc-chaos-{handler}"
             install = InstallSpec(handler=handler, target=TARGET, **(
@@ -428,13 +430,14 @@ def power_lab(root: Path) -> Iterator[PowerLab]:
             built = fleet.release_with(device_class, "2.0.0", install)
             assert (handler == "file") == (not built.manifest.deltas), f"{handler}: deltas {list(built.manifest.deltas)}"
             signed[built.manifest.artifact.installed_sha256] = "2.0.0"
+            travels[handler] = sum(d.size for d in built.manifest.deltas.values()) or built.manifest.artifact.size
             signed[sha256_file(fleet.image(device_class, "1.0.0"))] = "1.0.0"
         patch = root / "in-place.esd"
         fleet.cli("delta", "create", str(fleet.image("ipc-chaos-file", "1.0.0")), str(fleet.image("ipc-chaos-file", "2.0.0")),
                   "-o", str(patch), "--in-place")
         work = root / "work"
         work.mkdir()
-        lab = PowerLab(fleet, first_root, signed, patch)
+        lab = PowerLab(fleet, first_root, signed, patch, travels)
         lab.learn(work)
         yield lab
     finally:
