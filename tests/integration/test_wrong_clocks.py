@@ -17,14 +17,13 @@ device whose RTC is wrong. What docs/reliability.md promises:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from schemas.models import DeviceState, Phase
 from services.runtime.files import sha256_file
-from tests.support.deadlines import scaled
 from tests.support.harness import Device, Fleet
 from tests.support.power_chaos import CutAgent
 
@@ -35,30 +34,16 @@ DAYS = 24 * 3600
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path / "fleet")
-    try:
-        fleet.start()
-        fleet.release(IPC, "1.0.0")
-        yield fleet
-    finally:
-        fleet.stop()
+def fleet(fleet: Fleet) -> Fleet:
+    """The conftest's fleet, with 1.0.0 released (what the devices run)."""
+    fleet.release(IPC, "1.0.0")
+    return fleet
 
 
 def seen(fleet: Fleet, name: str, after: int, predicate: Callable[[DeviceState], bool], timeout: float = 60) -> DeviceState:
-    """The first report after the first `after` ones that satisfies `predicate` (report timestamps
-    come from the device's wrong clock, so order of arrival is what counts)."""
-    end = time.monotonic() + scaled(timeout)
-    while time.monotonic() < end:
-        for state in fleet.watcher.history.get(name, [])[after:]:
-            if predicate(state):
-                return state
-        time.sleep(0.1)
-    raise AssertionError(f"{name}: no such report; after {after}: {fleet.watcher.history.get(name, [])[after:]}")
-
-
-def heard(fleet: Fleet, name: str) -> int:
-    return len(fleet.watcher.history.get(name, []))
+    found = fleet.watcher.first_after(name, after, predicate, timeout)
+    assert found is not None, f"{name}: no such report after {after}: {fleet.watcher.history.get(name, [])[after:]}"
+    return found
 
 
 def start(fleet: Fleet, name: str, clock: Path, offset: float, *jump: str) -> tuple[Device, CutAgent]:
@@ -75,14 +60,14 @@ def test_a_clock_days_ahead_freezes_the_device_on_its_working_version_until_the_
         v1 = sha256_file(device.spec.installed_file)
         refused = seen(fleet, "ahead", 0, lambda s: s.reason_code == "expired")
         assert "timestamp" in (refused.reason or "") and refused.installed_version == "1.0.0"
-        before = heard(fleet, "ahead")
+        before = fleet.watcher.heard("ahead")
         fleet.release(IPC, "2.0.0")
         seen(fleet, "ahead", before, lambda s: s.reason_code == "frozen")
         time.sleep(3)  # and nothing is installed while the clock is wrong
         assert all(s.phase not in (Phase.DOWNLOADING, Phase.DONE) for s in fleet.watcher.history["ahead"])
         assert sha256_file(device.spec.installed_file) == v1 and agent.proc.poll() is None, "frozen, not crashed"
         clock.write_text("0\n")  # NTP, say; the next timestamp the operator side signs gets through
-        before = heard(fleet, "ahead")
+        before = fleet.watcher.heard("ahead")
         fleet.publish_timestamp()
         done = seen(fleet, "ahead", before, lambda s: s.phase == Phase.DONE)
         assert done.installed_version == "2.0.0" and sha256_file(device.spec.installed_file) == done.installed_sha256
@@ -109,7 +94,7 @@ def test_a_clock_that_jumps_ahead_during_an_update_finishes_it_then_freezes_and_
     device, agent = start(fleet, "jumpy", clock, 0, "--jump-on-phase", "downloading", "--jump-to", str(3 * DAYS))
     try:
         seen(fleet, "jumpy", 0, lambda s: s.phase == Phase.IDLE)
-        before = heard(fleet, "jumpy")
+        before = fleet.watcher.heard("jumpy")
         fleet.release(IPC, "2.0.0")
         done = seen(fleet, "jumpy", before, lambda s: s.phase == Phase.DONE)
         assert float(clock.read_text()) == 3 * DAYS, "the clock jumped during the update"
@@ -117,7 +102,7 @@ def test_a_clock_that_jumps_ahead_during_an_update_finishes_it_then_freezes_and_
         frozen = seen(fleet, "jumpy", before, lambda s: s.phase == Phase.FROZEN)
         assert frozen.installed_version == "2.0.0" and "expired" in (frozen.reason or "")
         clock.write_text("0\n")
-        after = heard(fleet, "jumpy")
+        after = fleet.watcher.heard("jumpy")
         fleet.publish_timestamp()
         idle = seen(fleet, "jumpy", after, lambda s: s.phase == Phase.IDLE)
         assert idle.installed_version == "2.0.0" and agent.proc.poll() is None

@@ -225,8 +225,7 @@ class Cutter:
         if not (state_write or self._watched(source) or (dest is not None and self._watched(dest))):
             return
         if not self.counting and state_write and os.path.basename(dest or "") == "state.json":
-            with open(source, "rb") as tmp:
-                self.counting = b'"phase": "installing"' in tmp.read()
+            self.counting = self.phase_now == "installing"  # as _persisting just read it
         if not self.counting or self.record is None:
             return
         self.count += 1

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from schemas.models import DeviceState, Phase
 from services.runtime.files import sha256_file
-from tests.support.deadlines import scaled
-from tests.support.full_disk import SmallDisk, half_written
 from tests.support.device_invariants import read_floors
+from tests.support.full_disk import SmallDisk, half_written
 from tests.support.power_chaos import CutAgent, Outcome, PowerLab, settle
 
 DAY = 24 * 3600
@@ -70,22 +68,6 @@ def plan_faults(rng: random.Random, disk_trials: int, clock_trials: int) -> list
     return faults
 
 
-def reports_after(lab: PowerLab, name: str, after: int, predicate: Callable[[DeviceState], bool],
-                  timeout: float = 60) -> DeviceState | None:
-    """The first report after the first `after` that satisfies `predicate`, by order of arrival."""
-    end = time.monotonic() + scaled(timeout)
-    while time.monotonic() < end:
-        for state in lab.fleet.watcher.history.get(name, [])[after:]:
-            if predicate(state):
-                return state
-        time.sleep(0.1)
-    return None
-
-
-def heard(lab: PowerLab, name: str) -> int:
-    return len(lab.fleet.watcher.history.get(name, []))
-
-
 def run_fault(lab: PowerLab, fault: Fault, work: Path) -> Outcome:
     return _disk(lab, fault, work) if fault.kind == "disk" else _clock(lab, fault, work)
 
@@ -98,10 +80,10 @@ def _finish(lab: PowerLab, fault: Fault, device, handler: str, landed: str, prob
     except AssertionError as exc:
         state = None
         problems.append(str(exc)[:300])
-    verdict = lab.judge(device, handler, before, None)  # the agent is still running: judged, then stopped
+    verdict = lab.judge(device, handler, before, None)  # the agent still runs (no stray check): judged, then stopped
     return Outcome(fault, landed, verdict.bricked, verdict.mixed,  # type: ignore[arg-type]
                    reached_new_version=verdict.version == "2.0.0" and state is not None,
-                   problems=problems + [p for p in verdict.problems if "process" not in p],
+                   problems=problems + list(verdict.problems),
                    recovery_seconds=time.monotonic() - started)
 
 
@@ -120,7 +102,7 @@ def _disk(lab: PowerLab, fault: Fault, work: Path) -> Outcome:
         args += ["--fill", str(hog), "--fill-on-phase", fault.what, *(["--fill-on-file", on_file] if on_file else [])]
     agent = CutAgent(device, args)
     try:
-        failed = reports_after(lab, name, 0, lambda s: s.phase in (Phase.FAILED, Phase.DONE, Phase.ROLLED_BACK))
+        failed = lab.fleet.watcher.first_after(name, 0, lambda s: s.phase in (Phase.FAILED, Phase.DONE, Phase.ROLLED_BACK))
         if failed is None or failed.reason_code != "disk_full":
             problems.append(f"not reported as disk_full: {failed}")
         elif failed.installed_sha256 != v1 or sha256_file(device.spec.installed_file) != v1:
@@ -152,7 +134,7 @@ def _clock(lab: PowerLab, fault: Fault, work: Path) -> Outcome:
     agent = CutAgent(device, args)
     try:
         if fault.what == "ahead":
-            if reports_after(lab, name, 0, lambda s: s.reason_code in ("expired", "frozen")) is None:
+            if lab.fleet.watcher.first_after(name, 0, lambda s: s.reason_code in ("expired", "frozen")) is None:
                 problems.append("a clock days ahead was not refused as expired or frozen")
             time.sleep(2)
             if any(s.phase in (Phase.DOWNLOADING, Phase.DONE) for s in lab.fleet.watcher.history.get(name, [])):
@@ -160,14 +142,14 @@ def _clock(lab: PowerLab, fault: Fault, work: Path) -> Outcome:
             clock.write_text("0\n")
             lab.fleet.publish_timestamp()
         elif fault.what == "jump":
-            if reports_after(lab, name, 0, lambda s: s.phase == Phase.DONE) is None:
+            if lab.fleet.watcher.first_after(name, 0, lambda s: s.phase == Phase.DONE) is None:
                 problems.append("the update under way when the clock jumped did not finish")
-            if reports_after(lab, name, 0, lambda s: s.phase == Phase.FROZEN, timeout=30) is None:
+            if lab.fleet.watcher.first_after(name, 0, lambda s: s.phase == Phase.FROZEN, timeout=30) is None:
                 problems.append("no frozen report after the jump")
-            after = heard(lab, name)
+            after = lab.fleet.watcher.heard(name)
             clock.write_text("0\n")
             lab.fleet.publish_timestamp()
-            if reports_after(lab, name, after, lambda s: s.phase == Phase.IDLE) is None:
+            if lab.fleet.watcher.first_after(name, after, lambda s: s.phase == Phase.IDLE) is None:
                 problems.append("not idle again once the clock was right")
         if agent.proc.poll() is not None:
             problems.append(f"the agent stopped ({agent.proc.returncode})")

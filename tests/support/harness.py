@@ -127,6 +127,24 @@ class StateWatcher:
                     raise AssertionError(f"{device} did not reach the expected state in {timeout} s; last: {state}")
                 self._cond.wait(remaining)
 
+    def heard(self, device: str) -> int:
+        """How many reports of `device` arrived so far (a mark for `first_after`)."""
+        with self._cond:
+            return len(self.history.get(device, []))
+
+    def first_after(self, device: str, after: int, predicate: Callable[[DeviceState], bool],
+                    timeout: float = 60.0) -> DeviceState | None:
+        """The first report after the first `after` ones that satisfies `predicate`, by order of
+        arrival (a device with a wrong clock stamps its reports wrong); None if none came in time."""
+        end = time.monotonic() + scaled(timeout)
+        with self._cond:
+            while True:
+                found = next((s for s in self.history.get(device, [])[after:] if predicate(s)), None)
+                remaining = end - time.monotonic()
+                if found is not None or remaining <= 0:
+                    return found
+                self._cond.wait(remaining)
+
     def wait_online(self, device: str, value: bytes, timeout: float = 30.0) -> None:
         end = time.monotonic() + scaled(timeout)
         with self._cond:
