@@ -31,6 +31,8 @@ IDLE_SECONDS = 2.0  # a stretch at least this long in which a device received no
 DELIVERY_BYTES = 32 << 10
 # What a TCP segment carries besides its payload on Linux (IPv4 20, TCP 20, timestamps 12): the rules
 # count packets, so payload = bytes - HEADER_BYTES * packets (pure ACKs, when the device serves, are 0).
+# Handshakes and resets carry other headers (a SYN-ACK's options take 60 bytes, a RST has no timestamps:
+# 40) and no payload, so the rules leave them out rather than guess their size.
 HEADER_BYTES = 52
 CHAIN = "ES_RX"
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -52,7 +54,7 @@ def counting_rules(origin_ip: str, lan_prefix: str, broker_port: int) -> str:
     """iptables-restore input (with --noflush) that counts what a device receives, by source, in
     rules whose order `parse_counters` relies on: broker, origin, LAN, everything else."""
     return "\n".join([
-        "*filter", f":{CHAIN} - [0:0]", f"-A INPUT -p tcp ! -i lo -j {CHAIN}",
+        "*filter", f":{CHAIN} - [0:0]", f"-A INPUT -p tcp ! -i lo --tcp-flags SYN,RST NONE -j {CHAIN}",
         f"-A {CHAIN} -p tcp --sport {broker_port} -j RETURN",
         f"-A {CHAIN} -s {origin_ip} -j RETURN",
         f"-A {CHAIN} -s {lan_prefix}.0/24 -j RETURN",
