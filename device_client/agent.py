@@ -13,6 +13,7 @@ version untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -346,7 +347,8 @@ class DeviceAgent:
         messages and timers.
 
         Raises:
-            MqttError: the broker refused the connection or could not be reached at start.
+            MqttError: the broker refused the connection at start (one that does not answer leaves the
+                agent offline, dialing it again, while it goes on with what it knows and its peers).
             RuntimeError: the IPFS node could not start.
             ValueError: a settings file (swarm key, class key) does not hold a key.
         """
@@ -378,7 +380,8 @@ class DeviceAgent:
             clean_session=False,
             will=Will(online, OFFLINE),
             birth=Will(online, ONLINE),
-            keepalive=s.mqtt.keepalive, max_payload_bytes=s.limits.max_message_bytes, **s.mqtt.client_options(),
+            keepalive=s.mqtt.keepalive, max_payload_bytes=s.limits.max_message_bytes, start_offline=True,
+            **s.mqtt.client_options(),
         )
         async with open_store(s.content.backend, kubo=node_config, rpc_api=s.content.rpc_api) as node, client:
             self.node, self.client = node, client
@@ -410,8 +413,8 @@ class DeviceAgent:
             await self._guarded("the subscriptions", self._say_refusals)
             if self.state.local.pending is not None:
                 log.info("resuming the update interrupted in phase %s", self.state.local.pending.phase.value)
-            await self._guarded("start-up", self._release_held)
             stopper = asyncio.ensure_future(stop.wait())
+            await self._until_stopped(self._guarded("start-up", self._release_held), stopper)
             refusals = asyncio.ensure_future(client.refusals_changed.wait())
             try:
                 while not stop.is_set():
@@ -426,7 +429,7 @@ class DeviceAgent:
                     done, _ = await asyncio.wait({getter, stopper, refusals}, timeout=timeout,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
-                        await self._dispatch_guarded(getter.result())
+                        await self._until_stopped(self._dispatch_guarded(getter.result()), stopper)
                         continue
                     getter.cancel()
                     if stop.is_set():
@@ -436,7 +439,8 @@ class DeviceAgent:
                         await self._guarded("the freshness check", self._check_freshness)
                     if self._retry_at is not None and self._retry_at <= time.monotonic():
                         self._retry_at = None
-                        await self._guarded("a retry", lambda: self._feed(machine.RetryDue()))
+                        await self._until_stopped(self._guarded("a retry", lambda: self._feed(machine.RetryDue())),
+                                                  stopper)
                     if self._resubscribe_at is not None and self._resubscribe_at <= time.monotonic():
                         self._resubscribe_at = None
                         await self._guarded("the subscriptions", self._resubscribe)
@@ -451,6 +455,25 @@ class DeviceAgent:
                     await client.publish(online, OFFLINE, retain=True, timeout=2)
                 except MqttError as exc:
                     log.info("could not publish offline (%s); the broker's last will says it instead", exc)
+
+    async def _until_stopped(self, work: Awaitable[None], stopper: asyncio.Future[object]) -> None:
+        """Run `work` (which may run a whole update), but let SIGTERM end a fetch: a long download must
+        not hold a shutdown for minutes. state.json already records the download, so the next start
+        resumes it with the blocks the node holds. Past the fetch (patching, installing, confirming:
+        seconds, with files moving) the work is finished first."""
+        task = asyncio.ensure_future(work)
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        pending = self.state.local.pending
+        if not task.done() and pending is not None and pending.phase == Phase.DOWNLOADING:
+            log.info("stopping during a download: it resumes at the next start")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+        if not task.done():
+            log.info("stopping once the update's %s phase is over",
+                     pending.phase.value if pending is not None else "current")
+        await task
 
     async def _feed_started(self) -> None:
         await self._feed(self._started())

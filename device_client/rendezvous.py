@@ -46,7 +46,7 @@ class Rendezvous:
         announcement = PeerAnnouncement(device=self.device, device_class=self.device_class, peer_id=peer_id,
                                         addrs=addrs, timestamp=datetime.now(UTC))
         await self.client.publish(topics.device_topic(self.fleet, self.device, "peer"), announcement.canonical_bytes(),
-                                  retain=True)
+                                  retain=True, wait=self.client.connected)  # offline: sent once the broker answers
         log.info("rendezvous: announced %s", ", ".join(addrs))
 
     def handles(self, message: Message) -> bool:

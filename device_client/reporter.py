@@ -46,6 +46,8 @@ class Reporter:
     def report_progress(self, **fields: Any) -> None:
         """Schedule a progress report without waiting; rate-limited, superseded by the next report()."""
         now = time.monotonic()
+        if not self.client.connected:
+            return  # queued offline they would pile up for nothing: the next transition says where it stands
         if now - self._last_progress_at < 0.25 or (self._progress_task is not None and not self._progress_task.done()):
             return
         self._last_progress_at = now
@@ -68,7 +70,10 @@ class Reporter:
         else:
             log.info("phase %s progress %d%%", state.phase.value, state.progress)
         try:
-            await self.client.publish(self.topic, state.canonical_bytes(), qos=1, retain=True)
+            # Offline (an uplink down, a broker away), waiting for an acknowledgement would hold the update
+            # up for nothing: paho keeps the report and sends it once the broker answers again.
+            await self.client.publish(self.topic, state.canonical_bytes(), qos=1, retain=True,
+                                      wait=self.client.connected)
         except MqttError as exc:
             # The broker may be away; the state is retained locally and sent again on the next report.
             log.warning("could not report state: %s", exc)

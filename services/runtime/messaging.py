@@ -87,8 +87,13 @@ class MqttClient:
         max_payload_bytes: int | None = None,
         driver: Literal["thread", "loop"] = "thread",
         acknowledge: Literal["on_arrival", "when_full"] = "on_arrival",
+        start_offline: bool = False,
     ) -> None:
         self.host, self.port = host, port
+        # A device that boots without its uplink must still work (resume a fetch from LAN peers,
+        # serve its neighbours): with start_offline, a broker that does not answer within
+        # connect_timeout leaves the client unconnected and dialing; a broker that refuses still raises.
+        self.start_offline = start_offline
         self.driver = driver
         # on_arrival: paho acknowledges a QoS 1 message as it arrives, and a full receive queue drops
         # it (a device flooded by its broker keeps its memory). when_full: messages are acknowledged
@@ -157,6 +162,8 @@ class MqttClient:
         assert self._loop is not None
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
+            if self.start_offline:  # nobody awaits connect() any more: say it where a person looks
+                log.error("the MQTT broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             self._hand_over(self._refused.set)
             return
         for topic, qos in list(self._subscriptions.items()):
@@ -264,6 +271,10 @@ class MqttClient:
         for waiter in pending:
             waiter.cancel()
         if not self._connected.is_set():
+            if self.start_offline and not self._refused.is_set():
+                log.warning("the MQTT broker %s:%d does not answer: carrying on offline and dialing it again",
+                            self.host, self.port)
+                return
             await self._stop_network()  # stop paho retrying credentials the broker refused
             why = self._connect_error or "no answer"
             raise MqttError(f"could not connect to MQTT broker {self.host}:{self.port}: {why}")
@@ -292,12 +303,15 @@ class MqttClient:
         if sock is not None:
             sock.close()
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 15.0) -> None:
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 15.0,
+                      wait: bool = True) -> None:
+        """Publish; with qos > 0 and `wait`, until the broker acknowledged it. Without `wait` it returns
+        once paho holds it: an unconnected client sends it after reconnecting."""
         assert self._loop is not None
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        if qos == 0:
+        if qos == 0 or not wait:
             return
         future = self._loop.create_future()
         self._pending[info.mid] = future
@@ -321,6 +335,8 @@ class MqttClient:
         assert self._loop is not None
         self._subscriptions[topic] = qos
         rc, mid = self._client.subscribe(topic, qos)
+        if rc == paho.MQTT_ERR_NO_CONN and self.start_offline:
+            return  # kept in _subscriptions: made on connect, where a refusal lands in `refused`
         if rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"subscribe to {topic} failed: {paho.error_string(rc)}")
         future: asyncio.Future[str | None] = self._loop.create_future()

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +31,9 @@ from pathlib import Path
 import pytest
 
 from schemas.models import DeviceState, InstallSpec, Phase
+from services.demo.processes import terminate
 from services.runtime.files import sha256_file
+from tests.support.deadlines import scaled
 from tests.support.harness import Device, Fleet
 from tests.support.power_chaos import CutAgent, settle
 
@@ -186,8 +190,9 @@ def test_a_second_cut_during_recovery_still_ends_consistent(lab: Lab, name: str,
 def test_an_unconfirmed_switch_is_undone_at_start_even_when_the_broker_cannot_be_reached(lab: Lab,
                                                                                       tmp_path: Path) -> None:
     """A device that stays offline must not keep running what no health check confirmed: the
-    rollback happens before the node starts or the broker is dialed. Online again, it tries the
-    update again, and commits it only after its health check."""
+    rollback happens before the node starts or the broker is dialed (the agent then stays up,
+    offline, dialing the broker). Online again, it tries the update again, and commits it only
+    after its health check."""
     path = PATHS["ab-healthy"]
     trial(lab, path, [None], tmp_path / "listing")
     cut = switch_point(moves((tmp_path / "listing").with_suffix(".0"))) + 1
@@ -198,10 +203,22 @@ def test_an_unconfirmed_switch_is_undone_at_start_even_when_the_broker_cannot_be
     assert sha256_file(device.spec.installed_file) == lab.v2, "the cut came after the switch"
     offline = device.process.config.with_name("offline.toml")
     offline.write_text(device.process.config.read_text().replace(f"port = {lab.fleet.broker_port}\n", "port = 9\n"))
-    result = subprocess.run([sys.executable, "-m", "services.cli", "device", "run", "--config", str(offline)],
-                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert result.returncode != 0, "no broker: the agent gives up (its supervisor restarts it)"
-    assert sha256_file(device.spec.installed_file) == lab.v1 and not (device.spec.state_dir / "switch.json").exists()
+    log = tmp_path / "offline.log"
+    with open(log, "wb") as out:
+        offline_agent = subprocess.Popen([sys.executable, "-m", "services.cli", "device", "run", "--config", str(offline)],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+    try:
+        # Its node is up and it waits for the broker (15 s): the rollback came before both.
+        end = time.monotonic() + scaled(60)
+        while "listening on" not in log.read_text() and offline_agent.poll() is None and time.monotonic() < end:
+            time.sleep(0.1)
+        assert offline_agent.poll() is None, log.read_text()[-3000:]
+        assert sha256_file(device.spec.installed_file) == lab.v1 and not (device.spec.state_dir / "switch.json").exists()
+        offline_agent.send_signal(signal.SIGTERM)
+        assert offline_agent.wait(scaled(60)) == 0, log.read_text()[-3000:]
+    finally:
+        terminate(offline_agent)
     restarted = datetime.now(UTC)
     device.process.start()
     state = settle(lab.fleet, device, restarted)
