@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support import netlab  # noqa: E402
-from tests.support.p2p_scenario import FleetLab, NatPlan, Plan, Result  # noqa: E402
+from tests.support.p2p_scenario import FleetLab, Plan, Result, nat_plan  # noqa: E402
 
 
 def install_lab_tools() -> None:
@@ -57,13 +57,6 @@ def install_lab_tools() -> None:
     if missing and os.geteuid() == 0:
         subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
-def nat_plan(devices: int, nats: int) -> tuple[NatPlan, ...]:
-    kinds = (["upnp"] * 3 + ["masquerade", "symmetric"]) if nats >= 5 else (["upnp", "masquerade", "symmetric", "upnp"][:nats])
-    kinds = (kinds + ["upnp"] * nats)[:nats]
-    counts = [devices // nats + (1 if i < devices % nats else 0) for i in range(nats)]
-    return tuple(NatPlan(kind, count) for kind, count in zip(kinds, counts, strict=True) if count)  # type: ignore[arg-type]
 
 
 def swarm_bound(size: int, devices: int, origin_mbit: float, device_mbit: float) -> float:

@@ -32,6 +32,7 @@ from typing import Literal
 RouterKind = Literal["masquerade", "symmetric", "upnp"]
 WAN_NET = "10.99.0"
 IPT = "iptables-legacy"
+CUT_CHAIN = "ES_CUT"  # a router's uplink cut: DROP while it holds a rule, empty when restored
 
 
 class LabError(RuntimeError):
@@ -213,6 +214,28 @@ class NatLab:
             burst = max(int(rate_mbit * 1e6 / 8 / 250), 16 * 1024)  # one timer tick's worth at HZ=250
             ns.run("tc", "qdisc", "replace", "dev", interface, "root", "tbf", "rate", f"{rate_mbit}mbit",
                    "burst", str(burst), "latency", "200ms")
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def cut_uplink(self, router: Router) -> None:
+        """The router's WAN side goes dark: nothing in or out through eth0 (its LAN still works).
+        Conntrack and NAT mappings stay, as on a router whose upstream link failed."""
+        if router.run(IPT, "-n", "-L", CUT_CHAIN, check=False).returncode != 0:
+            router.run(IPT, "-N", CUT_CHAIN)
+            for chain, side in (("FORWARD", "-i"), ("FORWARD", "-o"), ("INPUT", "-i"), ("OUTPUT", "-o")):
+                router.run(IPT, "-I", chain, "1", side, "eth0", "-j", CUT_CHAIN)
+        router.run(IPT, "-F", CUT_CHAIN)
+        router.run(IPT, "-A", CUT_CHAIN, "-j", "DROP")
+
+    def restore_uplink(self, router: Router) -> None:
+        router.run(IPT, "-F", CUT_CHAIN, check=False)
+
+    def lose(self, ns: Namespace, percent: float, interface: str = "eth0") -> None:
+        """Drop `percent` of the packets `ns` sends and receives on `interface`, at random (the
+        `statistic` match: works where netem is missing, and leaves any rate shaping alone)."""
+        for chain, side in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            ns.run(IPT, "-I", chain, "1", side, interface, "-m", "statistic", "--mode", "random",
+                   "--probability", f"{percent / 100:.4f}", "-j", "DROP")
 
     # -- services inside the lab -------------------------------------------------------------
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +43,14 @@ class NatPlan:
     @property
     def label(self) -> str:
         return f"{self.kind} behind {self.behind}" if self.behind else self.kind
+
+
+def nat_plan(devices: int, nats: int) -> tuple[NatPlan, ...]:
+    """The benchmarks' lab: `devices` spread over `nats` routers, three UPnP, one MASQUERADE, one symmetric."""
+    kinds = (["upnp"] * 3 + ["masquerade", "symmetric"]) if nats >= 5 else (["upnp", "masquerade", "symmetric", "upnp"][:nats])
+    kinds = (kinds + ["upnp"] * nats)[:nats]
+    counts = [devices // nats + (1 if i < devices % nats else 0) for i in range(nats)]
+    return tuple(NatPlan(kind, count) for kind, count in zip(kinds, counts, strict=True) if count)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,9 @@ class FleetLab:
         self.lab = NatLab(workdir / "lab")
         self.devices: list[tuple[Namespace, NatPlan, str]] = []
         self.agent_pids: dict[str, int] = {}  # `ip netns exec` execs the agent: its PID is the agent's
+        self.specs: dict[str, DeviceSpec] = {}
+        self._agents: dict[str, tuple[Namespace, list[str], dict[str, str]]] = {}  # how to start each again
+        self._running: dict[str, subprocess.Popen[bytes]] = {}
 
     def __enter__(self) -> FleetLab:
         return self
@@ -160,9 +174,11 @@ class FleetLab:
                                   ("rendezvous_peers", str(plan.rendezvous_peers))),
             )
             config = provision(spec)
+            self.specs[name] = spec
             announce = {"EDGESWARM_CONTENT__ANNOUNCE": json.dumps([self.forwards[name]])} if name in self.forwards else {}
-            self.agent_pids[name] = lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(config)],
-                                              f"agent-{name}.log", env={**env, **announce}).pid
+            self._agents[name] = (ns, [PY, "-m", "services.cli", "device", "run", "--config", str(config)],
+                                  {**env, **announce})
+            self.start_agent(name)
             if plan.device_mbit:
                 lab.shape(ns, rate_mbit=plan.device_mbit)
                 lab.shape(self.router_of[name], rate_mbit=plan.device_mbit, interface=lab.lan_port(ns))
@@ -170,6 +186,25 @@ class FleetLab:
               90, "devices did not all report")
         self.wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(ORIGIN_PORT))
         self.wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(HTTP_PORT))
+
+    def start_agent(self, name: str) -> None:
+        ns, argv, env = self._agents[name]
+        process = self.lab.popen(ns, argv, f"agent-{name}.log", env=env)
+        self._running[name], self.agent_pids[name] = process, process.pid
+
+    def stop_agent(self, name: str, sig: int) -> None:
+        """Stop a device's agent with `sig` (SIGKILL: its power is cut) and wait until its whole
+        process group is gone; start_agent() brings it back on the same disk."""
+        process = self._running.pop(name)
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
     # -- observing ---------------------------------------------------------------------------
 
@@ -189,7 +224,9 @@ class FleetLab:
 
     # -- the release and the baseline -----------------------------------------------------------
 
-    def release(self) -> Result:
+    def release(self, on_published: Callable[[float], None] | None = None) -> Result:
+        """Release 2.0.0 and wait until every device reports it done; `on_published(started)` runs
+        once the release command returned (faults start there)."""
         result = Result(artifact_size=self.plan.size)
         before = self.egress(ORIGIN_PORT)
         started = time.time()  # wall clock: the devices' reports carry their own (same machine) timestamps
@@ -199,6 +236,8 @@ class FleetLab:
             sampler.start(started)
         try:
             self.cli("release", CLASS, "2.0.0", str(self.artifacts["2.0.0"]), "--config", str(self.config))
+            if on_published is not None:
+                on_published(started)
             self._await_done(result, started)
         finally:
             device_cpu = sampler.stop() if sampler is not None else {}
