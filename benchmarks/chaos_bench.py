@@ -3,7 +3,7 @@
     python3 benchmarks/chaos_bench.py [--trials 200] [--disk-trials 12] [--clock-trials 9]
                                       [--broker-trials 20] [--service-trials 10] [--swarm-devices 20]
                                       [--seed S] [--json]
-    python3 benchmarks/chaos_bench.py --quick            # a few of each (~7 min)
+    python3 benchmarks/chaos_bench.py --quick            # a few of each (~6 min)
 
 Faults: power cuts (tests/support/power_chaos.py), full disks and wrong clocks
 (tests/support/disk_clock_chaos.py; the full disks need root, for a tmpfs per device), and the

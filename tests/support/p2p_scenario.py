@@ -158,7 +158,9 @@ class FleetLab:
         self.origin_pid = lab.popen(self.wan, [PY, "-m", "services.cli", "origin", "--config", str(self.config)],
                                     "origin.log", env=env, cwd=self.workdir).pid
         address_file = home / "origin" / "multiaddr"
-        _wait(lambda: address_file.exists(), 60, "the origin node did not start")
+        if not _wait(lambda: address_file.exists(), 60, None):
+            log = (lab.workdir / "origin.log").read_text(errors="replace")[-2000:]
+            raise TimeoutError(f"the origin node did not start:\n{log}")
         self.origin = address_file.read_text().splitlines()[0]
         self.artifacts = {v: self.workdir / f"fw-{v}.img" for v in ("1.0.0", "2.0.0")}
         for path in self.artifacts.values():
