@@ -188,6 +188,10 @@ class FaultInjector:
             return
         if now < self._seen_fetching[device] + churn.into_fetch:
             return
+        if phase == "settled" and installed == "2.0.0":  # finished before its moment: not a restart mid-fetch
+            self._done.add(device)
+            self.landed.missed.append(device)
+            return
         self._down_until[device] = float("inf")  # until its stop is over
         thread = threading.Thread(target=self._restart, args=(churn, now, phase), name=f"restart-{device}", daemon=True)
         self._stopping.append(thread)
