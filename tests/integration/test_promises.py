@@ -20,6 +20,7 @@ from services.demo.processes import terminate
 from services.runtime.content import HashOnlyStore
 from services.runtime.trust import BUCKETS, decode_envelope, payload_bytes, rollout_bucket
 from tests.support.harness import Fleet
+from tests.support.trickle_proxy import trickling_origin
 
 pytestmark = pytest.mark.integration
 IPC = "ipc-x86_64"
@@ -119,17 +120,7 @@ def test_a_peer_that_trickles_is_stopped_by_the_total_fetch_deadline(fleet: Flee
     total deadline. A peer sending ~100 KB/s never stalls (a block every few seconds), so only the
     deadline stops it; the device fails the attempt (retried later) and keeps its version."""
     fleet.release(IPC, "1.0.0")
-    host, port = fleet.origin_addr.split("/")[2], int(fleet.origin_addr.split("/")[4])
-    proxy = subprocess.Popen([sys.executable, "-m", "tests.support.trickle_proxy", "--port", "0",
-                              "--to", f"{host}:{port}", "--rate", "100000", "--count", str(fleet.root / "trickled")],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        assert proxy.stdout is not None
-        ready, bound = proxy.stdout.readline().split()
-        proxy_port = int(bound)
-        assert ready == b"ready"
-        through_proxy = fleet.origin_addr.replace(f"/tcp/{port}/", f"/tcp/{proxy_port}/")
+    with trickling_origin(fleet.origin_addr, 100_000, count=fleet.root / "trickled") as through_proxy:
         device = fleet.add_device("trickled", IPC, start=False, stall_timeout=30.0, origin=through_proxy)
         config = device.process.config
         config.write_text(config.read_text().replace("stall_timeout = 30.0\n", "stall_timeout = 30.0\nfetch_deadline = 8\n"))
@@ -150,5 +141,3 @@ def test_a_peer_that_trickles_is_stopped_by_the_total_fetch_deadline(fleet: Flee
         assert 200_000 < passed < full_only.artifact.size / 2, passed
         assert 7.5 <= elapsed < 30, elapsed
         assert device.installed_sha256() == v1
-    finally:
-        terminate(proxy)

@@ -179,18 +179,15 @@ class FaultInjector:
                 self._done.add(device)
             return
         phase, installed = read_progress(self.fleet.specs[device].state_dir / "state.json")
-        if device not in self._seen_fetching:
-            if phase == "downloading":
-                self._seen_fetching[device] = now
-            elif phase == "settled" and installed == "2.0.0":
-                self._done.add(device)
-                self.landed.missed.append(device)
-            return
-        if now < self._seen_fetching[device] + churn.into_fetch:
-            return
         if phase == "settled" and installed == "2.0.0":  # finished before its moment: not a restart mid-fetch
             self._done.add(device)
             self.landed.missed.append(device)
+            return
+        if device not in self._seen_fetching:
+            if phase == "downloading":
+                self._seen_fetching[device] = now
+            return
+        if now < self._seen_fetching[device] + churn.into_fetch:
             return
         self._down_until[device] = float("inf")  # until its stop is over
         thread = threading.Thread(target=self._restart, args=(churn, now, phase), name=f"restart-{device}", daemon=True)

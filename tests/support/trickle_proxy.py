@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from services.demo.processes import terminate
 
 CHUNK = 1024
 
@@ -52,6 +58,24 @@ async def main(port: int, host: str, upstream_port: int, rate: float, count_file
     print("ready", server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await server.serve_forever()
+
+
+@contextmanager
+def trickling_origin(origin_addr: str, rate: int, count: Path | None = None) -> Iterator[str]:
+    """A proxy in front of the origin at `origin_addr` (a loopback multiaddr), passing `rate` bytes/s
+    towards the client; yields the origin's multiaddr through it, and stops it on exit."""
+    host, port = origin_addr.split("/")[2], int(origin_addr.split("/")[4])
+    proxy = subprocess.Popen([sys.executable, "-m", "tests.support.trickle_proxy", "--port", "0", "--to", f"{host}:{port}",
+                              "--rate", str(rate), *(["--count", str(count)] if count else [])],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        assert proxy.stdout is not None
+        ready, bound = proxy.stdout.readline().split()
+        assert ready == b"ready"
+        yield origin_addr.replace(f"/tcp/{port}/", f"/tcp/{int(bound)}/")
+    finally:
+        terminate(proxy)
 
 
 if __name__ == "__main__":
