@@ -57,6 +57,7 @@ from services.runtime.content import (
     open_store,
 )
 from services.runtime.files import read_capped, set_aside
+from services.runtime.gossip import GossipLimits
 from services.runtime.messaging import (
     Message,
     MqttClient,
@@ -65,6 +66,7 @@ from services.runtime.messaging import (
     Will,
     topic_matches,
 )
+from services.runtime.peer_channel import GossipChannel, PeerDocument
 from services.runtime.settings import DeviceSettings
 from services.runtime.traffic import Endpoint, TrafficMeter
 from services.runtime.trust import (
@@ -101,6 +103,7 @@ class DeviceAgent:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.rendezvous: Rendezvous | None = None
+        self.gossip: GossipChannel | None = None
         self.swarm_port = settings.content.swarm_port  # the bound port once the node runs (settings may say 0)
         self._problems: list[tuple[ReasonCode, str]] = []  # found while loading: reported once connected
         self._prepare_state_dir()
@@ -383,8 +386,10 @@ class DeviceAgent:
             keepalive=s.mqtt.keepalive, max_payload_bytes=s.limits.max_message_bytes, start_offline=True,
             **s.mqtt.client_options(),
         )
-        async with open_store(s.content.backend, kubo=node_config, rpc_api=s.content.rpc_api) as node, client:
+        async with (open_store(s.content.backend, kubo=node_config, rpc_api=s.content.rpc_api) as node, client,
+                    contextlib.AsyncExitStack() as stack):
             self.node, self.client = node, client
+            self.gossip = await self._open_gossip(node, stack)
             self.swarm_port = node_config.swarm_port
             self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class)
             meter = TrafficMeter(self.swarm_port)  # for a daemon, its own port: counts are then the daemon's
@@ -426,12 +431,20 @@ class DeviceAgent:
                     timers = [t for t in (self._retry_at, freeze_check_at, self._resubscribe_at) if t is not None]
                     timeout = max(0.0, min(timers) - time.monotonic()) if timers else None
                     getter = asyncio.ensure_future(client.next_message())
-                    done, _ = await asyncio.wait({getter, stopper, refusals}, timeout=timeout,
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    from_peer = asyncio.ensure_future(self.gossip.next()) if self.gossip is not None else None
+                    done, _ = await asyncio.wait({getter, stopper, refusals, *([from_peer] if from_peer else [])},
+                                                 timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    for waiting in (getter, from_peer):
+                        if waiting is not None and waiting not in done:
+                            waiting.cancel()  # (neither loses a message: both queues keep what was not taken)
                     if getter in done:
                         await self._until_stopped(self._dispatch_guarded(getter.result()), stopper)
+                    if from_peer is not None and from_peer in done:
+                        await self._until_stopped(self._guarded("a document from a peer",
+                                                                lambda: self._on_peer_document(from_peer.result())),
+                                                  stopper)
+                    if getter in done or (from_peer is not None and from_peer in done):
                         continue
-                    getter.cancel()
                     if stop.is_set():
                         break
                     # Only when its own timer is due: another timer (a retry) must not cut the freeze grace short.
@@ -547,6 +560,8 @@ class DeviceAgent:
         if self.rendezvous is not None and self.rendezvous.handles(message):
             return
         if topic_matches(topics.release_topic(s.fleet, s.device_class), message.topic):
+            if self.gossip is not None and self.intake.carriable_release(message.payload):
+                self.gossip.carry(message.topic, message.payload)
             await self._feed(machine.ReleaseHeard(message.payload))
         elif topic_matches(topics.root_wildcard(s.fleet), message.topic):
             await self._on_root(message)
@@ -558,6 +573,47 @@ class DeviceAgent:
             log.debug("ignoring message on %s", message.topic)
 
     # -- peer-to-peer -----------------------------------------------------------------------
+
+    async def _open_gossip(self, node: object, stack: contextlib.AsyncExitStack) -> GossipChannel | None:
+        """Join the fleet's gossip topic, carrying the root and timestamp this device trusts already."""
+        s = self.settings
+        if not s.content.gossip:
+            return None
+        if not hasattr(node, "pubsub_join"):
+            log.info("no signed documents from peers: the %s backend has no pubsub here (only the embedded "
+                     "node gossips; see docs/p2p.md)", s.content.backend)
+            return None
+        channel = GossipChannel(node, fleet=s.fleet, interval=s.content.gossip_interval,  # type: ignore[arg-type]
+                                limits=GossipLimits(max_document_bytes=s.limits.max_message_bytes))
+        await stack.enter_async_context(channel)
+        trusted = self.intake.trusted
+        root_raw = read_capped(self.root_path if self.root_path.exists() else s.trusted_root, s.limits.max_message_bytes)
+        channel.carry(topics.root_topic(s.fleet, trusted.root.version), root_raw)
+        if trusted.timestamp is not None and self.timestamp_path.exists():
+            channel.carry(topics.timestamp_topic(s.fleet), read_capped(self.timestamp_path, s.limits.max_message_bytes))
+        self.intake.on_accepted = channel.carry
+        return channel
+
+    async def _on_peer_document(self, document: PeerDocument) -> None:
+        """A signed document a peer gossiped: the trust core judges it as it judges the broker's."""
+        assert self.gossip is not None
+        if self.gossip.ignores(document.sender):
+            return  # queued before its ban
+        verdict = self.intake.from_peer(document.kind, document.topic, document.payload,
+                                        last_release=self.state.last_release, local=self.state.local)
+        if verdict.forged is not None:
+            log.warning("refused a %s from peer %s: %s", document.kind.value, document.sender, verdict.forged)
+            self.gossip.strike(document.sender, verdict.forged)
+        elif verdict.note:
+            log.info("a %s from peer %s is not used: %s", document.kind.value, document.sender, verdict.note)
+        if verdict.held:
+            self.gossip.read_again(document)
+        if verdict.carry:
+            self.gossip.carry(document.topic, document.payload)
+        if verdict.events and verdict.forged is None:
+            log.info("heard %s from peer %s", document.topic, document.sender)
+        for event in verdict.events:
+            await self._feed(event)
 
     async def _map_swarm_port(self) -> str | None:
         """/ip4/<external>/tcp/<port> the router mapped to our swarm port, or None (no NAT-PMP there)."""

@@ -19,10 +19,12 @@ import pydantic
 
 from device_client import machine
 from device_client.local_state import LocalState
+from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.errors import ReasonCode
 from schemas.models import CommandName, DeviceCommand, Role
 from services.runtime.files import atomic_write
+from services.runtime.gossip import DocumentKind
 from services.runtime.trust import (
     Admission,
     DeviceRecord,
@@ -33,8 +35,34 @@ from services.runtime.trust import (
     TrustedSet,
     TrustError,
     decode_envelope,
+    open_release,
     payload_digest,
 )
+
+# What only a forger (or a broken peer) sends: a document that does not open or verify at all. A
+# validly signed one that is old, expired or for another root is what an honest peer that is behind
+# re-announces: not used, but its sender is not struck for it.
+FORGED = frozenset({
+    ReasonCode.MALFORMED, ReasonCode.WRONG_TYPE, ReasonCode.BAD_SIGNATURE, ReasonCode.UNKNOWN_KEY,
+    ReasonCode.THRESHOLD_NOT_MET, ReasonCode.WRONG_FLEET, ReasonCode.UNTRUSTED,
+})
+
+
+@dataclass(frozen=True)
+class PeerVerdict:
+    """What a signed document from a peer does.
+
+    `events` go to the state machine (none for a copy that is not newer); `forged` strikes its
+    sender; `held` means it waits for another document (a root ahead of a gap, a timestamp of a newer
+    root), so the same bytes must be read again when re-announced; `carry` passes a release on to
+    other peers (roots and timestamps are carried once accepted, `on_accepted`); `note` says why it
+    was not used."""
+
+    events: tuple[machine.Event, ...] = ()
+    forged: str | None = None
+    held: bool = False
+    carry: bool = False
+    note: str = ""
 
 
 class TrustStore(Protocol):
@@ -75,6 +103,8 @@ class TrustIntake:
         self._clock = clock
         self._roots_ahead = RootsAhead()
         self._pending_timestamp: bytes | None = None
+        # Told (MQTT topic, bytes) of every root and timestamp accepted, from any source: what peers are sent.
+        self.on_accepted: Callable[[str, bytes], None] | None = None
 
     def root_heard(self, version: int, raw: bytes) -> list[machine.Event]:
         """A root from the retained chain (`version` from its topic): every root it completes is
@@ -96,6 +126,8 @@ class TrustIntake:
                 self._store.save_root(next_raw)
                 if Role.TIMESTAMP in update.revoked_roles:
                     self._store.forget_timestamp()  # its floor goes with it (the machine drops it)
+            if self.on_accepted is not None:
+                self.on_accepted(topics.root_topic(update.root.fleet, update.root.version), next_raw)
             events.append(machine.RootAccepted(update.root.version, frozenset(update.revoked_roles)))
         if self._pending_timestamp is not None:
             waiting, self._pending_timestamp = self._pending_timestamp, None
@@ -112,7 +144,81 @@ class TrustIntake:
             return machine.TrustDocumentRefused(exc.code, f"timestamp: {exc}")
         if self._store is not None:
             self._store.save_timestamp(raw)
+        if self.on_accepted is not None:
+            self.on_accepted(topics.timestamp_topic(timestamp.fleet), raw)
         return machine.TimestampAccepted(timestamp.version)
+
+    # -- documents from peers ------------------------------------------------------------------
+
+    def from_peer(self, kind: DocumentKind, topic: str, raw: bytes, *, last_release: bytes | None,
+                  local: LocalState) -> PeerVerdict:
+        """A document a peer gossiped for `topic`: the same trust rules as from the broker, but a copy
+        that is not newer than what the device holds is dropped quietly (peers re-announce), and only
+        a forgery is reported."""
+        if len(raw) > self.max_message_bytes:
+            return PeerVerdict(forged=f"{len(raw)} bytes, over the limit of {self.max_message_bytes}")
+        match kind:
+            case DocumentKind.ROOT:
+                return self._root_from_peer(topics.root_version(topic) or 0, raw)
+            case DocumentKind.TIMESTAMP:
+                return self._timestamp_from_peer(raw)
+            case DocumentKind.RELEASE:
+                return self._release_from_peer(raw, last_release, local)
+
+    def _root_from_peer(self, version: int, raw: bytes) -> PeerVerdict:
+        trusted = self.trusted.root.version
+        if version <= trusted:
+            return PeerVerdict(note=f"root v{version} is not newer than trusted v{trusted}")
+        events = self.root_heard(version, raw)
+        forged = None
+        if version == trusted + 1 and events and isinstance(events[0], machine.TrustDocumentRefused):
+            first = events[0]
+            forged = first.reason if first.code in FORGED else None
+        gap = [e for e in events if isinstance(e, machine.TrustDocumentRefused) and e.code == ReasonCode.ROOT_CHAIN_GAP]
+        kept = tuple(e for e in events if e not in gap)  # a gap closes when the peer's chain arrives: not a fault
+        return PeerVerdict(kept, forged=forged, held=bool(gap), note=gap[0].reason if gap else "")
+
+    def _timestamp_from_peer(self, raw: bytes) -> PeerVerdict:
+        event = self.timestamp_heard(raw)
+        if not isinstance(event, machine.TrustDocumentRefused):
+            return PeerVerdict((event,))
+        if event.code in FORGED:
+            return PeerVerdict((event,), forged=event.reason)
+        return PeerVerdict(held=event.code == ReasonCode.ROOT_OUTDATED, note=event.reason)
+
+    def _release_from_peer(self, raw: bytes, last_release: bytes | None, local: LocalState) -> PeerVerdict:
+        now = self._clock()
+        try:
+            manifest, _ = open_release(self.trusted.root, raw, now, max_bytes=self.max_message_bytes)
+        except TrustError as exc:
+            if exc.code in FORGED:
+                reason = f"release: {exc}"
+                return PeerVerdict((machine.TrustDocumentRefused(exc.code, reason),), forged=reason)
+            return PeerVerdict(note=f"release: {exc}")
+        if manifest.device_class != self.trusted.device_class:
+            return PeerVerdict(carry=True, note=f"release of class {manifest.device_class}: carried for its devices")
+        heard = self._sequence_of(last_release, now)
+        if raw == last_release or manifest.sequence <= max(heard, local.last_sequence):
+            return PeerVerdict(carry=True, note=f"release sequence {manifest.sequence} is not newer than "
+                                                f"sequence {max(heard, local.last_sequence)} already heard")
+        return PeerVerdict((machine.ReleaseHeard(raw),), carry=True)
+
+    def _sequence_of(self, raw: bytes | None, now: datetime) -> int:
+        """The sequence of a release the device heard before, if it still opens (-1 otherwise)."""
+        if raw is None:
+            return -1
+        try:
+            return open_release(self.trusted.root, raw, now, max_bytes=self.max_message_bytes)[0].sequence
+        except TrustError:
+            return -1
+
+    def carriable_release(self, raw: bytes) -> bool:
+        """Whether a release heard from the broker opens (for any class): worth passing on to peers."""
+        try:
+            open_release(self.trusted.root, raw, self._clock(), max_bytes=self.max_message_bytes)
+        except TrustError:
+            return False
+        return True
 
     def verify_release(self, raw: bytes, local: LocalState, *, resuming: bool) -> machine.Event:
         record = DeviceRecord(local.installed_version, local.installed_sha256, local.last_sequence)

@@ -40,6 +40,12 @@ def timestamp_topic(fleet: str) -> str:
     return f"{ROOT}/{check_identifier(fleet, 'fleet')}/timestamp"
 
 
+def gossip_topic(fleet: str) -> str:
+    """The fleet's pubsub topic on the peers' IPFS nodes (not an MQTT topic): signed documents between
+    peers, each framed with the MQTT topic it belongs to (services.runtime.gossip)."""
+    return f"{ROOT}/{check_identifier(fleet, 'fleet')}/gossip/1"
+
+
 def device_topic(fleet: str, device: str, leaf: str) -> str:
     if leaf not in ("state", "online", "cmd", "peer"):
         raise ValueError(f"unknown device topic {leaf!r}")

@@ -43,7 +43,7 @@ def origin(
     verbose: VerboseOption = False,
 ) -> None:
     """Run the origin IPFS node: serves every file `edgeswarm release` put in <home>/seed."""
-    from services.operator.origin import origin_config, serve_origin
+    from services.operator.origin import home_documents, origin_config, serve_origin
     from services.runtime.content import prepare_process_dir
 
     settings = operator_settings(config)
@@ -53,8 +53,11 @@ def origin(
     node_config = origin_config(settings, operator)
 
     async def main(stop: asyncio.Event) -> None:
+        gossip = settings.content.gossip and operator.root_file.exists()
         await serve_origin(node_config, operator.seed_dir, operator.path / "origin" / "multiaddr", stop,
-                           broker_host=settings.mqtt.host)
+                           broker_host=settings.mqtt.host, documents=home_documents(operator) if gossip else None,
+                           fleet=operator.root().fleet if gossip else None,
+                           gossip_interval=settings.content.gossip_interval)
 
     run_until_signal(main)
 

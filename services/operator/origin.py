@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
+from schemas import topics
 from services.operator.home import OperatorHome
 from services.runtime.addresses import WILDCARDS, host_addresses, local_address
 from services.runtime.content import EmbeddedKuboNode, KuboConfig, load_swarm_key
 from services.runtime.files import atomic_write
+from services.runtime.peer_channel import GossipChannel
 from services.runtime.settings import OperatorSettings
 
-__all__ = ["dialable_addresses", "origin_config", "serve_origin"]
+__all__ = ["dialable_addresses", "home_documents", "origin_config", "serve_origin"]
+
+Documents = Callable[[], list[tuple[str, bytes]]]
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +53,49 @@ def dialable_addresses(config: KuboConfig, peer_id: str, broker_host: str, *,
     return [f"{a}/p2p/{peer_id}" for a in [*config.append_announce, *(f"/ip4/{h}/tcp/{config.swarm_port}" for h in hosts)]]
 
 
+def home_documents(home: OperatorHome) -> Documents:
+    """The signed documents the origin gossips, read from the operator's home each time: the root
+    chain, the timestamp and each class's latest release (MQTT topic, bytes)."""
+    def documents() -> list[tuple[str, bytes]]:
+        fleet = home.root().fleet
+        found = [(topics.root_topic(fleet, version), raw) for version, raw in home.root_chain()]
+        if home.timestamp_file.exists():
+            found.append((topics.timestamp_topic(fleet), home.timestamp_file.read_bytes()))
+        for device_class in home.device_classes():
+            if (latest := home.latest_manifest(device_class)) is not None:
+                found.append((topics.release_topic(fleet, device_class), latest))
+        return found
+    return documents
+
+
 async def serve_origin(config: KuboConfig, seed_dir: Path, address_file: Path, stop: asyncio.Event,
-                       *, broker_host: str = "127.0.0.1", poll_seconds: float = 2.0) -> None:
+                       *, broker_host: str = "127.0.0.1", poll_seconds: float = 2.0,
+                       documents: Documents | None = None, fleet: str | None = None,
+                       gossip_interval: float = 60.0) -> None:
     """Run the origin node until `stop`: add each new file of `seed_dir` (the release command copies
     artifacts and deltas there) and keep serving it. The addresses devices can dial it at go to
-    `address_file`, one per line, best first (devices' `[content] origin` and `peers`).
+    `address_file`, one per line, best first (devices' `[content] origin` and `peers`). With
+    `documents` (and its `fleet`), it also gossips the fleet's signed documents to the peers it
+    serves: devices that reach the origin but not the broker still hear releases.
 
     Raises:
         RuntimeError: the node could not start, or IPFS could not add a file.
     """
-    async with EmbeddedKuboNode(config) as node:
+    async with EmbeddedKuboNode(config) as node, contextlib.AsyncExitStack() as stack:
+        gossip = None
+        if documents is not None and fleet is not None:
+            gossip = await stack.enter_async_context(GossipChannel(node, fleet=fleet, interval=gossip_interval))
         addresses = dialable_addresses(config, node.peer_id, broker_host)
         log.info("origin node %s, dialable at %s", node.peer_id, " ".join(addresses))
         atomic_write(address_file, "".join(a + "\n" for a in addresses).encode())
         seeded: set[str] = set()
         while not stop.is_set():
+            if gossip is not None and documents is not None:
+                try:
+                    for topic, raw in documents():
+                        gossip.carry(topic, raw)  # (only what changed is published)
+                except (OSError, ValueError) as exc:  # a release or key rotation half-written: next poll
+                    log.info("could not read the signed documents to gossip: %s", exc)
             seed_dir.mkdir(parents=True, exist_ok=True)
             for path in sorted(seed_dir.iterdir()):
                 if path.name not in seeded:

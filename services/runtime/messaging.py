@@ -334,9 +334,14 @@ class MqttClient:
         """
         assert self._loop is not None
         self._subscriptions[topic] = qos
+        if self.start_offline and not self.connected:
+            # Kept in _subscriptions: made on connect, where a refusal lands in `refused`. Not even
+            # sent now: a connection that is open but unanswered (a middlebox, a stuck broker) would
+            # hold this call for its whole timeout.
+            return
         rc, mid = self._client.subscribe(topic, qos)
         if rc == paho.MQTT_ERR_NO_CONN and self.start_offline:
-            return  # kept in _subscriptions: made on connect, where a refusal lands in `refused`
+            return
         if rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"subscribe to {topic} failed: {paho.error_string(rc)}")
         future: asyncio.Future[str | None] = self._loop.create_future()

@@ -79,6 +79,12 @@ class ContentSettings(BaseModel):
     disk_budget_mb: float | None = Field(
         None, gt=0, description="device: the most content (MB) kept for peers; older releases go first, and a "
         "release bigger than this is not kept at all. Unset: only keep_releases limits it")
+    gossip: bool = Field(
+        True, description="device and origin (embedded node): exchange the fleet's signed documents (roots, "
+        "timestamps, releases) with peers over IPFS pubsub, so a device that cannot reach the broker still hears them")
+    gossip_interval: float = Field(
+        60.0, gt=0, description="re-announce the signed documents this node carries this often (s); also "
+        "5 s after a peer joins")
 
     @model_validator(mode="after")
     def _fixed_port_for_mappings(self) -> ContentSettings:

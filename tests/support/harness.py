@@ -199,8 +199,9 @@ class Fleet:
 
     def start(self, *, with_origin: bool = True, init_args: tuple[str, ...] = (),
               mosquitto_devices: list[tuple[str, str]] | None = None, broker_args: tuple[str, ...] = (),
-              broker_tls: bool = True) -> None:
-        """Start the embedded broker, or (with `mosquitto_devices`) a locked-down Mosquitto, over TLS by default."""
+              broker_tls: bool = True, origin_gossip: bool = True) -> None:
+        """Start the embedded broker, or (with `mosquitto_devices`) a locked-down Mosquitto, over TLS by default.
+        `origin_gossip=False`: the origin does not gossip signed documents (only devices carry them)."""
         operator_mqtt = ""
         if mosquitto_devices is None:
             # Port 0: the broker binds a free port itself and says which (no window for another process to take it).
@@ -230,7 +231,7 @@ class Fleet:
         self.origin_port = 0  # any free port, named in the origin's multiaddr file; see origin_multiaddr_from_repo
         self.operator_config.write_text(
             f'fleet = "{FLEET}"\nhome = "{self.home.path}"\n[mqtt]\n{operator_mqtt or f"port = {self.broker_port}"}\n'
-            f"[content]\nswarm_port = {self.origin_port}\n"
+            f"[content]\nswarm_port = {self.origin_port}\n" + ("" if origin_gossip else "gossip = false\n")
         )
         self.cli("keys", "init", "--config", str(self.operator_config), *init_args)
         self.watcher = StateWatcher(int(watcher_auth["port"]) if watcher_auth else self.broker_port, watcher_auth)
@@ -381,8 +382,9 @@ class Fleet:
                    stall_timeout: float = 30.0, retry_interval: float = 2.0, swarm_key_file: Path | None = None,
                    class_key_file: Path | None = None, extra_toml: str = "",
                    broker: tuple[int, Path] | None = None, content_settings: tuple[tuple[str, str], ...] = (),
-                   origin: str | None = None) -> Device:
-        """`broker`: (port, broker config directory) of another broker than the fleet's own."""
+                   origin: str | None = None, peers: tuple[str, ...] | None = None) -> Device:
+        """`broker`: (port, broker config directory) of another broker than the fleet's own; `peers`:
+        dialed at start instead of the origin."""
         broker_port, creds_dir = broker or (self.broker_port, getattr(self, "broker_dir", None))
         origin = origin or self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
@@ -390,7 +392,7 @@ class Fleet:
             # Port 0: the node binds a free one itself. With a daemon (kubo-rpc) the port is the daemon's.
             swarm_port=free_port() if ("backend", "kubo-rpc") in content_settings else 0, broker_host="127.0.0.1", broker_port=broker_port,
             root_file=self.home.root_file, firmware=self.image(device_class, version), firmware_version=version,
-            peers=(origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
+            peers=peers if peers is not None else (origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
             swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,
             content_settings=content_settings,
             mqtt_settings=tuple(
@@ -408,6 +410,16 @@ class Fleet:
 
     def log(self, device_id: str) -> str:
         return (self.devices[device_id].spec.base_dir / "agent.log").read_text()
+
+    def node_address(self, device_id: str, timeout: float = 30.0) -> str:
+        """The multiaddr a device's IPFS node listens on (from its log, once it started)."""
+        end = time.monotonic() + scaled(timeout)
+        while time.monotonic() < end:
+            for line in self.log(device_id).splitlines():
+                if "IPFS node" in line and " listening on " in line:
+                    return line.rsplit(" listening on ", 1)[1].strip()
+            time.sleep(0.1)
+        raise TimeoutError(f"{device_id}'s IPFS node did not start: " + self.log(device_id)[-2000:])
 
 
 def _payload(envelope: bytes) -> bytes:

@@ -13,7 +13,7 @@ the configured backend:
 What others may use is exported here; the underscore modules are private to this package.
 """
 
-from services.runtime.content._embedded import BlockstoreGauge, EmbeddedKuboNode, create_repo
+from services.runtime.content._embedded import BlockstoreGauge, EmbeddedKuboNode, PubSubMessage, create_repo
 from services.runtime.content._factory import open_store
 from services.runtime.content._hash_only import HashOnlyStore
 from services.runtime.content._kubo_config import KuboConfig
@@ -25,7 +25,7 @@ from services.runtime.content._swarm_key import generate_swarm_key, load_swarm_k
 
 __all__ = [
     "BlockstoreGauge", "ContentStore", "EmbeddedKuboNode", "FetchDeadline", "FetchError", "FetchStalled",
-    "FetchTooLarge", "HashOnlyStore", "KuboConfig", "KuboRpcStore", "ProgressCallback", "create_repo", "generate_swarm_key",
+    "FetchTooLarge", "HashOnlyStore", "KuboConfig", "KuboRpcStore", "ProgressCallback", "PubSubMessage", "create_repo", "generate_swarm_key",
     "load_swarm_key", "open_store", "prepare_process_dir",
 ]
 

