@@ -189,6 +189,21 @@ class NatLab:
         router.devices.append(device)
         return device
 
+    def add_wan_link(self, device: Namespace) -> str:
+        """A second link for a device behind a router, straight onto the WAN (a cellular modem beside
+        the LAN's cable): the WAN is then reached through it. Returns its WAN address."""
+        address = f"{WAN_NET}.{150 + len(self.hosts) + self._links}"
+        self._link(device, "eth1", self.wan, "br0")
+        device.run("ip", "addr", "add", f"{address}/24", "dev", "eth1")
+        device.run("ip", "route", "replace", f"{WAN_NET}.0/24", "dev", "eth1", "src", address)
+        return address
+
+    def firewall(self, router: Router, blocked: str) -> None:
+        """The router drops everything its LAN sends to, or receives from, `blocked` (an address):
+        a plant firewall that lets nothing towards the broker and the origin through."""
+        for side in ("-d", "-s"):
+            router.run(IPT, "-I", "FORWARD", "1", side, blocked, "-j", "DROP")
+
     def shape(self, ns: Namespace, *, rate_mbit: float | None = None, delay_ms: float = 0, loss_percent: float = 0,
               interface: str = "eth0") -> None:
         """Shape what `ns` sends on `interface` (its uplink): rate with tbf; delay and loss with netem.

@@ -1,0 +1,116 @@
+"""An island in the NAT lab (issue 14): devices behind a router whose firewall drops everything
+towards the broker and the origin, and one device on that LAN with a second link out.
+
+Everything is real: the embedded broker and the origin on a WAN host, each device's agent in its
+own network namespace. Island devices dial the broker, get no answer (they run offline), find the
+bridging device by mDNS, hear the release, timestamp and root from it over gossip and fetch the
+blocks from it. `run_island` returns when every device runs the new version, or its deadline passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.demo.processes import PARENT_ENV
+from services.demo.provision import DeviceSpec, provision
+from tests.support.netlab import NatLab
+from tests.support.p2p_scenario import BROKER_PORT, CLASS, FLEET, ORIGIN_PORT, PY
+
+__all__ = ["IslandResult", "run_island"]
+
+
+@dataclass
+class IslandResult:
+    devices: int
+    artifact_size: int
+    installed: dict[str, float] = field(default_factory=dict)  # device -> seconds from the release to its install
+    bridge_seconds: float | None = None
+    origin_egress: int = 0
+    logs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> int:
+        return len(self.installed)
+
+
+def _installed_version(state_file: Path) -> str | None:
+    try:
+        return json.loads(state_file.read_text())["installed_version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout: float = 240.0) -> IslandResult:
+    with NatLab(workdir / "lab") as lab:
+        wan = lab.add_wan_host("origin")
+        island = lab.add_router("masquerade")
+        lab.firewall(island, wan.ip)
+        names = [f"i{n:02d}" for n in range(1, devices + 1)]
+        spaces = {name: lab.add_device(island, name) for name in ["bridge", *names]}
+        lab.add_wan_link(spaces["bridge"])
+
+        home = workdir / "operator"
+        config = workdir / "operator.toml"
+        config.write_text(f'fleet = "{FLEET}"\nhome = "{home}"\ndelta_bases = 0\n'
+                          f'[mqtt]\nhost = "{wan.ip}"\nport = {BROKER_PORT}\n'
+                          f'[content]\nlisten_host = "{wan.ip}"\nswarm_port = {ORIGIN_PORT}\nrouting = "none"\n')
+        cli = lambda *args: wan.run(PY, "-m", "services.cli", *args).stdout  # noqa: E731
+        cli("keys", "init", "--config", str(config))
+        env = {PARENT_ENV: str(os.getpid())}
+        lab.popen(wan, [PY, "-m", "services.cli", "broker", "run", "--host", wan.ip, "--port", str(BROKER_PORT)],
+                  "broker.log", env=env)
+        lab.popen(wan, [PY, "-m", "services.cli", "origin", "--config", str(config)], "origin.log", env=env,
+                  cwd=workdir)
+        address_file = home / "origin" / "multiaddr"
+        end = time.monotonic() + 60
+        while not address_file.exists():
+            if time.monotonic() > end:
+                raise TimeoutError("the origin did not start: " + (lab.workdir / "origin.log").read_text()[-2000:])
+            time.sleep(0.1)
+        origin = address_file.read_text().splitlines()[0]
+        artifacts = {v: workdir / f"fw-{v}.img" for v in ("1.0.0", "2.0.0")}
+        for path in artifacts.values():
+            path.write_bytes(os.urandom(size))
+        cli("release", CLASS, "1.0.0", str(artifacts["1.0.0"]), "--config", str(config))
+
+        states: dict[str, Path] = {}
+        for name, ns in spaces.items():
+            spec = DeviceSpec(
+                device_id=name, fleet=FLEET, device_class=CLASS, base_dir=workdir / "devices" / name,
+                swarm_port=4001, broker_host=wan.ip, broker_port=BROKER_PORT, root_file=home / "root.json",
+                firmware=artifacts["1.0.0"], firmware_version="1.0.0", peers=(origin,), origin=origin,
+                stall_timeout=60, retry_interval=5,
+                content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("routing", "none"),
+                                  ("gossip_interval", "15")),
+            )
+            lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(provision(spec))],
+                      f"agent-{name}.log", env=env)
+            states[name] = spec.state_dir / "state.json"
+        # Island devices go offline 15 s after they start (no answer from the broker).
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not all(
+                "carrying on offline" in (lab.workdir / f"agent-{n}.log").read_text(errors="replace") for n in names):
+            time.sleep(0.5)
+
+        wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(ORIGIN_PORT))
+        result = IslandResult(devices=devices, artifact_size=size)
+        started = time.monotonic()
+        cli("release", CLASS, "2.0.0", str(artifacts["2.0.0"]), "--config", str(config))
+        while time.monotonic() - started < timeout and len(result.installed) < devices:
+            now = time.monotonic() - started
+            for name, state_file in states.items():
+                if _installed_version(state_file) != "2.0.0":
+                    continue
+                if name == "bridge":
+                    result.bridge_seconds = result.bridge_seconds or round(now, 1)
+                else:
+                    result.installed.setdefault(name, round(now, 1))
+            time.sleep(0.5)
+        out = wan.run("iptables-legacy", "-L", "OUTPUT", "-v", "-x", "-n").stdout
+        result.origin_egress = next((int(line.split()[1]) for line in out.splitlines() if f"spt:{ORIGIN_PORT}" in line), 0)
+        result.logs = {name: (lab.workdir / f"agent-{name}.log").read_text(errors="replace") for name in spaces}
+        return result
