@@ -105,6 +105,7 @@ class TrustIntake:
         self._pending_timestamp: bytes | None = None
         # Told (MQTT topic, bytes) of every root and timestamp accepted, from any source: what peers are sent.
         self.on_accepted: Callable[[str, bytes], None] | None = None
+        self._timestamp_raw: bytes | None = None  # the bytes of the timestamp accepted last
 
     def root_heard(self, version: int, raw: bytes) -> list[machine.Event]:
         """A root from the retained chain (`version` from its topic): every root it completes is
@@ -144,6 +145,7 @@ class TrustIntake:
             return machine.TrustDocumentRefused(exc.code, f"timestamp: {exc}")
         if self._store is not None:
             self._store.save_timestamp(raw)
+        self._timestamp_raw = raw
         if self.on_accepted is not None:
             self.on_accepted(topics.timestamp_topic(timestamp.fleet), raw)
         return machine.TimestampAccepted(timestamp.version)
@@ -179,6 +181,8 @@ class TrustIntake:
         return PeerVerdict(kept, forged=forged, held=bool(gap), note=gap[0].reason if gap else "")
 
     def _timestamp_from_peer(self, raw: bytes) -> PeerVerdict:
+        if raw == self._timestamp_raw:  # (heard from the broker too: accepting it again would re-check the release)
+            return PeerVerdict(note="the timestamp trusted already")
         event = self.timestamp_heard(raw)
         if not isinstance(event, machine.TrustDocumentRefused):
             return PeerVerdict((event,))

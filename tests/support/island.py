@@ -44,14 +44,26 @@ def _installed_version(state_file: Path) -> str | None:
         return None
 
 
-def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout: float = 240.0) -> IslandResult:
+def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout: float = 240.0,
+               island: bool = True, device_mbit: float | None = None) -> IslandResult:
+    """`island=False`: the same LAN with nothing blocked (every device reaches the broker and the
+    origin; the "bridge" is one more device), the baseline the island is measured against."""
     with NatLab(workdir / "lab") as lab:
         wan = lab.add_wan_host("origin")
-        island = lab.add_router("masquerade")
-        lab.firewall(island, wan.ip)
+        router = lab.add_router("masquerade")
+        if island:
+            lab.firewall(router, wan.ip)
         names = [f"i{n:02d}" for n in range(1, devices + 1)]
-        spaces = {name: lab.add_device(island, name) for name in ["bridge", *names]}
-        lab.add_wan_link(spaces["bridge"])
+        spaces = {name: lab.add_device(router, name) for name in ["bridge", *names]}
+        if device_mbit:
+            for ns in spaces.values():
+                lab.shape(ns, rate_mbit=device_mbit)
+                lab.shape(router, rate_mbit=device_mbit, interface=lab.lan_port(ns))
+            lab.shape(wan, rate_mbit=device_mbit)
+        if island:
+            lab.add_wan_link(spaces["bridge"])
+            if device_mbit:
+                lab.shape(spaces["bridge"], rate_mbit=device_mbit, interface="eth1")
 
         home = workdir / "operator"
         config = workdir / "operator.toml"
@@ -84,16 +96,19 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
                 swarm_port=4001, broker_host=wan.ip, broker_port=BROKER_PORT, root_file=home / "root.json",
                 firmware=artifacts["1.0.0"], firmware_version="1.0.0", peers=(origin,), origin=origin,
                 stall_timeout=60, retry_interval=5,
+                # What docs/p2p.md recommends (peers first, the origin after a grace), in both runs.
                 content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("routing", "none"),
-                                  ("gossip_interval", "15")),
+                                  ("rendezvous", "true"), ("origin_grace", "2.0"), ("gossip_interval", "15")),
             )
             lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(provision(spec))],
                       f"agent-{name}.log", env=env)
             states[name] = spec.state_dir / "state.json"
-        # Island devices go offline 15 s after they start (no answer from the broker).
+        # Island devices go offline 15 s after they start (no answer from the broker); connected
+        # ones have settled on 1.0.0 by then too.
         end = time.monotonic() + 60
+        settled = "carrying on offline" if island else "phase idle"
         while time.monotonic() < end and not all(
-                "carrying on offline" in (lab.workdir / f"agent-{n}.log").read_text(errors="replace") for n in names):
+                settled in (lab.workdir / f"agent-{n}.log").read_text(errors="replace") for n in names):
             time.sleep(0.5)
 
         wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(ORIGIN_PORT))

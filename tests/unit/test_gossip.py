@@ -238,6 +238,8 @@ def test_timestamps_from_peers_forged_stale_and_ahead_of_the_root(keys: Keyring)
     ts = lambda **kw: sign_timestamp(timestamp(keys, {"ipc": (2, release)}, **kw), keys.timestamp)  # noqa: E731
     v2 = from_peer(intake, topics.timestamp_topic(FLEET), ts(version=2))
     assert v2.events == (machine.TimestampAccepted(2),)
+    again = from_peer(intake, topics.timestamp_topic(FLEET), ts(version=2))
+    assert again.events == () and again.forged is None and "trusted already" in again.note
     stale = from_peer(intake, topics.timestamp_topic(FLEET), ts(version=1))
     assert stale.events == () and stale.forged is None and not stale.held
     forged = from_peer(intake, topics.timestamp_topic(FLEET), sign_timestamp(
