@@ -295,6 +295,11 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
     match event:
         case Started():
             return _started(state, event)
+        case ReleaseHeard(raw=raw) if raw == state.last_release:
+            # Judged already, and nothing it depends on changed since (a new timestamp, an admission,
+            # a check or a retry each re-verify it): the same bytes again from the broker (a reconnect)
+            # or from a peer must not start a second attempt of a release that just failed.
+            return state, []
         case ReleaseHeard(raw=raw):
             state = replace(state, last_release=raw)
             return (state, []) if state.updating else (state, [Verify(raw)])

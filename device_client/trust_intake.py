@@ -39,13 +39,17 @@ from services.runtime.trust import (
     payload_digest,
 )
 
-# What only a forger (or a broken peer) sends: a document that does not open or verify at all. A
-# validly signed one that is old, expired or for another root is what an honest peer that is behind
-# re-announces: not used, but its sender is not struck for it.
+# What only a forger (or a broken peer) sends: a document that does not parse, or a signature by a
+# key the device knows that does not verify. A validly signed one that is old, expired or for another
+# root is what an honest peer that is behind re-announces: not used, but its sender is not struck.
 FORGED = frozenset({
-    ReasonCode.MALFORMED, ReasonCode.WRONG_TYPE, ReasonCode.BAD_SIGNATURE, ReasonCode.UNKNOWN_KEY,
-    ReasonCode.THRESHOLD_NOT_MET, ReasonCode.WRONG_FLEET, ReasonCode.UNTRUSTED,
+    ReasonCode.MALFORMED, ReasonCode.WRONG_TYPE, ReasonCode.BAD_SIGNATURE, ReasonCode.WRONG_FLEET,
+    ReasonCode.UNTRUSTED,
 })
+# Signed by keys this device's root does not name (or too few of them): a forgery, or a document of a
+# root the device has not walked to yet (a peer ahead of it during a key rotation). Not used, not
+# reported, its sender not struck; read again when re-announced, once the root may have arrived.
+NEWER_KEYS = frozenset({ReasonCode.UNKNOWN_KEY, ReasonCode.THRESHOLD_NOT_MET})
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ class TrustIntake:
         forged = None
         if version == trusted + 1 and events and isinstance(events[0], machine.TrustDocumentRefused):
             first = events[0]
-            forged = first.reason if first.code in FORGED else None
+            forged = first.reason if first.code in FORGED | NEWER_KEYS else None  # root N+1 must carry N's keys
         gap = [e for e in events if isinstance(e, machine.TrustDocumentRefused) and e.code == ReasonCode.ROOT_CHAIN_GAP]
         kept = tuple(e for e in events if e not in gap)  # a gap closes when the peer's chain arrives: not a fault
         return PeerVerdict(kept, forged=forged, held=bool(gap), note=gap[0].reason if gap else "")
@@ -188,7 +192,8 @@ class TrustIntake:
             return PeerVerdict((event,))
         if event.code in FORGED:
             return PeerVerdict((event,), forged=event.reason)
-        return PeerVerdict(held=event.code == ReasonCode.ROOT_OUTDATED, note=event.reason)
+        held = event.code == ReasonCode.ROOT_OUTDATED or event.code in NEWER_KEYS
+        return PeerVerdict(held=held, note=event.reason)
 
     def _release_from_peer(self, raw: bytes, last_release: bytes | None, local: LocalState) -> PeerVerdict:
         now = self._clock()
@@ -198,7 +203,7 @@ class TrustIntake:
             if exc.code in FORGED:
                 reason = f"release: {exc}"
                 return PeerVerdict((machine.TrustDocumentRefused(exc.code, reason),), forged=reason)
-            return PeerVerdict(note=f"release: {exc}")
+            return PeerVerdict(held=exc.code in NEWER_KEYS, note=f"release: {exc}")
         if manifest.device_class != self.trusted.device_class:
             return PeerVerdict(carry=True, note=f"release of class {manifest.device_class}: carried for its devices")
         heard = self._sequence_of(last_release, now)
