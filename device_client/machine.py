@@ -295,10 +295,10 @@ def step(state: AgentState, event: Event, config: MachineConfig) -> tuple[AgentS
     match event:
         case Started():
             return _started(state, event)
-        case ReleaseHeard(raw=raw) if raw == state.last_release:
-            # Judged already, and nothing it depends on changed since (a new timestamp, an admission,
-            # a check or a retry each re-verify it): the same bytes again from the broker (a reconnect)
-            # or from a peer must not start a second attempt of a release that just failed.
+        case ReleaseHeard(raw=raw) if raw == state.last_release and _refused_last(state):
+            # The same bytes again, from the broker (a reconnect) or a peer, after this release failed
+            # or was refused for good: nothing it depends on changed (a new timestamp, an admission, a
+            # check or a retry each re-verify it), so it must not start a second attempt.
             return state, []
         case ReleaseHeard(raw=raw):
             state = replace(state, last_release=raw)
@@ -421,6 +421,12 @@ def _rolled_back(state: AgentState, event: RolledBack, config: MachineConfig) ->
         assert pending is not None
         return state, [*actions, ClearSwitch(), Verify(pending.envelope.encode(), resuming=True)]
     return state, [*actions, ClearSwitch()]
+
+
+def _refused_last(state: AgentState) -> bool:
+    reported = state.reported
+    return (reported is not None and reported.phase in (Phase.FAILED, Phase.REFUSED)
+            and not state.awaits_timestamp)
 
 
 def _verified(state: AgentState, event: ReleaseVerified, config: MachineConfig) -> tuple[AgentState, list[Action]]:

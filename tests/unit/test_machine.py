@@ -453,3 +453,20 @@ def test_the_machine_is_deterministic_over_a_whole_update() -> None:
     first = run(fresh(), *sequence)
     assert first == run(fresh(), *sequence)
     assert first[0].local.installed_version == "2.0.0"
+
+
+def test_the_same_release_heard_again_after_it_failed_starts_no_second_attempt_but_after_idle_is_judged_again() -> None:
+    """Heard from a peer and then from the broker (or again at a reconnect): a release that just failed
+    for good is not tried twice; one judged idle before a timestamp vouched for it is judged again,
+    so that the timestamp's vouching raises the floor."""
+    state, _ = run(fresh(), m.ReleaseHeard(raw(V2)), verified(V2))
+    state, actions = run(state, m.UpdateFailed(V2, ReasonCode.HASH_MISMATCH, "delta lies", phase=Phase.REFUSED))
+    assert reports(actions)[-1].phase == Phase.REFUSED
+    state, actions = run(state, m.ReleaseHeard(raw(V2)))
+    assert actions == []
+    state, actions = run(state, m.ReleaseHeard(raw(V3)))
+    assert actions == [m.Verify(raw(V3))]
+
+    idle, _ = run(fresh(), m.ReleaseHeard(raw(V1_AGAIN)), verified(V1_AGAIN, vouched=False))
+    _, actions = run(idle, m.ReleaseHeard(raw(V1_AGAIN)))
+    assert actions == [m.Verify(raw(V1_AGAIN))]
