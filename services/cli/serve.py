@@ -53,11 +53,11 @@ def origin(
     node_config = origin_config(settings, operator)
 
     async def main(stop: asyncio.Event) -> None:
-        gossip = settings.content.gossip and operator.root_file.exists()
+        fleet = operator.root().fleet if settings.content.gossip and operator.root_file.exists() else None
         await serve_origin(node_config, operator.seed_dir, operator.path / "origin" / "multiaddr", stop,
-                           broker_host=settings.mqtt.host, documents=home_documents(operator) if gossip else None,
-                           fleet=operator.root().fleet if gossip else None,
-                           gossip_interval=settings.content.gossip_interval)
+                           broker_host=settings.mqtt.host,
+                           documents=home_documents(operator, fleet) if fleet is not None else None,
+                           fleet=fleet, gossip_interval=settings.content.gossip_interval)
 
     run_until_signal(main)
 

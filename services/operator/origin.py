@@ -53,11 +53,10 @@ def dialable_addresses(config: KuboConfig, peer_id: str, broker_host: str, *,
     return [f"{a}/p2p/{peer_id}" for a in [*config.append_announce, *(f"/ip4/{h}/tcp/{config.swarm_port}" for h in hosts)]]
 
 
-def home_documents(home: OperatorHome) -> Documents:
+def home_documents(home: OperatorHome, fleet: str) -> Documents:
     """The signed documents the origin gossips, read from the operator's home each time: the root
     chain, the timestamp and each class's latest release (MQTT topic, bytes)."""
     def documents() -> list[tuple[str, bytes]]:
-        fleet = home.root().fleet
         found = [(topics.root_topic(fleet, version), raw) for version, raw in home.root_chain()]
         if home.timestamp_file.exists():
             found.append((topics.timestamp_topic(fleet), home.timestamp_file.read_bytes()))

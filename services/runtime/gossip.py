@@ -52,11 +52,6 @@ class GossipFrame:
     topic: str  # the MQTT topic the document belongs to
     payload: bytes
 
-    @property
-    def key(self) -> str:
-        """What a newer document of the same kind replaces: a root version, the timestamp, a class's release."""
-        return self.topic
-
 
 def kind_of(fleet: str, topic: str) -> DocumentKind | None:
     """The kind of document `topic` carries, if it is one the fleet gossips."""
@@ -131,14 +126,8 @@ class GossipGate:
     clock: Callable[[], float] = time.monotonic
     _senders: OrderedDict[str, _Sender] = field(default_factory=OrderedDict)
     _seen: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
-    counts: dict[Verdict, int] = field(default_factory=lambda: dict.fromkeys(Verdict, 0))
 
     def admit(self, sender: str, data: bytes) -> Verdict:
-        verdict = self._judge(sender, data)
-        self.counts[verdict] += 1
-        return verdict
-
-    def _judge(self, sender: str, data: bytes) -> Verdict:
         now = self.clock()
         state = self._sender(sender, now)
         if state.banned_until > now:
@@ -222,7 +211,7 @@ class PeerDocuments:
     def _trim(self, kind: DocumentKind, limit: int) -> None:
         of_kind = [t for t in self._frames if kind_of(self.fleet, t) == kind]
         if kind == DocumentKind.ROOT:
-            of_kind.sort(key=lambda t: int(t.rsplit("/", 1)[1]))  # the oldest roots go first
+            of_kind.sort(key=lambda t: topics.root_version(t) or 0)  # the oldest roots go first
         for topic in of_kind[:max(0, len(of_kind) - limit)]:
             del self._frames[topic]
 
@@ -230,7 +219,7 @@ class PeerDocuments:
         """Roots first, in version order (a peer accepts them one after another), then the rest."""
         def order(frame: GossipFrame) -> tuple[int, int]:
             kind = kind_of(self.fleet, frame.topic)
-            return (0, int(frame.topic.rsplit("/", 1)[1])) if kind == DocumentKind.ROOT else (1, 0)
+            return (0, topics.root_version(frame.topic) or 0) if kind == DocumentKind.ROOT else (1, 0)
         return sorted(self._frames.values(), key=order)
 
     def __len__(self) -> int:

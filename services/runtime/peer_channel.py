@@ -68,10 +68,6 @@ class GossipChannel:
         self.documents = PeerDocuments(fleet)
         self.interval = interval
         self.rejoin_delay = rejoin_delay
-        self.received = 0
-        self.published = 0
-        self.dropped_queue_full = 0
-        self.malformed = 0
         self._queue: asyncio.Queue[PeerDocument] = asyncio.Queue(queue_size)
         self._outgoing: dict[str, GossipFrame] = {}
         self._announce_at = 0.0
@@ -144,15 +140,12 @@ class GossipChannel:
         try:
             frame, kind = decode_frame(message.data, fleet=self.fleet)
         except MalformedFrame as exc:
-            self.malformed += 1
             self._say_once(message.sender, "malformed", f"refused a message from peer {message.sender}: {exc}")
             self.strike(message.sender, str(exc))
             return
         try:
             self._queue.put_nowait(PeerDocument(message.sender, frame.topic, kind, frame.payload))
-            self.received += 1
         except asyncio.QueueFull:
-            self.dropped_queue_full += 1
             self.gate.forget(message.data)  # the sender's next announcement is read again
 
     def _say_once(self, sender: str, what: str, text: str) -> None:
@@ -180,5 +173,4 @@ class GossipChannel:
         while self._outgoing:
             topic = next(iter(self._outgoing))
             frame = self._outgoing.pop(topic)
-            if await self.node.pubsub_publish(self.topic, encode_frame(frame)):
-                self.published += 1
+            await self.node.pubsub_publish(self.topic, encode_frame(frame))

@@ -18,7 +18,7 @@ from pathlib import Path
 from services.demo.processes import PARENT_ENV
 from services.demo.provision import DeviceSpec, provision
 from tests.support.netlab import NatLab
-from tests.support.p2p_scenario import BROKER_PORT, CLASS, FLEET, ORIGIN_PORT, PY
+from tests.support.p2p_scenario import BROKER_PORT, CLASS, FLEET, ORIGIN_PORT, PY, egress_bytes
 
 __all__ = ["IslandResult", "run_island"]
 
@@ -125,7 +125,6 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
                 else:
                     result.installed.setdefault(name, round(now, 1))
             time.sleep(0.5)
-        out = wan.run("iptables-legacy", "-L", "OUTPUT", "-v", "-x", "-n").stdout
-        result.origin_egress = next((int(line.split()[1]) for line in out.splitlines() if f"spt:{ORIGIN_PORT}" in line), 0)
+        result.origin_egress = egress_bytes(wan, ORIGIN_PORT)
         result.logs = {name: (lab.workdir / f"agent-{name}.log").read_text(errors="replace") for name in spaces}
         return result

@@ -96,6 +96,15 @@ class Result:
         return asdict(self)
 
 
+def egress_bytes(host: Namespace, port: int) -> int:
+    """Bytes `host` sent from TCP `port`, by the counting rule `-A OUTPUT -p tcp --sport <port>` in its iptables."""
+    out = host.run("iptables-legacy", "-L", "OUTPUT", "-v", "-x", "-n").stdout
+    for line in out.splitlines():
+        if f"spt:{port}" in line:
+            return int(line.split()[1])
+    return 0
+
+
 class FleetLab:
     """Build the lab of `plan`, start everything, release once; `close()` removes it all."""
 
@@ -218,11 +227,7 @@ class FleetLab:
             return {}
 
     def egress(self, port: int) -> int:
-        out = self.wan.run("iptables-legacy", "-L", "OUTPUT", "-v", "-x", "-n").stdout
-        for line in out.splitlines():
-            if f"spt:{port}" in line:
-                return int(line.split()[1])
-        return 0
+        return egress_bytes(self.wan, port)
 
     # -- the release and the baseline -----------------------------------------------------------
 
