@@ -34,6 +34,8 @@ from device_client.installer import (
 from device_client.local_state import LocalState, StateStore
 from device_client.machine import AgentState, Event, MachineConfig
 from device_client.rendezvous import Rendezvous
+from device_client.report_relay import ReportRelay
+from device_client.report_signing import ReportCounter, ReportSigner
 from device_client.reporter import Reporter
 from device_client.switch import SwitchJournal, SwitchRecord, SwitchStep, Unreadable
 from device_client.trust_intake import TrustFiles, TrustIntake, command_event
@@ -57,7 +59,8 @@ from services.runtime.content import (
     open_store,
 )
 from services.runtime.files import read_capped, set_aside
-from services.runtime.gossip import GossipLimits
+from services.runtime.gossip import DocumentKind, GossipLimits
+from services.runtime.keys import SigningKey
 from services.runtime.messaging import (
     Message,
     MqttClient,
@@ -136,8 +139,24 @@ class DeviceAgent:
         # Until the node and the broker are up, only what undoes a cut switch is performed; the
         # machine's other actions (reports, verifying, updating) wait here, in order.
         self._held: list[machine.Action] | None = []
+        self.signer = self._load_signer()
+        self.relay = ReportRelay(settings.fleet, settings.device_id)
 
     # -- start-up -------------------------------------------------------------------------
+
+    def _load_signer(self) -> ReportSigner | None:
+        """The identity key that signs this device's reports, if it was provisioned with one. A key that
+        does not load is said and left out: reports then count only when sent directly to the broker."""
+        path = self.settings.identity_key
+        if path is None:
+            return None
+        try:
+            key = SigningKey.load(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("identity key %s not usable (%s): reports are not signed, so peers cannot carry them",
+                      path, exc)
+            return None
+        return ReportSigner(key, ReportCounter(self.state_dir / "report-counter"))
 
     def _prepare_state_dir(self) -> None:
         """The state directory is the agent's alone: nobody else may create names in it (a planted
@@ -391,7 +410,8 @@ class DeviceAgent:
             self.node, self.client = node, client
             self.gossip = await self._open_gossip(node, stack)
             self.swarm_port = node_config.swarm_port
-            self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class)
+            self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
+                                     signer=self.signer, peers=self.gossip)
             meter = TrafficMeter(self.swarm_port)  # for a daemon, its own port: counts are then the daemon's
             self.update_context = UpdateContext(
                 store=node, target=s.install_path, download_dir=download_dir,
@@ -599,6 +619,9 @@ class DeviceAgent:
         assert self.gossip is not None
         if self.gossip.ignores(document.sender):
             return  # queued before its ban
+        if document.kind == DocumentKind.REPORT:
+            await self._relay_report(document)
+            return
         verdict = self.intake.from_peer(document.kind, document.topic, document.payload,
                                         last_release=self.state.last_release, local=self.state.local)
         if verdict.forged is not None:
@@ -614,6 +637,33 @@ class DeviceAgent:
             log.info("heard %s from peer %s", document.topic, document.sender)
         for event in verdict.events:
             await self._feed(event)
+
+    async def _relay_report(self, document: PeerDocument) -> None:
+        """A peer's signed report: handed on to the broker when this device reaches it. Unverified here;
+        the fleet service checks the peer's signature and counter (services.operator.report_trust)."""
+        assert self.gossip is not None and self.client is not None
+        decision = self.relay.judge(document.topic, document.payload)
+        if decision.forged is not None:
+            log.warning("refused a report from peer %s: %s", document.sender, decision.forged)
+            self.gossip.strike(document.sender, decision.forged)
+            return
+        if not decision.hand_on:
+            log.debug("not handing on a report from peer %s: %s", document.sender, decision.note)
+            return
+        if not self.client.connected or not self.relay.take():
+            self.gossip.read_again(document)  # its next announcement may find the broker, or room in the rate
+            return
+        try:
+            await self.client.publish(topics.relay_topic(self.settings.fleet, self.settings.device_id),
+                                      document.payload, qos=1, retain=False)
+        except MqttError as exc:
+            log.info("could not hand on a report from peer %s (%s): read again at its next announcement",
+                     document.sender, exc)
+            self.gossip.read_again(document)
+            return
+        self.relay.handed_on(document.payload)
+        device, _ = topics.device_from_topic(self.settings.fleet, document.topic) or ("?", "")
+        log.info("handed on %s's report from peer %s to the broker", device, document.sender)
 
     async def _map_swarm_port(self) -> str | None:
         """/ip4/<external>/tcp/<port> the router mapped to our swarm port, or None (no NAT-PMP there)."""

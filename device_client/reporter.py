@@ -6,10 +6,11 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from device_client.local_state import LocalState
 from device_client.machine import Report
+from device_client.report_signing import ReportSigner
 from schemas import topics
 from schemas.models import DeviceState, Phase
 from services.runtime.messaging import MqttClient, MqttError
@@ -17,9 +18,22 @@ from services.runtime.messaging import MqttClient, MqttError
 log = logging.getLogger(__name__)
 
 
+class ReportCarrier(Protocol):
+    """What hands this device's reports to its peers (services.runtime.peer_channel.GossipChannel)."""
+
+    def carry(self, topic: str, payload: bytes) -> None: ...
+    def drop(self, topic: str) -> None: ...
+
+
 class Reporter:
-    def __init__(self, client: MqttClient, *, fleet: str, device: str, device_class: str) -> None:
+    """`signer` numbers and signs each report; `peers` carry a signed report made while the broker is
+    away to a peer that reaches one, until a report reaches the broker directly again."""
+
+    def __init__(self, client: MqttClient, *, fleet: str, device: str, device_class: str,
+                 signer: ReportSigner | None = None, peers: ReportCarrier | None = None) -> None:
         self.client = client
+        self.signer = signer
+        self.peers = peers
         self.topic = topics.state_topic(fleet, device)
         self._base: dict[str, Any] = {"fleet": fleet, "device": device, "device_class": device_class}
         self._last_progress_at = 0.0
@@ -64,15 +78,23 @@ class Reporter:
             timestamp=datetime.now(UTC),
             **fields,
         )
+        if self.signer is not None:
+            state = self.signer.sign(state)
         self.last = state
         if state.phase in (Phase.REFUSED, Phase.FAILED):
             log.warning("%s: %s (%s)", state.phase.value, state.reason, state.reason_code)
         else:
             log.info("phase %s progress %d%%", state.phase.value, state.progress)
+        payload = state.canonical_bytes()
+        if self.peers is not None and state.signature is not None:
+            if self.client.connected:
+                self.peers.drop(self.topic)
+            else:
+                self.peers.carry(self.topic, payload)
         try:
             # Offline (an uplink down, a broker away), waiting for an acknowledgement would hold the update
             # up for nothing: paho keeps the report and sends it once the broker answers again.
-            await self.client.publish(self.topic, state.canonical_bytes(), qos=1, retain=True,
+            await self.client.publish(self.topic, payload, qos=1, retain=True,
                                       wait=self.client.connected)
         except MqttError as exc:
             # The broker may be away; the state is retained locally and sent again on the next report.

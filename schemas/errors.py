@@ -62,6 +62,8 @@ class ReasonCode(StrEnum):
     ROOT_CHANGE_REFUSED = "root_change_refused"
     REQUEST_REFUSED = "request_refused"
     NO_ANSWER = "no_answer"
+    NO_IDENTITY = "no_identity"  # a carried report of a device whose identity key is not registered
+    REPORT_REPLAYED = "report_replayed"  # a carried report whose counter is not above the device's last one
 
 
 class EdgeswarmError(Exception):

@@ -19,6 +19,7 @@ from typing import Self
 from schemas.canonical import canonical_json, strict_loads
 from schemas.roles import Role  # noqa: F401 - part of this module's public names
 
+MAX_REPORT_BYTES = 4096  # a device report is well under 2 KB; one carried by a peer is capped before parsing
 MAX_SIZE = 2**40  # 1 TiB: no artifact is bigger; keeps sizes far from integer overflow anywhere
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -218,6 +219,7 @@ class PayloadType(str, enum.Enum):
     ROOT = "application/vnd.edgeswarm.root+json"
     RELEASE = "application/vnd.edgeswarm.release+json"
     TIMESTAMP = "application/vnd.edgeswarm.timestamp+json"
+    REPORT = "application/vnd.edgeswarm.report+json"  # a device's own signature over its state (not an envelope)
 
 
 class SignedEnvelope(WireModel):
@@ -273,6 +275,15 @@ class DeviceState(WireModel):
     reason_code: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,64}$")] | None = None
     retrying: bool | None = None  # failed, and the device will try the same release again by itself
     timestamp: AwareDatetime
+    # Signed reports (docs/wire-contract.md): a counter that only grows, and the device's identity key's
+    # signature over the canonical JSON of this report without `signature`. A peer can carry such a
+    # report to the broker; the fleet service accepts it only signed by that device, with a higher counter.
+    counter: Annotated[int, Field(ge=1, le=2**62)] | None = None
+    signature: Signature | None = None
+
+    def signed_bytes(self) -> bytes:
+        """What the device's identity key signs: the canonical report without its signature."""
+        return self.model_copy(update={"signature": None}).canonical_bytes()
 
 
 Multiaddr = Annotated[str, StringConstraints(max_length=256, pattern=r"^/ip[46]/[0-9a-fA-F.:]+/tcp/[0-9]{1,5}/p2p/[A-Za-z0-9]{32,128}$")]

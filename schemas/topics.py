@@ -47,7 +47,7 @@ def gossip_topic(fleet: str) -> str:
 
 
 def device_topic(fleet: str, device: str, leaf: str) -> str:
-    if leaf not in ("state", "online", "cmd", "peer"):
+    if leaf not in ("state", "online", "cmd", "peer", "relay"):
         raise ValueError(f"unknown device topic {leaf!r}")
     return f"{ROOT}/{check_identifier(fleet, 'fleet')}/devices/{check_identifier(device, 'device')}/{leaf}"
 
@@ -58,6 +58,11 @@ def state_topic(fleet: str, device: str) -> str:
 
 def online_topic(fleet: str, device: str) -> str:
     return device_topic(fleet, device, "online")
+
+
+def relay_topic(fleet: str, device: str) -> str:
+    """Where a device hands on, under its own login, reports its peers signed and could not send."""
+    return device_topic(fleet, device, "relay")
 
 
 def command_topic(fleet: str, device: str) -> str:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # asyncio loads when a command runs, not for --help
     from rich.console import Console
 
     from services.operator.fleet import DeviceView, StatusLine
-    from services.operator.fleet_store import FleetStore
+    from services.operator.fleet_store import FleetStore, RecordedReport
     from services.runtime.settings import OperatorSettings
 
 fleet_app = typer.Typer(help="What the fleet runs, from the devices' retained reports.", no_args_is_help=True)
@@ -115,11 +115,17 @@ def _open_record(settings: OperatorSettings, home: Path | None, *, hint: str = "
         raise
 
 
-def _record_json(fleet: str, rows: list[tuple[str, str | None, bool | None]]) -> str:
+def _record_json(fleet: str, rows: list[RecordedReport]) -> str:
     """The same document as from the broker, spliced from the reports as recorded (each a JSON object
-    written by the fleet service from a validated report), with each device's online flag added."""
-    entries = [f'{state[:-1]},"online":{json.dumps(online)}}}' if state else json.dumps({"device": device, "online": online})
-               for device, state, online in rows]
+    written by the fleet service from a validated report), with each device's online flag added and
+    how its report was heard ("heard": "direct" or "relayed by <peer>", "heard_at")."""
+    entries = []
+    for row in rows:
+        extra: dict[str, object] = {"online": row.online}
+        if row.heard is not None:
+            extra |= {"heard": row.heard, "heard_at": row.heard_at}
+        entries.append(f'{row.state_json[:-1]},{json.dumps(extra)[1:-1]}}}' if row.state_json
+                       else json.dumps({"device": row.device, **extra}))
     return f'{{"fleet":{json.dumps(fleet)},"source":"record","devices":[{",".join(entries)}]}}'
 
 
@@ -167,7 +173,9 @@ def _print_class(console: Console, device_class: str, lines: list[StatusLine], *
         title = f"{device_class}: devices that need attention ({len(candidates):,})"
     listed = candidates if limit is None else candidates[:limit]
     table = Table(title=title)
-    for column in ("device", "online", "installed", "phase", "progress", "reason", "reported"):
+    heard = any(line.heard for line in listed)  # known from the record, not from the broker's retained reports
+    for column in ("device", "online", "installed", "phase", "progress", "reason", "reported",
+                   *(("heard",) if heard else ())):
         table.add_column(column)
     for line in listed:
         reported = line.phase is not None
@@ -175,6 +183,7 @@ def _print_class(console: Console, device_class: str, lines: list[StatusLine], *
             line.device, {True: "yes", False: "[red]no[/]", None: "?"}[line.online],
             line.installed_version or "?", line.phase or "?", f"{line.progress or 0}%" if reported else "",
             line.reason or "", f"{line.reported:%Y-%m-%d %H:%M:%S}" if line.reported else "",
+            *((f"{line.heard or '?'}{f' at {line.heard_at:%H:%M:%S}' if line.heard_at else ''}",) if heard else ()),
         )
     console.print(table)
     if len(candidates) > len(listed):
@@ -206,6 +215,7 @@ def fleet_serve(
     from services.operator.fleet_service import FleetService, OpsTokens
     from services.operator.fleet_store import open_fleet_store
     from services.operator.homeassistant import HomeAssistantBridge
+    from services.operator.identities import DeviceIdentities
     from services.operator.standby import wait_until_active
     from services.runtime.trust import TrustedSet, TrustError
 
@@ -238,7 +248,8 @@ def fleet_serve(
         if not await wait_until_active(store, settings.fleet, stop, poll=settings.record.standby_poll):
             return
         # Made once active: the rollouts it resumes are those the record holds now, not at start.
-        service = FleetService(settings.fleet, store, tokens, root, bridge=bridge)
+        service = FleetService(settings.fleet, store, tokens, root, bridge=bridge,
+                               identities=DeviceIdentities(operator.identities_dir))
         # A persistent session: reports sent while this service was down (or none was active) are queued for it.
         async with operator_client(settings, "fleet-service", persistent=True) as client:
             err.print(f"fleet service for {settings.fleet} (active): recording in {store.where}, "

@@ -297,13 +297,18 @@ def device_config(
     install_target: Annotated[str, typer.Option(help="the file the device runs (must match releases' --target)")] = "/opt/edgeswarm/firmware.img",
     initial_version: Annotated[str, typer.Option(help="the version that file holds now")] = "0",
     handler: Annotated[list[str], typer.Option(help="install handlers the device accepts (file, ab, command); repeatable")] = ["file", "ab"],  # noqa: B006
+    new_identity: Annotated[bool, typer.Option(help="give the device a new identity key, replacing the one registered for it (reports signed by the old key are then refused)")] = False,
 ) -> None:
-    """Write a device's provisioning bundle: device.toml (0600), the root of trust, the broker's CA.
+    """Write a device's provisioning bundle: device.toml (0600), the root of trust, the broker's CA and
+    the device's identity key (identity.key, 0600), whose public half is registered in <home>/identities
+    so the fleet service believes the device's reports when peers carry them. Written again, the bundle
+    keeps the key it holds.
 
     The origin must be running (its address goes into device.toml). Copy the bundle to the device
     as DEVICE_DIR and start `edgeswarm device run --config DEVICE_DIR/device.toml`.
     """
     from services.operator.device_bundle import BundleError, DeviceBundle, write_bundle
+    from services.operator.identities import IdentityConflict
 
     settings = operator_settings(config)
     operator = operator_home(settings, home)
@@ -314,10 +319,11 @@ def device_config(
     bundle = DeviceBundle(device_id=device_id, device_class=device_class, fleet=settings.fleet,
                           root_file=operator.root_file, credentials_file=credentials,
                           origin_address_file=operator.path / "origin" / "multiaddr", device_dir=device_dir.rstrip("/"),
-                          install_target=install_target, initial_version=initial_version, handlers=tuple(handler))
+                          install_target=install_target, initial_version=initial_version, handlers=tuple(handler),
+                          identities_dir=operator.identities_dir, new_identity=new_identity)
     try:
         written = write_bundle(bundle, out)
-    except (BundleError, ValueError, OSError) as exc:
+    except (BundleError, IdentityConflict, ValueError, OSError) as exc:
         fail(str(exc))
     make_console().print(f"wrote {', '.join(str(p) for p in written)}; copy {out}/ to {device_id} as {device_dir}/")
 

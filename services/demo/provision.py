@@ -6,6 +6,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.operator.identities import DeviceIdentities, provision_identity
+
 DEFAULT_TARGET = "/opt/edgeswarm/firmware.img"
 
 
@@ -31,6 +33,7 @@ class DeviceSpec:
     mqtt_settings: tuple[tuple[str, str], ...] = ()  # extra [mqtt] keys: username, password, ca_file, ...
     extra_toml: str = ""  # further sections, e.g. "[install]\nallowed_handlers = [...]"
     content_settings: tuple[tuple[str, str], ...] = ()  # extra [content] keys, e.g. backend, rpc_api
+    identities_dir: Path | None = None  # the operator's register of identity keys: the device gets one
 
     @property
     def config_file(self) -> Path:
@@ -82,6 +85,10 @@ def provision(spec: DeviceSpec) -> Path:
     ]
     if spec.origin:
         lines.append(f"origin = {_toml_str(spec.origin)}")
+    if spec.identities_dir is not None:
+        key_file = spec.base_dir / "identity.key"
+        provision_identity(key_file, spec.device_id, DeviceIdentities(spec.identities_dir))
+        lines.insert(lines.index(""), f"identity_key = {_toml_str(str(key_file))}")
     for name, source in (("swarm_key_file", spec.swarm_key_file), ("class_key_file", spec.class_key_file)):
         if source is not None:
             copy = spec.base_dir / source.name

@@ -1,6 +1,8 @@
 """A device's provisioning bundle, written on the operator host and copied to the device as its
 /etc/edgeswarm: device.toml (its identity, broker login and the origin's address), the fleet's
-root of trust and the broker's CA. Everything secret in it is the device's own broker password."""
+root of trust, the broker's CA and the device's identity key (identity.key, which signs its reports;
+its public half is registered in the operator's home). Everything secret in it is the device's own:
+its broker password and its identity key."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas import topics
+from services.operator.identities import DeviceIdentities, provision_identity
 
 __all__ = ["BundleError", "DeviceBundle", "write_bundle"]
 
@@ -32,6 +35,8 @@ class DeviceBundle:
     install_target: str = "/opt/edgeswarm/firmware.img"
     initial_version: str = "0"
     handlers: tuple[str, ...] = ("file", "ab")
+    identities_dir: Path | None = None  # <home>/identities: the device's identity key is registered there
+    new_identity: bool = False  # replace the key registered for the device (a re-provisioned device)
 
 
 def _toml(value: str) -> str:
@@ -39,10 +44,12 @@ def _toml(value: str) -> str:
 
 
 def write_bundle(bundle: DeviceBundle, out: Path) -> list[Path]:
-    """Write device.toml (0600), root.json and ca.crt (when the login has one) into `out`.
+    """Write device.toml (0600), root.json, ca.crt (when the login has one) and identity.key (0600, with
+    `identities_dir`) into `out`.
 
     Raises:
         BundleError: the origin has not written its address, or the credentials are not the device's.
+        IdentityConflict: the device has another identity key registered and `new_identity` is not set.
     """
     topics.check_identifier(bundle.device_id, "device")
     topics.check_identifier(bundle.device_class, "device class")
@@ -59,6 +66,14 @@ def write_bundle(bundle: DeviceBundle, out: Path) -> list[Path]:
                           "(edgeswarm origin) first; it writes its address there") from None
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "device.toml", out / "root.json"]
+    identity = []
+    if bundle.identities_dir is not None:
+        if bundle.new_identity:
+            (out / "identity.key").unlink(missing_ok=True)
+        provision_identity(out / "identity.key", bundle.device_id, DeviceIdentities(bundle.identities_dir),
+                           replace=bundle.new_identity)
+        written.append(out / "identity.key")
+        identity = [f"identity_key = {_toml(bundle.device_dir + '/identity.key')}"]
     shutil.copyfile(bundle.root_file, out / "root.json")
     mqtt = [f"host = {_toml(login['host'])}", f"port = {int(login['port'])}", f"username = {_toml(login['username'])}",
             f"password = {_toml(login['password'])}"]
@@ -75,6 +90,7 @@ def write_bundle(bundle: DeviceBundle, out: Path) -> list[Path]:
         f"install_target = {_toml(bundle.install_target)}",
         f"trusted_root = {_toml(bundle.device_dir + '/root.json')}",
         f"initial_version = {_toml(bundle.initial_version)}",
+        *identity,
         "",
         "[mqtt]",
         *mqtt,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pydantic
 
@@ -17,11 +18,37 @@ from services.runtime.messaging import Message, MqttClient
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Heard:
+    """How a device's latest report reached the fleet service: on its own topic, or carried by a peer."""
+
+    relayed_by: str | None  # None: direct (the broker's login vouches); else the peer that handed it on
+    at: datetime
+
+    @property
+    def via(self) -> str:
+        return "direct" if self.relayed_by is None else "relayed"
+
+    def describe(self) -> str:
+        return "direct" if self.relayed_by is None else f"relayed by {self.relayed_by}"
+
+
 @dataclass
 class DeviceView:
     device: str
     state: DeviceState | None = None
     online: bool | None = None
+    heard: Heard | None = None
+
+    def accept(self, state: DeviceState, heard: Heard) -> bool:
+        """Take `state` unless the report held is newer by both its counter and its time (a report queued
+        while offline arriving after a peer carried a later one); False when it is not taken."""
+        held = self.state
+        if (held is not None and held.counter is not None and state.counter is not None
+                and state.counter <= held.counter and state.timestamp <= held.timestamp):
+            return False
+        self.state, self.heard = state, heard
+        return True
 
 
 @dataclass(frozen=True)
@@ -36,19 +63,24 @@ class StatusLine:
     progress: int | None = None
     reason: str | None = None
     reported: datetime | None = None
+    heard: str | None = None  # "direct" or "relayed by <peer>" (Heard.describe); None when not known
+    heard_at: datetime | None = None
 
     @classmethod
     def of(cls, view: DeviceView) -> StatusLine:
         s = view.state
         if s is None:
             return cls(view.device, view.online)
+        heard = view.heard
         return cls(view.device, view.online, s.device_class, s.installed_version, s.phase.value, s.progress, s.reason,
-                   s.timestamp)
+                   s.timestamp, heard.describe() if heard else None, heard.at if heard else None)
 
 
 class FleetTracker:
-    def __init__(self, fleet: str, *, max_message_bytes: int = 64 * 1024) -> None:
+    def __init__(self, fleet: str, *, max_message_bytes: int = 64 * 1024,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.fleet = fleet
+        self.clock = clock
         self.max_message_bytes = max_message_bytes
         self.devices: dict[str, DeviceView] = {}
         self.changed = asyncio.Event()
@@ -63,6 +95,8 @@ class FleetTracker:
         if parsed is None:
             return False
         device, leaf = parsed
+        if leaf not in ("state", "online"):
+            return False
         if not message.payload and leaf in ("state", "online"):
             self.devices.pop(device, None)  # a retained message cleared: the device was retired
             self.changed.set()
@@ -79,9 +113,19 @@ class FleetTracker:
             if state.device != device:
                 log.warning("ignoring state on %s's topic claiming to be %s", device, state.device)
                 return True
-            view.state = state
+            if not view.accept(state, Heard(None, self.clock())):
+                return True
         self.changed.set()
         return True
+
+    def carried(self, state: DeviceState, relayed_by: str) -> DeviceView | None:
+        """Take a report a peer carried, which services.operator.report_trust believed; the device's view
+        if it was taken."""
+        view = self.devices.setdefault(state.device, DeviceView(state.device))
+        if not view.accept(state, Heard(relayed_by, self.clock())):
+            return None
+        self.changed.set()
+        return view
 
     async def follow(self, client: MqttClient, duration: float | None = None, *, settle: float | None = None) -> None:
         """Consume messages for `duration` seconds (forever if None); with `settle`, go on after that

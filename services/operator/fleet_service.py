@@ -24,7 +24,7 @@ import pydantic
 from schemas import topics
 from schemas.canonical import MalformedDocument
 from schemas.errors import EdgeswarmError, ReasonCode
-from schemas.models import CommandName, DeviceCommand, DeviceState, ReleaseManifest, RootMetadata
+from schemas.models import CommandName, DeviceCommand, DeviceState, PublicKey, ReleaseManifest, RootMetadata
 from schemas.ops import (
     ControlRollout,
     DeviceRequest,
@@ -32,9 +32,11 @@ from schemas.ops import (
     RolloutState,
     StartRollout,
 )
-from services.operator.fleet import FleetTracker
-from services.operator.fleet_store import FleetStore, OnlineSeen
+from services.operator.fleet import FleetTracker, Heard
+from services.operator.fleet_store import FleetStore, OnlineSeen, ReportHeard
 from services.operator.homeassistant import HomeAssistantBridge, Retained
+from services.operator.identities import DeviceIdentities
+from services.operator.report_trust import ReportRefused, judge_carried, signed_by
 from services.operator.rollout import Member, Rollout
 from services.runtime.messaging import Message, MqttClient, MqttError, topic_matches
 from services.runtime.trust import RootsAhead, TrustError, next_root, open_release
@@ -93,7 +95,7 @@ class KnownRelease:
 
 class FleetService:
     def __init__(self, fleet: str, store: FleetStore, tokens: OpsTokens, root: RootMetadata, *,
-                 bridge: HomeAssistantBridge | None = None,
+                 bridge: HomeAssistantBridge | None = None, identities: DeviceIdentities | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC), tick: float = 1.0) -> None:
         if root.fleet != fleet:
             raise ValueError(f"the trusted root is for fleet {root.fleet!r}, not {fleet!r}")
@@ -104,7 +106,9 @@ class FleetService:
         self.bridge = bridge
         self.clock = clock
         self.tick = tick
-        self.tracker = FleetTracker(fleet)
+        self.tracker = FleetTracker(fleet, clock=clock)
+        self.identities = identities
+        self._top_counters = store.top_counters()  # the highest report counter believed, per device
         self.releases: dict[str, KnownRelease] = {}
         self._roots_ahead = RootsAhead()
         self._unverified: dict[str, bytes] = {}  # by topic: refused, maybe only for want of a newer root
@@ -115,7 +119,7 @@ class FleetService:
         self._status_seen: dict[str, str] = {}
         self._dirty: set[str] = set()  # devices whose Home Assistant entity may have changed
         self._showing_all = True  # the fleet is small enough that every device has an entity
-        self._unrecorded: list[DeviceState | OnlineSeen] = []  # written to the store once per tick, in order
+        self._unrecorded: list[ReportHeard | OnlineSeen] = []  # written to the store once per tick, in order
         # What the rollout engine reads, per class, kept as reports arrive: a tick reads it, never rebuilds it.
         self._members: dict[str, dict[str, Member]] = {}
         self._class_of: dict[str, str] = {}
@@ -125,6 +129,7 @@ class FleetService:
 
     async def run(self, client: MqttClient, stop: asyncio.Event) -> None:
         await self.tracker.subscribe(client)
+        await client.subscribe(topics.all_devices_wildcard(self.fleet, "relay"))
         await client.subscribe(topics.root_wildcard(self.fleet))
         await client.subscribe(topics.releases_wildcard(self.fleet))
         await client.subscribe(topics.ops_wildcard(self.fleet))
@@ -180,12 +185,17 @@ class FleetService:
             if view is None:
                 return
             if leaf == "state" and view.state is not None and view.state.device == device:
-                self._unrecorded.append(view.state)
+                self._unrecorded.append(ReportHeard(view.state, view.heard or Heard(None, self.clock()),
+                                                    self._believed_counter(view.state)))
             elif leaf == "online" and view.online is not None:
                 self._unrecorded.append(OnlineSeen(device, view.online, self.clock()))
             if len(self._unrecorded) >= RECORD_BATCH:
                 self.flush()
             self._dirty.add(device)
+            return
+        relayed = topics.device_from_topic(self.fleet, message.topic)
+        if relayed is not None and relayed[1] == "relay":
+            await self._on_carried(client, relayed[0], message.payload)
             return
         if topics.topic_matches_release(self.fleet, message.topic):
             self._on_release(message.topic, message.payload)
@@ -203,6 +213,49 @@ class FleetService:
         parsed = topics.parse_ops_topic(self.fleet, message.topic)
         if parsed is not None and not message.retain:
             await self._on_request(client, parsed[0], parsed[1], message.payload)
+
+    # -- reports peers carried -------------------------------------------------------------------
+
+    def _key_of(self, device: str) -> PublicKey | None:
+        return self.identities.public_key(device) if self.identities is not None else None
+
+    def _believed_counter(self, state: DeviceState) -> int | None:
+        """A direct report's counter, when the device's registered key signed it: it raises the highest
+        counter a carried report of the device must pass."""
+        if state.counter is None or state.signature is None:
+            return None
+        key = self._key_of(state.device)
+        if key is None or not signed_by(state, key):
+            return None
+        self._top_counters[state.device] = max(self._top_counters.get(state.device, 0), state.counter)
+        return state.counter
+
+    async def _on_carried(self, client: MqttClient, relayer: str, raw: bytes) -> None:
+        """A device's report that `relayer` carried for it: believed only as its signature and counter say."""
+        try:
+            state = judge_carried(raw, fleet=self.fleet, key_of=self._key_of, highest=self._top_counters.get)
+        except ReportRefused as exc:
+            # Copies come round again (a re-announcement reaching two relays): only real refusals warn.
+            (log.debug if exc.code == ReasonCode.REPORT_REPLAYED else log.warning)(
+                "refused a report %s carried: %s (%s)", relayer, exc, exc.code.value)
+            return
+        assert state.counter is not None
+        self._top_counters[state.device] = state.counter
+        view = self.tracker.carried(state, relayer)
+        heard = Heard(relayer, self.clock())
+        self._unrecorded.append(ReportHeard(state, heard, state.counter))
+        if view is None:
+            return  # older than the report held (one the device sent itself since): only its counter counts
+        log.info("%s: %s %s, report #%d carried by %s", state.device, state.phase.value, state.installed_version,
+                 state.counter, relayer)
+        self._track(state.device)
+        self._dirty.add(state.device)
+        # Retained on the device's own topic, for every reader of the fleet's state (`fleet status`,
+        # Node-RED, a restarted service): the device's own next report replaces it.
+        try:
+            await self._publish(client, Retained(topics.state_topic(self.fleet, state.device), raw), force=True)
+        except MqttError as exc:
+            log.warning("could not retain %s's carried report on its state topic: %s", state.device, exc)
 
     def _on_release(self, topic: str, raw: bytes) -> None:
         """Record a release only if it verifies against the fleet's root (signatures of the release

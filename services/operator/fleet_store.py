@@ -21,7 +21,7 @@ from pathlib import Path
 
 from schemas.errors import EdgeswarmError
 from schemas.models import DeviceState, Phase
-from services.operator.fleet import StatusLine
+from services.operator.fleet import Heard, StatusLine
 from services.operator.record_database import PostgresDatabase, RecordDatabase, SqliteDatabase
 
 SCHEMA = """
@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_by_device ON attempts(device, id);
 CREATE INDEX IF NOT EXISTS devices_by_class ON devices(device_class, device);
+CREATE TABLE IF NOT EXISTS heard (
+    device TEXT PRIMARY KEY,
+    relayed_by TEXT,
+    heard_at TEXT,
+    top_counter BIGINT
+);
 CREATE TABLE IF NOT EXISTS rollouts (
     device_class TEXT PRIMARY KEY,
     rollout_json TEXT NOT NULL,
@@ -97,6 +103,17 @@ class OnlineSeen:
 
 
 @dataclass(frozen=True)
+class ReportHeard:
+    """A report as the fleet service heard it: how (direct or carried by a peer), and the counter it
+    believed (a verified signature's), which only raises the device's highest: a carried report at or
+    below it is a replay (services.operator.report_trust)."""
+
+    state: DeviceState
+    heard: Heard
+    believed_counter: int | None = None
+
+
+@dataclass(frozen=True)
 class Attempt:
     target_version: str
     started: str
@@ -134,7 +151,7 @@ class FleetStore:
         """Raises RecordUnavailable once this service can no longer be the active one."""
         self._db.check_leading()
 
-    def record(self, updates: Sequence[DeviceState | OnlineSeen]) -> int:
+    def record(self, updates: Sequence[DeviceState | ReportHeard | OnlineSeen]) -> int:
         """Record reports and online changes in their order, in one transaction; returns how many
         reports were newer than the device's last one (the others are retained copies, replayed)."""
         recorded = 0
@@ -142,6 +159,10 @@ class FleetStore:
             for update in updates:
                 if isinstance(update, OnlineSeen):
                     self._online(update)
+                elif isinstance(update, ReportHeard):
+                    newer = self._state(update.state)
+                    recorded += newer
+                    self._heard(update, newer)
                 else:
                     recorded += self._state(update)
         return recorded
@@ -190,6 +211,26 @@ class FleetStore:
             )
         return True
 
+    def _heard(self, update: ReportHeard, newer: bool) -> None:
+        if newer:
+            self._db.execute(
+                """INSERT INTO heard (device, relayed_by, heard_at) VALUES (?, ?, ?)
+                   ON CONFLICT(device) DO UPDATE SET relayed_by=excluded.relayed_by, heard_at=excluded.heard_at""",
+                (update.state.device, update.heard.relayed_by, update.heard.at.astimezone(UTC).isoformat()))
+        if update.believed_counter is not None:
+            self._db.execute(
+                """INSERT INTO heard (device, top_counter) VALUES (?, ?)
+                   ON CONFLICT(device) DO UPDATE SET top_counter=CASE
+                       WHEN heard.top_counter IS NULL OR excluded.top_counter > heard.top_counter
+                       THEN excluded.top_counter ELSE heard.top_counter END""",
+                (update.state.device, update.believed_counter))
+
+    def top_counters(self) -> dict[str, int]:
+        """The highest report counter believed for each device (kept after a device is retired: an old
+        report of it carried again is still a replay)."""
+        rows = self._db.execute("SELECT device, top_counter FROM heard WHERE top_counter IS NOT NULL").fetchall()
+        return {device: int(counter) for device, counter in rows}
+
     def _online(self, update: OnlineSeen) -> None:
         self._db.execute(
             """INSERT INTO devices (device, online, last_seen) VALUES (?, ?, ?)
@@ -227,17 +268,22 @@ class FleetStore:
         """Every device as `fleet status` shows it, from the record's columns: no report is parsed
         (100,000 of them took longer than the 2 s `fleet status` may take)."""
         rows = self._db.execute(
-            f"""SELECT device, online, device_class, installed_version, phase, progress,
-                       {self._db.json_text('state_json', 'reason')}, state_at FROM devices ORDER BY device""").fetchall()
+            f"""SELECT d.device, d.online, d.device_class, d.installed_version, d.phase, d.progress,
+                       {self._db.json_text('d.state_json', 'reason')}, d.state_at, h.relayed_by, h.heard_at
+                FROM devices d LEFT JOIN heard h ON h.device = d.device ORDER BY d.device""").fetchall()
         return [StatusLine(device, None if online is None else bool(online), device_class or "?", installed, phase,
-                           progress, reason, datetime.fromisoformat(at) if at else None)
-                for device, online, device_class, installed, phase, progress, reason, at in rows]
+                           progress, reason, datetime.fromisoformat(at) if at else None,
+                           _heard_text(relayed_by, heard_at), datetime.fromisoformat(heard_at) if heard_at else None)
+                for device, online, device_class, installed, phase, progress, reason, at, relayed_by, heard_at in rows]
 
-    def reports_json(self) -> list[tuple[str, str | None, bool | None]]:
-        """(device, its latest report as the JSON it was recorded in, online) for every device: what
-        `fleet status --json` prints, without parsing 100,000 reports to print them again."""
-        rows = self._db.execute("SELECT device, state_json, online FROM devices ORDER BY device").fetchall()
-        return [(device, state, None if online is None else bool(online)) for device, state, online in rows]
+    def reports_json(self) -> list[RecordedReport]:
+        """Every device's latest report as the JSON it was recorded in, with its online flag and how it was
+        heard: what `fleet status --json` prints, without parsing 100,000 reports to print them again."""
+        rows = self._db.execute(
+            """SELECT d.device, d.state_json, d.online, h.relayed_by, h.heard_at
+               FROM devices d LEFT JOIN heard h ON h.device = d.device ORDER BY d.device""").fetchall()
+        return [RecordedReport(device, state, None if online is None else bool(online), _heard_text(relayed_by, at), at)
+                for device, state, online, relayed_by, at in rows]
 
     def attempts(self, device: str) -> list[Attempt]:
         rows = self._db.execute(
@@ -245,6 +291,21 @@ class FleetStore:
                       bytes_from_peers, millis FROM attempts WHERE device=? ORDER BY id""", (device,)
         ).fetchall()
         return [Attempt(r[0], r[1], r[2], r[3], r[4], None if r[5] is None else bool(r[5]), r[6], r[7], r[8]) for r in rows]
+
+
+@dataclass(frozen=True)
+class RecordedReport:
+    device: str
+    state_json: str | None
+    online: bool | None
+    heard: str | None  # "direct" or "relayed by <peer>"
+    heard_at: str | None
+
+
+def _heard_text(relayed_by: str | None, heard_at: str | None) -> str | None:
+    if heard_at is None:
+        return None
+    return "direct" if relayed_by is None else f"relayed by {relayed_by}"
 
 
 def _int(value: bool | None) -> int | None:

@@ -74,6 +74,11 @@ class OperatorHome:
         return self.path / "root.json"
 
     @property
+    def identities_dir(self) -> Path:
+        """Devices' registered identity keys (services.operator.identities)."""
+        return self.path / "identities"
+
+    @property
     def seed_dir(self) -> Path:
         return self.path / "seed"
 

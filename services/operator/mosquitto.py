@@ -5,12 +5,12 @@ publish silently and never delivers a denied subscription):
 
 | principal | publish | subscribe |
 |---|---|---|
-| device `<id>` (class C) | its own `devices/<id>/state`, `online`, `peer` | `trust/root/+`, `timestamp`, `releases/C`, its own `devices/<id>/cmd`, every `devices/+/peer` |
+| device `<id>` (class C) | its own `devices/<id>/state`, `online`, `peer`, `relay` | `trust/root/+`, `timestamp`, `releases/C`, its own `devices/<id>/cmd`, every `devices/+/peer` |
 | `edgeswarm-release` | `trust/root/+`, `timestamp`, `releases/+` | `devices/+/state`, `devices/+/online` |
 | `edgeswarm-operator` (fleet service) | `devices/+/cmd`, `ops/#`, `ha/#`, `homeassistant/#`; `devices/+/state`, `online` (to clear a retired device) | `devices/#`, `ops/#`, `releases/+`, `timestamp` |
 | `edgeswarm-homeassistant` | `ops/device/+/install`, `ops/device/+/check`, `homeassistant/status` | `homeassistant/#`, `ha/#`, `devices/+/online`, `ops/rollout/+/status` |
 | `edgeswarm-nodered` | `ops/rollout/+` (start, pause, resume, abort) | `ops/results`, `ops/rollout/+/status`, `devices/+/state` |
-| `edgeswarm-bridge-<site>` | `devices/+/state`, `online`, `peer` (the site's devices) | `trust/root/+`, `timestamp`, `releases/+`, `devices/+/cmd` |
+| `edgeswarm-bridge-<site>` | `devices/+/state`, `online`, `peer`, `relay` (the site's devices) | `trust/root/+`, `timestamp`, `releases/+`, `devices/+/cmd` |
 
 Two tiers: a site broker bridges to the central one. Releases, roots, timestamps and commands flow
 in (central -> site); device reports flow out. The central broker cannot tell which site device
@@ -82,6 +82,7 @@ def bridge_topics(fleet: str) -> list[tuple[str, str]]:
         (f"{root}/devices/+/state", "out"),
         (f"{root}/devices/+/online", "out"),
         (f"{root}/devices/+/peer", "out"),
+        (f"{root}/devices/+/relay", "out"),
     ]
 
 
@@ -291,6 +292,7 @@ def _acl(plan: BrokerPlan) -> str:
             f"topic write {topics.state_topic(f, device.device_id)}",
             f"topic write {topics.online_topic(f, device.device_id)}",
             f"topic write {topics.device_topic(f, device.device_id, 'peer')}",
+            f"topic write {topics.relay_topic(f, device.device_id)}",  # peers' signed reports it carries
             "",
         ]
     return "\n".join(lines)

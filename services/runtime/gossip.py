@@ -45,6 +45,7 @@ class DocumentKind(enum.Enum):
     ROOT = "root"
     TIMESTAMP = "timestamp"
     RELEASE = "release"
+    REPORT = "report"  # a device's signed state, carried towards a peer with a broker (never trusted here)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ def kind_of(fleet: str, topic: str) -> DocumentKind | None:
         return DocumentKind.TIMESTAMP
     if topics.topic_matches_release(fleet, topic):
         return DocumentKind.RELEASE
+    device_topic = topics.device_from_topic(fleet, topic)
+    if device_topic is not None and device_topic[1] == "state":
+        return DocumentKind.REPORT
     prefix = topics.root_wildcard(fleet)[:-1]
     if topic.startswith(prefix) and topic[len(prefix):].isdigit() and len(topic) - len(prefix) <= 9:
         return DocumentKind.ROOT
@@ -187,11 +191,13 @@ class PeerDocuments:
     """The signed documents a node carries for its peers: what it re-announces, newest of each kind.
 
     Only documents the trust core accepted (or, for other classes' releases, whose signatures it
-    checked) come in here; roots are kept as a chain, so a peer that is behind can walk it."""
+    checked) come in here, and the device's own latest signed report while its broker is away;
+    roots are kept as a chain, so a peer that is behind can walk it."""
 
     fleet: str
     max_roots: int = 16
     max_releases: int = 64
+    max_reports: int = 1
     _frames: dict[str, GossipFrame] = field(default_factory=dict)
 
     def add(self, topic: str, payload: bytes) -> bool:
@@ -206,13 +212,17 @@ class PeerDocuments:
         self._frames[topic] = GossipFrame(topic, payload)
         self._trim(DocumentKind.ROOT, self.max_roots)
         self._trim(DocumentKind.RELEASE, self.max_releases)
+        self._trim(DocumentKind.REPORT, self.max_reports)
         return True
+
+    def remove(self, topic: str) -> None:
+        self._frames.pop(topic, None)
 
     def _trim(self, kind: DocumentKind, limit: int) -> None:
         of_kind = [t for t in self._frames if kind_of(self.fleet, t) == kind]
         if kind == DocumentKind.ROOT:
             of_kind.sort(key=lambda t: topics.root_version(t) or 0)  # the oldest roots go first
-        for topic in of_kind[:max(0, len(of_kind) - limit)]:
+        for topic in of_kind[:max(0, len(of_kind) - limit)]:  # (insertion order: the oldest first)
             del self._frames[topic]
 
     def frames(self) -> list[GossipFrame]:

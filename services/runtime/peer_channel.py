@@ -96,6 +96,11 @@ class GossipChannel:
         if self.documents.add(topic, payload):
             self._outgoing[topic] = GossipFrame(topic, payload)
 
+    def drop(self, topic: str) -> None:
+        """Stop carrying what was kept for `topic` (this device's report, once the broker took one)."""
+        self.documents.remove(topic)
+        self._outgoing.pop(topic, None)
+
     def read_again(self, document: PeerDocument) -> None:
         """`document` waits for another one (a root ahead of a gap): its next announcement is read again."""
         self.gate.forget(encode_frame(GossipFrame(document.topic, document.payload)))

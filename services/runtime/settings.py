@@ -160,6 +160,8 @@ class DeviceSettings(_Settings):
     sysroot: Path = Field(Path("/"), description="install_target is resolved under this directory")
     trusted_root: Path = Field(description="the root metadata provisioned at manufacture (signed JSON)")
     initial_version: str = Field("0", description="version of install_target when there is no local state yet")
+    identity_key: Path | None = Field(None, description="the device's own Ed25519 key (0600), made at provisioning: "
+                                      "it signs every report, so peers can carry them to the fleet service")
     mqtt: MqttSettings = MqttSettings()
     content: ContentSettings = ContentSettings()
     limits: Limits = Limits()

@@ -1,6 +1,8 @@
 """Signed documents between peers (issue 14, item 1): a device that cannot reach its broker hears the
 root, the timestamp and its class's release from a peer that can, fetches the content from peers and
-installs it; a peer that gossips forgeries is refused with a reason and then ignored.
+installs it, and its signed reports come back to the fleet record through that peer (item 3); a
+peer that gossips forgeries is refused with a reason and then ignored, and a relay that alters,
+replays or invents reports cannot make the record say anything the device did not sign.
 
 The cut-off device's broker address answers TCP but never MQTT (a firewall that swallows the
 traffic), so its agent runs offline; the origin does not gossip here, so every document it hears
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas.models import Phase
+from schemas.models import PayloadType, Phase
 from tests.support.deadlines import scaled
 from tests.support.harness import Device, Fleet
 
@@ -62,8 +64,23 @@ def runs(device: Device, version: str) -> bool:
         return False
 
 
-def test_a_device_without_its_broker_installs_what_a_peer_heard(island_fleet: Fleet, silent_broker: int) -> None:
+def record_of(fleet: Fleet, device: str) -> dict | None:
+    """`device` as `fleet status --from record --json` shows it (None before it is recorded)."""
+    out = fleet.cli("fleet", "status", "--from", "record", "--json", "--config", str(fleet.operator_config)).stdout
+    return next((d for d in json.loads(out)["devices"] if d["device"] == device), None)
+
+
+def test_a_device_without_its_broker_installs_what_a_peer_heard_and_its_signed_reports_come_back(
+        island_fleet: Fleet, silent_broker: int) -> None:
+    from datetime import datetime
+
+    from schemas.models import DeviceState
+    from tests.support.harness import ServiceProcess
+
     fleet = island_fleet
+    service_log = fleet.root / "fleet-service.log"
+    fleet.processes.append(ServiceProcess(["fleet", "serve", "--config", str(fleet.operator_config)], service_log,
+                                          fleet.root))
     fleet.release(IPC, "1.0.0")
     bridge = fleet.add_device("bridge", IPC)
     fleet.watcher.wait(bridge.name, lambda s: s.phase == Phase.IDLE and s.last_sequence == 1)
@@ -78,8 +95,41 @@ def test_a_device_without_its_broker_installs_what_a_peer_heard(island_fleet: Fl
     log = fleet.log(island.name)
     assert f"heard edgeswarm/testfleet/releases/{IPC} from peer" in log
     assert "heard edgeswarm/testfleet/timestamp from peer" in log
-    assert island.name not in fleet.watcher.states  # it never reached the broker: all of this came from its peer
+    assert island.name not in fleet.watcher.online  # it never reached the broker: all of this came from its peer
     assert island.local_state()["pending"] is None
+
+    # Its signed report of 2.0.0 came back through the bridge: in the fleet record, and retained for every reader.
+    wait_for(lambda: (r := record_of(fleet, island.name)) is not None and r["installed_version"] == "2.0.0"
+             and r["phase"] == "done", 20, "the island's report in the fleet record",
+             lambda: service_log.read_text() + fleet.log(bridge.name))
+    recorded = record_of(fleet, island.name)
+    assert recorded is not None and recorded["heard"] == f"relayed by {bridge.name}", recorded
+    lag = (datetime.fromisoformat(recorded["heard_at"]) - datetime.fromisoformat(recorded["timestamp"])).total_seconds()
+    assert lag <= scaled(10), f"the report reached the record {lag:.1f} s after the island made it"
+    retained = fleet.watcher.wait(island.name, lambda s: s.phase == Phase.DONE and s.installed_version == "2.0.0")
+    assert retained.signature is not None and retained.counter == recorded["counter"]
+    print(f"the island's report reached the fleet record {lag:.2f} s after it was made")
+
+    # A relay cannot make the record say anything the island did not sign: altered, replayed, stranger-signed.
+    from services.runtime.keys import SigningKey
+
+    relay = "edgeswarm/testfleet/devices/bridge/relay"
+    stranger = SigningKey.generate("device")
+    altered = retained.model_copy(update={"installed_version": "9.9.9", "counter": retained.counter + 100})
+    restamped = retained.model_copy(update={"counter": retained.counter + 1, "signature": None})
+    forged = restamped.model_copy(update={"signature": stranger.sign(PayloadType.REPORT, restamped.signed_bytes())})
+    unregistered = DeviceState.model_validate(retained.model_dump() | {"device": "ghost"})
+    for payload in (altered.canonical_bytes(), retained.canonical_bytes(), forged.canonical_bytes(),
+                    unregistered.canonical_bytes(), b"{]"):
+        fleet.watcher.publish(relay, payload, retain=False)
+    wait_for(lambda: service_log.read_text().count("refused a report bridge carried") >= 4, 20,
+             "the fleet service to refuse the relay's inventions", service_log.read_text)
+    text = service_log.read_text()
+    for reason in ("(bad_signature)", "(malformed)", "(no_identity)"):
+        assert reason in text, text[-3000:]
+    after = record_of(fleet, island.name)
+    assert after is not None and after["installed_version"] == "2.0.0" and after["counter"] == recorded["counter"]
+    assert record_of(fleet, "ghost") is None
 
 
 def rss_kb(pid: int) -> int:

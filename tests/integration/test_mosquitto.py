@@ -92,8 +92,11 @@ MARKERS = {  # (publisher, observer) -> a topic the publisher may write and the 
         (f"{ROOT}/timestamp", "edgeswarm-operator", f"{ROOT}/timestamp", False),
         (f"{ROOT}/ops/rollout/start", "edgeswarm-operator", f"{ROOT}/ops/#", False),
         (f"{ROOT}/devices/dev-b/cmd", "dev-b", f"{ROOT}/devices/dev-b/cmd", False),
+        (f"{ROOT}/devices/dev-a/relay", "edgeswarm-operator", f"{ROOT}/devices/+/relay", True),  # peers' reports it carries
+        (f"{ROOT}/devices/dev-b/relay", "edgeswarm-operator", f"{ROOT}/devices/+/relay", False),
     ],
-    ids=["own-state", "other-device-state", "other-device-online", "release", "root", "timestamp", "ops-command", "other-device-cmd"],
+    ids=["own-state", "other-device-state", "other-device-online", "release", "root", "timestamp", "ops-command",
+         "other-device-cmd", "own-relay", "other-device-relay"],
 )
 def test_a_device_may_publish_only_its_own_topics(locked: Fleet, topic: str, observer: str, observe: str, allowed: bool) -> None:
     assert asyncio.run(delivered(locked, "dev-a", topic, observer, observe)) is allowed

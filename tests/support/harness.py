@@ -395,6 +395,7 @@ class Fleet:
             peers=peers if peers is not None else (origin,), origin=origin, stall_timeout=stall_timeout, retry_interval=retry_interval,
             swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,
             content_settings=content_settings,
+            identities_dir=self.home.identities_dir,
             mqtt_settings=tuple(
                 (k, v) for k, v in credentials(creds_dir, device_id).items() if k in ("username", "password", "ca_file")
             ) if creds_dir is not None else (),

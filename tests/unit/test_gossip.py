@@ -60,7 +60,7 @@ def test_a_frame_round_trips_with_the_kind_of_its_topic(topic: str, kind: Docume
 
 @pytest.mark.parametrize("topic", [
     topics.root_topic("other", 1), topics.timestamp_topic("other"), topics.release_topic("other", "ipc"),
-    topics.command_topic(FLEET, "d1"), topics.state_topic(FLEET, "d1"), f"{topics.root_wildcard(FLEET)[:-1]}x",
+    topics.command_topic(FLEET, "d1"), topics.relay_topic(FLEET, "d1"), f"{topics.root_wildcard(FLEET)[:-1]}x",
     f"{topics.root_wildcard(FLEET)[:-1]}", f"{topics.root_wildcard(FLEET)[:-1]}1234567890", "edgeswarm/f1/releases/A",
 ])
 def test_only_the_fleets_signed_document_topics_are_gossiped(topic: str) -> None:
