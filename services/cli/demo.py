@@ -61,12 +61,26 @@ def demo(
     devices: Annotated[int, typer.Option(min=2, max=64, help="number of simulated devices (two classes)")] = 6,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the fleet")] = 300.0,
     keep: Annotated[bool, typer.Option(help="keep the work directory (logs, state) for inspection")] = False,
+    island: Annotated[int, typer.Option(min=0, help="cut this many devices off from the broker: they hear the release from "
+                                               "their peers and send their signed reports back through them")] = 0,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Run a whole fleet on this machine: broker, origin, N devices; release v2; show who got what."""
+    """Run a whole fleet on this machine: broker, origin, N devices; release v2; show who got what.
+
+    With --island K, the last K devices get a broker address that accepts connections and never
+    answers: they run offline, hear releases from their neighbours over gossip, and their signed
+    reports reach the fleet service (run by the demo) through a neighbour; the table's note says
+    which one carried each.
+
+    Example: edgeswarm demo --devices 6 --island 2
+    """
     import asyncio
     from services.demo.run import DemoOptions, print_summary, run_demo
+
+    if island >= devices:
+        fail(f"--island {island} leaves no device that reaches the broker (of --devices {devices}): the island "
+             "needs at least one neighbour with a way out")
 
     console = make_console(stderr=as_json)
     setup_logging(verbose, console if not as_json else err)
@@ -74,7 +88,7 @@ def demo(
         logging.getLogger().setLevel(logging.WARNING)
     kept = "; the work directory is kept (named above)" if keep else ""
     try:
-        result = asyncio.run(_until_sigterm(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep),
+        result = asyncio.run(_until_sigterm(run_demo(DemoOptions(devices=devices, timeout=timeout, keep=keep, island=island),
                                                      console, live_display=not as_json and console.is_terminal)))
     except KeyboardInterrupt:
         # Everything is stopped; a further Ctrl-C (asyncio.run has put Python's handler back) must not

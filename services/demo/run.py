@@ -23,10 +23,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from schemas.models import Phase
+from schemas import topics
+from schemas.models import PeerAnnouncement, Phase
 from services.operator.broker import EmbeddedBroker
 from services.runtime.content import EmbeddedKuboNode, KuboConfig
 from services.operator.fleet import FleetTracker
+from services.operator.fleet_service import FleetService, OpsTokens
+from services.operator.fleet_store import FleetStore
+from services.operator.identities import DeviceIdentities
 from services.runtime.messaging import MqttClient
 from services.operator.home import OperatorHome
 from services.demo.processes import AgentProcess
@@ -47,6 +51,22 @@ class DemoOptions:
     keep: bool = False
     workdir: Path | None = None
     delta_bases: int = 3  # 0 ships full artifacts only (the baseline of benchmarks/fleet_bench.py)
+    island: int = 0  # devices cut off from the broker: they update and report through their peers
+
+
+@dataclass
+class Island:
+    """What cuts `count` devices off from the broker, and what takes their reports back: a broker
+    address that accepts connections and never answers (as a firewall that swallows MQTT would),
+    and the fleet service, which believes a report a peer carried only signed by its device."""
+
+    count: int
+    service: FleetService
+    silent_port: int
+
+    def heard(self, device: str) -> str | None:
+        view = self.service.tracker.devices.get(device)
+        return view.heard.describe() if view is not None and view.heard is not None else None
 
 
 @dataclass
@@ -61,6 +81,8 @@ class DeviceResult:
     phase: str
     used_delta: bool | None
     reason: str | None = None
+    island: bool = False
+    heard: str | None = None  # how the fleet service last heard it (with --island): direct, relayed by <peer>
 
 
 @dataclass
@@ -80,7 +102,7 @@ class DemoResult:
                     "device": d.device, "class": d.device_class, "version": d.version, "sha256": d.sha256,
                     "seconds": d.seconds, "bytes_from_origin": d.bytes_from_origin,
                     "bytes_from_peers": d.bytes_from_peers, "phase": d.phase, "used_delta": d.used_delta,
-                    "reason": d.reason,
+                    "reason": d.reason, "island": d.island, "heard": d.heard,
                 }
                 for d in self.devices
             ],
@@ -92,7 +114,8 @@ class DemoResult:
         }
 
 
-def fleet_table(tracker: FleetTracker, target: dict[str, str], title: str, caption: str = "") -> Table:
+def fleet_table(tracker: FleetTracker, target: dict[str, str], title: str, caption: str = "",
+                island: Island | None = None) -> Table:
     table = Table(title=title, caption=caption or None, expand=False)
     for column in ("device", "class", "installed", "phase", "progress", "target", "from origin", "from peers", "note"):
         table.add_column(column, justify="right" if column in ("progress", "from origin", "from peers") else "left",
@@ -105,10 +128,13 @@ def fleet_table(tracker: FleetTracker, target: dict[str, str], title: str, capti
                 continue
             colour = {"done": "green", "failed": "red", "refused": "red", "idle": "white"}.get(s.phase.value, "yellow")
             bar = "█" * (s.progress // 10) + "░" * (10 - s.progress // 10)
+            heard = island.heard(view.device) if island is not None else None
+            note = (f"island: {heard}" if heard and heard != "direct" else
+                    "offline" if view.online is False else "") + (s.reason or "")[:40]
             table.add_row(
                 view.device, s.device_class, s.installed_version, f"[{colour}]{s.phase.value}[/]",
                 f"{bar} {s.progress:3d}%", target.get(s.device_class, ""), _size(s.bytes_from_origin),
-                _size(s.bytes_from_peers), ("offline" if view.online is False else "") + (s.reason or "")[:40],
+                _size(s.bytes_from_peers), note,
             )
     return table
 
@@ -176,25 +202,45 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     firmware[(device_class, version)] = build_image(
                         device_class, version, images / f"{device_class}-{version}.img"
                     )
-            async with MqttClient("127.0.0.1", broker_port, "edgeswarm-demo-operator", clean_session=True) as client:
+            async with (MqttClient("127.0.0.1", broker_port, "edgeswarm-demo-operator", clean_session=True) as client,
+                        contextlib.AsyncExitStack() as stack):
                 for device_class in CLASSES:
                     v1 = await pipeline.build(device_class, "1.0.0", firmware[(device_class, "1.0.0")], target=DEFAULT_TARGET)
                     await publish_release(client, home, device_class, v1.envelope)
                 tracker = FleetTracker(FLEET)
                 await tracker.subscribe(client)
+                island = await stack.enter_async_context(_island(options.island, home, broker_port, workdir))
 
-                for index in range(options.devices):
+                island_ids: set[str] = set()
+
+                def start_device(index: int, broker_port: int, peers: tuple[str, ...],
+                                 content: tuple[tuple[str, str], ...] = ()) -> str:
                     device_class = CLASSES[index % len(CLASSES)]
                     spec = DeviceSpec(
                         device_id=f"{device_class.split('-')[0]}-{index + 1:02d}", fleet=FLEET, device_class=device_class,
                         base_dir=workdir / "devices" / f"device-{index + 1:02d}", swarm_port=0,
                         broker_host="127.0.0.1", broker_port=broker_port, root_file=home.root_file,
+                        identities_dir=home.identities_dir,
                         firmware=firmware[(device_class, "1.0.0")], firmware_version="1.0.0",
-                        peers=(origin.multiaddr,), origin=origin.multiaddr,
+                        peers=(origin.multiaddr, *peers), origin=origin.multiaddr, content_settings=content,
                     )
                     agent = AgentProcess(provision(spec), spec.base_dir / "agent.log")
                     agent.start()
                     agents.append(agent)
+                    return spec.device_id
+
+                connected = options.devices - options.island
+                for index in range(connected):
+                    # With an island, the connected devices announce where they can be dialed (the rendezvous).
+                    start_device(index, broker_port, (), (("rendezvous", "true"),) if island is not None else ())
+                if island is not None:
+                    # Island devices know their neighbours as a LAN would tell them (here: the addresses the
+                    # connected devices announced on the broker, which the island devices cannot read).
+                    neighbours = await _announced_addresses(client, connected, agents)
+                    island_ids = {start_device(index, island.silent_port, neighbours)
+                                  for index in range(connected, options.devices)}
+                    console.log(f"{options.island} island device(s) get a broker address that never answers: they "
+                                "hear releases from their peers and send their signed reports back through them")
                 console.log(f"started {len(agents)} device agents (PIDs {', '.join(str(a.pid) for a in agents)})")
 
                 target: dict[str, str] = {c: "1.0.0" for c in CLASSES}
@@ -206,7 +252,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                                 f"the broker and verifies release 1.0.0 ({ready}/{options.devices} ready)")
 
                     stage = starting
-                    render = lambda: fleet_table(tracker, target, "edgeswarm demo fleet", stage())  # noqa: E731
+                    render = lambda: fleet_table(tracker, target, "edgeswarm demo fleet", stage(), island)  # noqa: E731
                     if live is None:
                         console.log(f"waiting for the {options.devices} devices to verify release 1.0.0")
                     ready = await _wait_for(
@@ -257,6 +303,8 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                         seconds=round(s.update_millis / 1000, 3) if s.update_millis is not None else None,
                         bytes_from_origin=s.bytes_from_origin, bytes_from_peers=s.bytes_from_peers,
                         phase=s.phase.value, used_delta=s.used_delta, reason=s.reason,
+                        island=s.device in island_ids,
+                        heard=island.heard(s.device) if island is not None else None,
                     ))
                 expected = {c: releases[c].manifest.artifact.sha256 for c in CLASSES}
                 result.ok = len(result.devices) == options.devices and all(
@@ -275,6 +323,59 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     console.print(f"[bold red]could not remove the work directory {workdir}: remove it by hand[/]")
     log.debug("demo took %.1f s in all", time.monotonic() - started)
     return result
+
+
+@contextlib.asynccontextmanager
+async def _island(count: int, home: OperatorHome, broker_port: int, workdir: Path) -> AsyncIterator[Island | None]:
+    """With `count` > 0: a silent broker address for the island devices, and the fleet service (on the
+    real broker) that takes their reports back from the peers that carry them."""
+    if count == 0:
+        yield None
+        return
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass  # accepted and never answered
+        writer.close()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    service = FleetService(FLEET, FleetStore.sqlite(workdir / "operator" / "fleet.sqlite"),
+                           OpsTokens.load_or_create(home.path / "tokens"), home.root(),
+                           identities=DeviceIdentities(home.identities_dir))
+    stop = asyncio.Event()
+    client = MqttClient("127.0.0.1", broker_port, "edgeswarm-demo-fleet-service", clean_session=True)
+    async with client:
+        running = asyncio.ensure_future(service.run(client, stop))
+        try:
+            yield Island(count, service, silent.sockets[0].getsockname()[1])
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(running, 10)
+            service.store.close()
+            silent.close()
+
+
+async def _announced_addresses(client: MqttClient, devices: int, agents: list[AgentProcess],
+                               timeout: float = 60.0) -> tuple[str, ...]:
+    """The addresses the first `devices` devices announced on the rendezvous (retained peer topics)."""
+    addresses: dict[str, list[str]] = {}
+    async with MqttClient("127.0.0.1", client.port, "edgeswarm-demo-neighbours", clean_session=True) as reader:
+        await reader.subscribe(topics.all_devices_wildcard(FLEET, "peer"))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while len(addresses) < devices:
+            _check_agents_run(agents)
+            if loop.time() > end:
+                raise RuntimeError(f"only {len(addresses)} of {devices} connected devices announced their address "
+                                   "in time: the island devices would have no neighbour")
+            with contextlib.suppress(TimeoutError):
+                message = await reader.next_message(0.5)
+                with contextlib.suppress(ValueError):
+                    announced = PeerAnnouncement.model_validate_json(message.payload)
+                    addresses[announced.device] = announced.addrs
+    return tuple(addr for addrs in addresses.values() for addr in addrs[:1])
 
 
 @contextlib.asynccontextmanager
@@ -315,7 +416,9 @@ def _stop_all(agents: list[AgentProcess], console: Console, timeout: float = 10.
 
 def summary_table(result: DemoResult) -> Table:
     table = Table(title="summary: v1 → v2")
-    for column in ("device", "class", "version", "sha256", "delta", "seconds", "from origin", "from peers"):
+    island = any(d.island for d in result.devices)  # then: how the fleet service heard each device's report
+    for column in ("device", "class", "version", "sha256", "delta", "seconds", "from origin", "from peers",
+                   *(("report heard",) if island else ())):
         table.add_column(column, justify="right" if column in ("seconds", "from origin", "from peers") else "left",
                          no_wrap=column == "device")
     for d in result.devices:
@@ -323,6 +426,7 @@ def summary_table(result: DemoResult) -> Table:
             d.device, d.device_class, d.version if d.phase == "done" else f"{d.version} ({d.phase})", d.sha256[:12],
             {True: "yes", False: "no", None: "-"}[d.used_delta], f"{d.seconds:.2f}" if d.seconds is not None else "-",
             _size(d.bytes_from_origin), _size(d.bytes_from_peers),
+            *(((f"island: {d.heard}" if d.island else d.heard) or "?",) if island else ()),
         )
     return table
 

@@ -43,6 +43,32 @@ def test_demo_updates_every_device_to_v2_and_prints_json(tmp_path: Path) -> None
     assert 0 < summary["origin_egress_bytes"] < summary["artifact_bytes"]
 
 
+@pytest.mark.timeout(700)
+def test_demo_island_devices_update_and_report_through_their_peers(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--devices", "4", "--island", "2", "--json"],
+        capture_output=True, text=True, timeout=600, env=ENV, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    expected = {c: sha256_file(build_image(c, "2.0.0", tmp_path / f"{c}.img")) for c in ("ipc-x86_64", "gateway-armv7")}
+    assert summary["ok"] is True and len(summary["devices"]) == 4
+    island = [d for d in summary["devices"] if d["island"]]
+    connected = {d["device"] for d in summary["devices"] if not d["island"]}
+    assert len(island) == 2, summary["devices"]
+    for device in island:
+        assert device["version"] == "2.0.0" and device["sha256"] == expected[device["class"]]
+        # Its report of 2.0.0 reached the fleet service through a connected neighbour, signed.
+        assert device["heard"] in {f"relayed by {name}" for name in connected}, device
+    assert {d["heard"] for d in summary["devices"] if not d["island"]} == {"direct"}
+
+
+def test_demo_refuses_an_island_with_no_way_out() -> None:
+    result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--devices", "3", "--island", "3"],
+                            capture_output=True, text=True, timeout=60, env=ENV, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0 and "leaves no device that reaches the broker" in result.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
