@@ -1,7 +1,8 @@
 """An island (issue 14, item 5; CI-sized): three devices behind a router whose firewall drops
 everything towards the broker and the origin, and a fourth on that LAN with a second link out. The
 island devices never reach the broker or the origin; they hear the release from the bridging device
-over gossip (found by mDNS) and fetch its blocks from it. Each must install 2.0.0 byte for byte."""
+over gossip (found by mDNS) and fetch its blocks from it. Each must install 2.0.0 byte for byte, and
+its signed report of it must reach the fleet record through the bridge within 10 s (item 3)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from services.demo.provision import DEFAULT_TARGET
 from tests.support import netlab
+from tests.support.deadlines import scaled
 from tests.support.island import run_island
 
 pytestmark = [
@@ -37,3 +39,7 @@ def test_devices_behind_a_firewall_that_blocks_broker_and_origin_update_through_
         assert "IPFS node" in log
     # Only the bridge fetched from the origin: one copy of the artifact, and what the DAG adds.
     assert result.origin_egress <= 1.25 * result.artifact_size, summary
+    # Every island device's signed report came back through the bridge, within 10 s of its install.
+    assert sorted(result.reported) == sorted(result.installed), summary
+    assert set(result.heard.values()) == {"relayed by bridge"}, summary
+    assert max(result.reported.values()) <= scaled(10), summary

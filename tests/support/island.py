@@ -4,7 +4,9 @@ towards the broker and the origin, and one device on that LAN with a second link
 Everything is real: the embedded broker and the origin on a WAN host, each device's agent in its
 own network namespace. Island devices dial the broker, get no answer (they run offline), find the
 bridging device by mDNS, hear the release, timestamp and root from it over gossip and fetch the
-blocks from it. `run_island` returns when every device runs the new version, or its deadline passes.
+blocks from it; their signed reports go back the same way, through the bridge, to the fleet
+service on the WAN host. `run_island` returns when every device runs the new version (or its
+deadline passes) and the fleet record holds their reports (or 20 s more passed).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from services.demo.processes import PARENT_ENV
@@ -30,6 +33,9 @@ class IslandResult:
     installed: dict[str, float] = field(default_factory=dict)  # device -> seconds from the release to its install
     bridge_seconds: float | None = None
     origin_egress: int = 0
+    # device -> seconds from its report of 2.0.0 (made at its install) to the fleet record holding it
+    reported: dict[str, float] = field(default_factory=dict)
+    heard: dict[str, str] = field(default_factory=dict)  # device -> how the record heard it ("relayed by bridge")
     logs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -42,6 +48,17 @@ def _installed_version(state_file: Path) -> str | None:
         return json.loads(state_file.read_text())["installed_version"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _recorded(status_json: str, names: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """(device -> seconds from its report of 2.0.0 to the record, device -> how it was heard)."""
+    lags, heard = {}, {}
+    for entry in json.loads(status_json)["devices"]:
+        if entry["device"] in names and entry.get("installed_version") == "2.0.0" and entry.get("heard_at"):
+            lags[entry["device"]] = round((datetime.fromisoformat(entry["heard_at"])
+                                           - datetime.fromisoformat(entry["timestamp"])).total_seconds(), 2)
+            heard[entry["device"]] = entry["heard"]
+    return lags, heard
 
 
 def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout: float = 240.0,
@@ -77,6 +94,8 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
                   "broker.log", env=env)
         lab.popen(wan, [PY, "-m", "services.cli", "origin", "--config", str(config)], "origin.log", env=env,
                   cwd=workdir)
+        lab.popen(wan, [PY, "-m", "services.cli", "fleet", "serve", "--config", str(config), "--no-homeassistant"],
+                  "fleet-service.log", env=env, cwd=workdir)
         address_file = home / "origin" / "multiaddr"
         end = time.monotonic() + 60
         while not address_file.exists():
@@ -95,7 +114,7 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
                 device_id=name, fleet=FLEET, device_class=CLASS, base_dir=workdir / "devices" / name,
                 swarm_port=4001, broker_host=wan.ip, broker_port=BROKER_PORT, root_file=home / "root.json",
                 firmware=artifacts["1.0.0"], firmware_version="1.0.0", peers=(origin,), origin=origin,
-                stall_timeout=60, retry_interval=5,
+                stall_timeout=60, retry_interval=5, identities_dir=home / "identities",
                 # What docs/p2p.md recommends (peers first, the origin after a grace), in both runs.
                 content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("routing", "none"),
                                   ("rendezvous", "true"), ("origin_grace", "2.0"), ("gossip_interval", "15")),
@@ -126,5 +145,13 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
                     result.installed.setdefault(name, round(now, 1))
             time.sleep(0.5)
         result.origin_egress = egress_bytes(wan, ORIGIN_PORT)
+        # Each device's report of 2.0.0 in the fleet record: relayed by the bridge on the island.
+        end = time.monotonic() + 20
+        while True:
+            result.reported, result.heard = _recorded(
+                cli("fleet", "status", "--from", "record", "--json", "--config", str(config)), names)
+            if len(result.reported) >= len(result.installed) or time.monotonic() > end:
+                break
+            time.sleep(0.5)
         result.logs = {name: (lab.workdir / f"agent-{name}.log").read_text(errors="replace") for name in spaces}
         return result
