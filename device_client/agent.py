@@ -49,7 +49,7 @@ from schemas.models import (
     ReleaseManifest,
 )
 from services.runtime import natpmp
-from services.runtime.addresses import local_address
+from services.runtime.addresses import host_addresses, local_address
 from services.runtime.confidential import load_class_key
 from services.runtime.content import (
     FetchError,
@@ -133,6 +133,7 @@ class DeviceAgent:
         # Subscriptions the broker refused: what was last said about them, and when they are asked again.
         self._refusals_said: dict[str, str] = {}
         self._resubscribe_at: float | None = None
+        self._relay_at: float | None = None  # when peers' held reports are tried again
         self._resubscribe_delay = settings.limits.resubscribe_interval
         self._jitter = random.Random()
         self._freeze_check_at: float | None = time.monotonic() + settings.limits.freeze_grace
@@ -427,6 +428,7 @@ class DeviceAgent:
                           topics.release_topic(s.fleet, s.device_class), topics.command_topic(s.fleet, s.device_id)):
                 await self._subscribe(topic)
             renewer = asyncio.ensure_future(self._keep_mapping(node.peer_id, mapped)) if s.content.nat_pmp else None
+            watcher = asyncio.ensure_future(self._watch_network(node, mapped)) if hasattr(node, "restart_when_idle") else None
             if s.content.rendezvous:
                 self.rendezvous = Rendezvous(client, node, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
                                              max_message_bytes=s.limits.max_message_bytes,
@@ -448,7 +450,8 @@ class DeviceAgent:
                         refusals = asyncio.ensure_future(client.refusals_changed.wait())
                         await self._guarded("the subscriptions", self._say_refusals)
                     freeze_check_at = self._next_freeze_check()
-                    timers = [t for t in (self._retry_at, freeze_check_at, self._resubscribe_at) if t is not None]
+                    timers = [t for t in (self._retry_at, freeze_check_at, self._resubscribe_at, self._relay_at)
+                              if t is not None]
                     timeout = max(0.0, min(timers) - time.monotonic()) if timers else None
                     getter = asyncio.ensure_future(client.next_message())
                     from_peer = asyncio.ensure_future(self.gossip.next()) if self.gossip is not None else None
@@ -474,6 +477,9 @@ class DeviceAgent:
                         self._retry_at = None
                         await self._until_stopped(self._guarded("a retry", lambda: self._feed(machine.RetryDue())),
                                                   stopper)
+                    if self._relay_at is not None and self._relay_at <= time.monotonic():
+                        self._relay_at = None
+                        await self._guarded("peers' reports", self._hand_on_held)
                     if self._resubscribe_at is not None and self._resubscribe_at <= time.monotonic():
                         self._resubscribe_at = None
                         await self._guarded("the subscriptions", self._resubscribe)
@@ -484,6 +490,8 @@ class DeviceAgent:
                     self.rendezvous.close()
                 if renewer is not None:
                     renewer.cancel()
+                if watcher is not None:
+                    watcher.cancel()
                 try:
                     await client.publish(online, OFFLINE, retain=True, timeout=2)
                 except MqttError as exc:
@@ -650,20 +658,65 @@ class DeviceAgent:
         if not decision.hand_on:
             log.debug("not handing on a report from peer %s: %s", document.sender, decision.note)
             return
-        if not self.client.connected or not self.relay.take():
-            self.gossip.read_again(document)  # its next announcement may find the broker, or room in the rate
-            return
-        try:
-            await self.client.publish(topics.relay_topic(self.settings.fleet, self.settings.device_id),
-                                      document.payload, qos=1, retain=False)
-        except MqttError as exc:
-            log.info("could not hand on a report from peer %s (%s): read again at its next announcement",
-                     document.sender, exc)
-            self.gossip.read_again(document)
-            return
-        self.relay.handed_on(document.payload)
         device, _ = topics.device_from_topic(self.settings.fleet, document.topic) or ("?", "")
-        log.info("handed on %s's report from peer %s to the broker", device, document.sender)
+        if not self.client.connected or not self.relay.take():
+            # Held until it can go (its broker away too: a data mule on an isolated LAN, or over the rate).
+            self.relay.hold(document.payload)
+            self._relay_at = self._relay_at or time.monotonic() + 2.0
+            log.info("holding %s's report from peer %s until this device reaches its broker", device, document.sender)
+            return
+        if await self._hand_on(document.payload):
+            log.info("handed on %s's report from peer %s to the broker", device, document.sender)
+        else:
+            self.relay.hold(document.payload)
+            self._relay_at = self._relay_at or time.monotonic() + 2.0
+
+    async def _hand_on(self, raw: bytes) -> bool:
+        assert self.client is not None
+        try:
+            await self.client.publish(topics.relay_topic(self.settings.fleet, self.settings.device_id), raw, qos=1,
+                                      retain=False)
+        except MqttError as exc:
+            log.info("could not hand on a peer's report (%s): held, tried again", exc)
+            return False
+        self.relay.handed_on(raw)
+        return True
+
+    async def _hand_on_held(self) -> None:
+        """Hand on the peers' reports held while this device could not (every 2 s until none is left)."""
+        assert self.client is not None
+        held = self.relay.held()
+        if self.client.connected:
+            sent = 0
+            for raw in held:
+                if not self.relay.take() or not await self._hand_on(raw):
+                    break
+                sent += 1
+            if sent:
+                log.info("handed on %d report(s) of peers held while the broker was away", sent)
+        if self.relay.held():
+            self._relay_at = time.monotonic() + 2.0
+
+    async def _watch_network(self, node: object, mapped: str | None, interval: float = 2.0) -> None:
+        """Notice when this device's addresses change (it moved to another LAN, its DHCP lease changed):
+        its node then starts again, so mDNS and its peers learn the new addresses, and it announces
+        them on the rendezvous. A fetch under way finishes first (its own stall remedy restarts the node
+        when its peers are gone)."""
+        seen = sorted(host_addresses())
+        while True:
+            await asyncio.sleep(interval)
+            now = sorted(host_addresses())
+            if now == seen or not now:
+                continue  # (no address at all: a link down for a moment; the next one decides)
+            log.warning("this device's addresses changed (%s -> %s): restarting its IPFS node so peers on this "
+                        "network find it", ", ".join(seen) or "none", ", ".join(now))
+            seen = now
+            try:
+                await node.restart_when_idle()  # type: ignore[attr-defined]
+                if self.rendezvous is not None:
+                    await self.rendezvous.announce(node.peer_id, self._dialable(node.peer_id, mapped))  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - the next change, or the fetch's remedy, tries again
+                log.exception("could not restart the IPFS node on the new network")
 
     async def _map_swarm_port(self) -> str | None:
         """/ip4/<external>/tcp/<port> the router mapped to our swarm port, or None (no NAT-PMP there)."""

@@ -118,12 +118,15 @@ def _open_record(settings: OperatorSettings, home: Path | None, *, hint: str = "
 def _record_json(fleet: str, rows: list[RecordedReport]) -> str:
     """The same document as from the broker, spliced from the reports as recorded (each a JSON object
     written by the fleet service from a validated report), with each device's online flag added and
-    how its report was heard ("heard": "direct" or "relayed by <peer>", "heard_at")."""
+    how its report was heard ("heard": "direct" or "relayed by <peer>", and for a relayed one "heard_at",
+    when the peer's copy arrived)."""
     entries = []
     for row in rows:
         extra: dict[str, object] = {"online": row.online}
         if row.heard is not None:
-            extra |= {"heard": row.heard, "heard_at": row.heard_at}
+            extra["heard"] = row.heard
+        if row.heard_at is not None:
+            extra["heard_at"] = row.heard_at
         entries.append(f'{row.state_json[:-1]},{json.dumps(extra)[1:-1]}}}' if row.state_json
                        else json.dumps({"device": row.device, **extra}))
     return f'{{"fleet":{json.dumps(fleet)},"source":"record","devices":[{",".join(entries)}]}}'
@@ -173,7 +176,7 @@ def _print_class(console: Console, device_class: str, lines: list[StatusLine], *
         title = f"{device_class}: devices that need attention ({len(candidates):,})"
     listed = candidates if limit is None else candidates[:limit]
     table = Table(title=title)
-    heard = any(line.heard for line in listed)  # known from the record, not from the broker's retained reports
+    heard = any(line.heard and line.heard != "direct" for line in listed)  # from the record: shown once a peer carried one
     for column in ("device", "online", "installed", "phase", "progress", "reason", "reported",
                    *(("heard",) if heard else ())):
         table.add_column(column)

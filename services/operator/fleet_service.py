@@ -109,6 +109,9 @@ class FleetService:
         self.tracker = FleetTracker(fleet, clock=clock)
         self.identities = identities
         self._top_counters = store.top_counters()  # the highest report counter believed, per device
+        # Devices whose latest recorded report a peer carried: their next direct one is recorded as direct.
+        # Any other direct report needs no write of how it was heard (a fleet of 100,000 reports in bursts).
+        self._relayed = store.relayed_devices()
         self.releases: dict[str, KnownRelease] = {}
         self._roots_ahead = RootsAhead()
         self._unverified: dict[str, bytes] = {}  # by topic: refused, maybe only for want of a newer root
@@ -119,7 +122,7 @@ class FleetService:
         self._status_seen: dict[str, str] = {}
         self._dirty: set[str] = set()  # devices whose Home Assistant entity may have changed
         self._showing_all = True  # the fleet is small enough that every device has an entity
-        self._unrecorded: list[ReportHeard | OnlineSeen] = []  # written to the store once per tick, in order
+        self._unrecorded: list[DeviceState | ReportHeard | OnlineSeen] = []  # written to the store once per tick, in order
         # What the rollout engine reads, per class, kept as reports arrive: a tick reads it, never rebuilds it.
         self._members: dict[str, dict[str, Member]] = {}
         self._class_of: dict[str, str] = {}
@@ -185,8 +188,14 @@ class FleetService:
             if view is None:
                 return
             if leaf == "state" and view.state is not None and view.state.device == device:
-                self._unrecorded.append(ReportHeard(view.state, view.heard or Heard(None, self.clock()),
-                                                    self._believed_counter(view.state)))
+                believed = self._believed_counter(view.state)
+                direct = view.heard is None or view.heard.relayed_by is None
+                if believed is not None or (direct and device in self._relayed):
+                    self._unrecorded.append(ReportHeard(view.state, view.heard or Heard(None, self.clock()), believed))
+                    if direct:
+                        self._relayed.discard(device)
+                else:
+                    self._unrecorded.append(view.state)
             elif leaf == "online" and view.online is not None:
                 self._unrecorded.append(OnlineSeen(device, view.online, self.clock()))
             if len(self._unrecorded) >= RECORD_BATCH:
@@ -246,6 +255,7 @@ class FleetService:
         self._unrecorded.append(ReportHeard(state, heard, state.counter))
         if view is None:
             return  # older than the report held (one the device sent itself since): only its counter counts
+        self._relayed.add(state.device)
         log.info("%s: %s %s, report #%d carried by %s", state.device, state.phase.value, state.installed_version,
                  state.counter, relayer)
         self._track(state.device)

@@ -225,6 +225,10 @@ class FleetStore:
                        THEN excluded.top_counter ELSE heard.top_counter END""",
                 (update.state.device, update.believed_counter))
 
+    def relayed_devices(self) -> set[str]:
+        """Devices whose latest recorded report a peer carried."""
+        return {device for (device,) in self._db.execute("SELECT device FROM heard WHERE relayed_by IS NOT NULL")}
+
     def top_counters(self) -> dict[str, int]:
         """The highest report counter believed for each device (kept after a device is retired: an old
         report of it carried again is still a replay)."""
@@ -273,7 +277,7 @@ class FleetStore:
                 FROM devices d LEFT JOIN heard h ON h.device = d.device ORDER BY d.device""").fetchall()
         return [StatusLine(device, None if online is None else bool(online), device_class or "?", installed, phase,
                            progress, reason, datetime.fromisoformat(at) if at else None,
-                           _heard_text(relayed_by, heard_at), datetime.fromisoformat(heard_at) if heard_at else None)
+                           _heard_text(phase, relayed_by), datetime.fromisoformat(heard_at) if heard_at and relayed_by else None)
                 for device, online, device_class, installed, phase, progress, reason, at, relayed_by, heard_at in rows]
 
     def reports_json(self) -> list[RecordedReport]:
@@ -282,7 +286,8 @@ class FleetStore:
         rows = self._db.execute(
             """SELECT d.device, d.state_json, d.online, h.relayed_by, h.heard_at
                FROM devices d LEFT JOIN heard h ON h.device = d.device ORDER BY d.device""").fetchall()
-        return [RecordedReport(device, state, None if online is None else bool(online), _heard_text(relayed_by, at), at)
+        return [RecordedReport(device, state, None if online is None else bool(online), _heard_text(state, relayed_by),
+                               at if relayed_by else None)
                 for device, state, online, relayed_by, at in rows]
 
     def attempts(self, device: str) -> list[Attempt]:
@@ -298,12 +303,13 @@ class RecordedReport:
     device: str
     state_json: str | None
     online: bool | None
-    heard: str | None  # "direct" or "relayed by <peer>"
-    heard_at: str | None
+    heard: str | None  # "direct" or "relayed by <peer>"; None before its first report
+    heard_at: str | None  # when a peer's copy reached the service (a direct report's time is its own)
 
 
-def _heard_text(relayed_by: str | None, heard_at: str | None) -> str | None:
-    if heard_at is None:
+def _heard_text(reported: object, relayed_by: str | None) -> str | None:
+    """How a device's latest recorded report was heard: None before it reported."""
+    if reported is None:
         return None
     return "direct" if relayed_by is None else f"relayed by {relayed_by}"
 

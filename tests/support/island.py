@@ -20,10 +20,10 @@ from pathlib import Path
 
 from services.demo.processes import PARENT_ENV
 from services.demo.provision import DeviceSpec, provision
-from tests.support.netlab import NatLab
+from tests.support.netlab import Namespace, NatLab
 from tests.support.p2p_scenario import BROKER_PORT, CLASS, FLEET, ORIGIN_PORT, PY, egress_bytes
 
-__all__ = ["IslandResult", "run_island"]
+__all__ = ["IslandResult", "WanSide", "run_island", "start_wan_side"]
 
 
 @dataclass
@@ -48,6 +48,78 @@ def _installed_version(state_file: Path) -> str | None:
         return json.loads(state_file.read_text())["installed_version"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+@dataclass
+class WanSide:
+    """The operator's side on a WAN host: keys, broker, origin and fleet service, release 1.0.0 out."""
+
+    lab: NatLab
+    wan: Namespace
+    workdir: Path
+    config: Path
+    home: Path
+    origin: str
+    artifacts: dict[str, Path]
+    env: dict[str, str]
+
+    def cli(self, *args: str) -> str:
+        return self.wan.run(PY, "-m", "services.cli", *args).stdout
+
+    def release(self, version: str) -> None:
+        self.cli("release", CLASS, version, str(self.artifacts[version]), "--config", str(self.config))
+
+    def start_agent(self, ns: Namespace, name: str) -> Path:
+        """Provision and start device `name` in `ns`; returns its state.json."""
+        spec = DeviceSpec(
+            device_id=name, fleet=FLEET, device_class=CLASS, base_dir=self.workdir / "devices" / name,
+            swarm_port=4001, broker_host=self.wan.ip, broker_port=BROKER_PORT, root_file=self.home / "root.json",
+            firmware=self.artifacts["1.0.0"], firmware_version="1.0.0", peers=(self.origin,), origin=self.origin,
+            stall_timeout=60, retry_interval=5, identities_dir=self.home / "identities",
+            # What docs/p2p.md recommends (peers first, the origin after a grace), in every run.
+            content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("routing", "none"),
+                              ("rendezvous", "true"), ("origin_grace", "2.0"), ("gossip_interval", "15")),
+        )
+        self.lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(provision(spec))],
+                       f"agent-{name}.log", env=self.env)
+        return spec.state_dir / "state.json"
+
+    def wait_recorded(self, names: list[str], expected: int, timeout: float) -> tuple[dict[str, float], dict[str, str]]:
+        """`_recorded` from the fleet record, once it holds `expected` of `names` at 2.0.0 or `timeout` passed."""
+        end = time.monotonic() + timeout
+        while True:
+            found = _recorded(self.cli("fleet", "status", "--from", "record", "--json", "--config", str(self.config)),
+                              names)
+            if len(found[0]) >= expected or time.monotonic() > end:
+                return found
+            time.sleep(0.5)
+
+
+def start_wan_side(lab: NatLab, wan: Namespace, workdir: Path, size: int) -> WanSide:
+    home = workdir / "operator"
+    config = workdir / "operator.toml"
+    config.write_text(f'fleet = "{FLEET}"\nhome = "{home}"\ndelta_bases = 0\n'
+                      f'[mqtt]\nhost = "{wan.ip}"\nport = {BROKER_PORT}\n'
+                      f'[content]\nlisten_host = "{wan.ip}"\nswarm_port = {ORIGIN_PORT}\nrouting = "none"\n')
+    wan.run(PY, "-m", "services.cli", "keys", "init", "--config", str(config))
+    env = {PARENT_ENV: str(os.getpid())}
+    lab.popen(wan, [PY, "-m", "services.cli", "broker", "run", "--host", wan.ip, "--port", str(BROKER_PORT)],
+              "broker.log", env=env)
+    lab.popen(wan, [PY, "-m", "services.cli", "origin", "--config", str(config)], "origin.log", env=env, cwd=workdir)
+    lab.popen(wan, [PY, "-m", "services.cli", "fleet", "serve", "--config", str(config), "--no-homeassistant"],
+              "fleet-service.log", env=env, cwd=workdir)
+    address_file = home / "origin" / "multiaddr"
+    end = time.monotonic() + 60
+    while not address_file.exists():
+        if time.monotonic() > end:
+            raise TimeoutError("the origin did not start: " + (lab.workdir / "origin.log").read_text()[-2000:])
+        time.sleep(0.1)
+    artifacts = {v: workdir / f"fw-{v}.img" for v in ("1.0.0", "2.0.0")}
+    for path in artifacts.values():
+        path.write_bytes(os.urandom(size))
+    side = WanSide(lab, wan, workdir, config, home, address_file.read_text().splitlines()[0], artifacts, env)
+    side.release("1.0.0")
+    return side
 
 
 def _recorded(status_json: str, names: list[str]) -> tuple[dict[str, float], dict[str, str]]:
@@ -82,46 +154,8 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
             if device_mbit:
                 lab.shape(spaces["bridge"], rate_mbit=device_mbit, interface="eth1")
 
-        home = workdir / "operator"
-        config = workdir / "operator.toml"
-        config.write_text(f'fleet = "{FLEET}"\nhome = "{home}"\ndelta_bases = 0\n'
-                          f'[mqtt]\nhost = "{wan.ip}"\nport = {BROKER_PORT}\n'
-                          f'[content]\nlisten_host = "{wan.ip}"\nswarm_port = {ORIGIN_PORT}\nrouting = "none"\n')
-        cli = lambda *args: wan.run(PY, "-m", "services.cli", *args).stdout  # noqa: E731
-        cli("keys", "init", "--config", str(config))
-        env = {PARENT_ENV: str(os.getpid())}
-        lab.popen(wan, [PY, "-m", "services.cli", "broker", "run", "--host", wan.ip, "--port", str(BROKER_PORT)],
-                  "broker.log", env=env)
-        lab.popen(wan, [PY, "-m", "services.cli", "origin", "--config", str(config)], "origin.log", env=env,
-                  cwd=workdir)
-        lab.popen(wan, [PY, "-m", "services.cli", "fleet", "serve", "--config", str(config), "--no-homeassistant"],
-                  "fleet-service.log", env=env, cwd=workdir)
-        address_file = home / "origin" / "multiaddr"
-        end = time.monotonic() + 60
-        while not address_file.exists():
-            if time.monotonic() > end:
-                raise TimeoutError("the origin did not start: " + (lab.workdir / "origin.log").read_text()[-2000:])
-            time.sleep(0.1)
-        origin = address_file.read_text().splitlines()[0]
-        artifacts = {v: workdir / f"fw-{v}.img" for v in ("1.0.0", "2.0.0")}
-        for path in artifacts.values():
-            path.write_bytes(os.urandom(size))
-        cli("release", CLASS, "1.0.0", str(artifacts["1.0.0"]), "--config", str(config))
-
-        states: dict[str, Path] = {}
-        for name, ns in spaces.items():
-            spec = DeviceSpec(
-                device_id=name, fleet=FLEET, device_class=CLASS, base_dir=workdir / "devices" / name,
-                swarm_port=4001, broker_host=wan.ip, broker_port=BROKER_PORT, root_file=home / "root.json",
-                firmware=artifacts["1.0.0"], firmware_version="1.0.0", peers=(origin,), origin=origin,
-                stall_timeout=60, retry_interval=5, identities_dir=home / "identities",
-                # What docs/p2p.md recommends (peers first, the origin after a grace), in both runs.
-                content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("routing", "none"),
-                                  ("rendezvous", "true"), ("origin_grace", "2.0"), ("gossip_interval", "15")),
-            )
-            lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(provision(spec))],
-                      f"agent-{name}.log", env=env)
-            states[name] = spec.state_dir / "state.json"
+        wan_side = start_wan_side(lab, wan, workdir, size)
+        states = {name: wan_side.start_agent(ns, name) for name, ns in spaces.items()}
         # Island devices go offline 15 s after they start (no answer from the broker); connected
         # ones have settled on 1.0.0 by then too.
         end = time.monotonic() + 60
@@ -133,7 +167,7 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
         wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(ORIGIN_PORT))
         result = IslandResult(devices=devices, artifact_size=size)
         started = time.monotonic()
-        cli("release", CLASS, "2.0.0", str(artifacts["2.0.0"]), "--config", str(config))
+        wan_side.release("2.0.0")
         while time.monotonic() - started < timeout and len(result.installed) < devices:
             now = time.monotonic() - started
             for name, state_file in states.items():
@@ -146,12 +180,6 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
             time.sleep(0.5)
         result.origin_egress = egress_bytes(wan, ORIGIN_PORT)
         # Each device's report of 2.0.0 in the fleet record: relayed by the bridge on the island.
-        end = time.monotonic() + 20
-        while True:
-            result.reported, result.heard = _recorded(
-                cli("fleet", "status", "--from", "record", "--json", "--config", str(config)), names)
-            if len(result.reported) >= len(result.installed) or time.monotonic() > end:
-                break
-            time.sleep(0.5)
+        result.reported, result.heard = wan_side.wait_recorded(names, len(result.installed), 20)
         result.logs = {name: (lab.workdir / f"agent-{name}.log").read_text(errors="replace") for name in spaces}
         return result

@@ -189,6 +189,23 @@ class NatLab:
         router.devices.append(device)
         return device
 
+    def move_device(self, device: Namespace, router: Router) -> str:
+        """Unplug `device` from its router's LAN and plug it into `router`'s (a vehicle that drives to
+        another depot): the same interface, a new address on the new LAN, the route through the new
+        router. Its processes keep running; returns its new address."""
+        old = next(r for r in self.routers if device in r.devices)
+        outer = self._outer_ends[device.name]
+        old.run("ip", "link", "set", outer, "netns", router.name)
+        old.devices.remove(device)
+        router.run("ip", "link", "set", outer, "master", "br0")
+        router.run("ip", "link", "set", outer, "up")
+        device.ip = f"{router.lan_prefix}.{10 + len(router.devices) + 50 * old.index}"
+        device.run("ip", "addr", "flush", "dev", "eth0")
+        device.run("ip", "addr", "add", f"{device.ip}/24", "dev", "eth0")
+        device.run("ip", "route", "replace", f"{WAN_NET}.0/24", "via", router.lan_ip)
+        router.devices.append(device)
+        return device.ip
+
     def add_wan_link(self, device: Namespace) -> str:
         """A second link for a device behind a router, straight onto the WAN (a cellular modem beside
         the LAN's cable): the WAN is then reached through it. Returns its WAN address."""

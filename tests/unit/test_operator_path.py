@@ -221,5 +221,6 @@ def test_fleet_status_from_the_record_summarises_a_large_class_and_lists_who_nee
         if isinstance(update, DeviceState):
             entry = dict(by_device[update.device])
             online = entry.pop("online")
+            assert entry.pop("heard") == "direct"  # (recorded from its own topic, not carried by a peer)
             assert entry == update.model_dump(mode="json")
             assert online is (None if update.device == "ipc-1" else update.device != "gw-099")

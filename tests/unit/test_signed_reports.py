@@ -305,3 +305,69 @@ def test_the_record_shows_how_each_device_was_heard_and_keeps_the_highest_counte
     row = store.reports_json()
     assert row == []
     store.close()
+
+
+def test_the_fleet_service_records_a_carried_report_retains_it_and_a_later_direct_one_is_direct(
+        tmp_path: Path, key: SigningKey) -> None:
+    """The service's whole path on a real (embedded) broker: a report a peer carried is believed,
+    recorded as relayed and retained on the device's own topic; the retained copy coming back is not
+    a second report; the device's next direct report is recorded as direct; a replay changes nothing."""
+    import asyncio
+
+    from services.operator.broker import EmbeddedBroker
+    from services.operator.fleet_service import FleetService, OpsTokens
+    from services.runtime.messaging import Message, MqttClient
+    from services.runtime.trust import TrustedSet
+    from tests.support.factories import Keyring, sign_root
+
+    keys = Keyring()
+    root = TrustedSet.load_initial_root(sign_root(keys.root_metadata(fleet=FLEET), keys.root[:2]))
+    identities = DeviceIdentities(tmp_path / "identities")
+    identities.register("d1", key.public_key())
+    store = FleetStore.sqlite(tmp_path / "fleet.sqlite")
+    service = FleetService(FLEET, store, OpsTokens.load_or_create(tmp_path / "tokens"), root,
+                           identities=identities, clock=lambda: NOW)
+    sign = signer(key, 100)
+    carried = sign.sign(report(at=NOW))
+    direct = sign.sign(report(at=NOW + timedelta(seconds=2)))
+
+    async def scenario() -> bytes:
+        async with EmbeddedBroker("127.0.0.1", 0) as broker, \
+                MqttClient("127.0.0.1", broker.port, "svc", clean_session=True) as client:
+            await client.subscribe(topics.state_topic(FLEET, "d1"))
+            relay = topics.relay_topic(FLEET, "bridge")
+            await service.handle(client, Message(relay, carried.canonical_bytes(), False, 1))
+            retained = await client.next_message(5)  # what the service retained on the device's topic
+            await service.handle(client, retained)  # ... and hears back: not a second report
+            await service.handle(client, Message(relay, carried.canonical_bytes(), False, 1))  # a replay
+            service.flush()
+            assert store.status_lines()[0].heard == "relayed by bridge"
+            assert store.attempts("d1")[0].outcome == "done" and len(store.attempts("d1")) == 1
+            await service.handle(client, Message(topics.state_topic(FLEET, "d1"), direct.canonical_bytes(), True, 1))
+            service.flush()
+            return retained.payload
+
+    assert asyncio.run(scenario()) == carried.canonical_bytes()
+    line = store.status_lines()[0]
+    assert (line.heard, line.heard_at, line.reported) == ("direct", None, NOW + timedelta(seconds=2))
+    assert store.top_counters() == {"d1": 101}
+    assert service.tracker.devices["d1"].heard == Heard(None, NOW)
+    store.close()
+
+
+def test_a_relay_without_its_broker_holds_the_latest_report_of_each_device_bounded(key: SigningKey) -> None:
+    relay = ReportRelay(FLEET, "mule", max_held=3)
+    sign = signer(key)
+    topic = topics.state_topic(FLEET, "d1")
+    older, newer = sign.sign(report(phase=Phase.INSTALLING)), sign.sign(report())
+    relay.hold(older.canonical_bytes())
+    assert relay.judge(topic, newer.canonical_bytes()).hand_on
+    relay.hold(newer.canonical_bytes())
+    assert relay.held() == [newer.canonical_bytes()], "only the latest of a device is held"
+    assert not relay.judge(topic, older.canonical_bytes()).hand_on, "an older one than held is not taken again"
+    for n in range(2, 6):
+        relay.hold(sign.sign(report(f"d{n}")).canonical_bytes())
+    assert len(relay.held()) == 3 and all(b'"device":"d1"' not in raw for raw in relay.held())
+    for raw in relay.held():
+        relay.handed_on(raw)
+    assert relay.held() == []

