@@ -703,11 +703,17 @@ class DeviceAgent:
         them on the rendezvous. A fetch under way finishes first (its own stall remedy restarts the node
         when its peers are gone)."""
         seen = sorted(host_addresses())
+        changing: list[str] | None = None
         while True:
             await asyncio.sleep(interval)
             now = sorted(host_addresses())
             if now == seen or not now:
+                changing = None
                 continue  # (no address at all: a link down for a moment; the next one decides)
+            if now != changing:
+                changing = now  # settled only when the next look finds the same (an address comes before its route)
+                continue
+            changing = None
             log.warning("this device's addresses changed (%s -> %s): restarting its IPFS node so peers on this "
                         "network find it", ", ".join(seen) or "none", ", ".join(now))
             seen = now

@@ -75,3 +75,35 @@ def test_a_data_mule_carries_the_release_into_an_isolated_lan_and_the_reports_ba
         assert sorted(reported) == names, (reported, logs())
         assert set(heard.values()) == {"relayed by mule"}, heard
         print(json.dumps({"reported_after_the_mule_returned": reported}))
+
+
+def blocks_bytes(state_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (state_dir / "ipfs" / "blocks").rglob("*") if p.is_file())
+
+
+def test_a_device_moved_to_another_lan_in_the_middle_of_a_fetch_completes_it(tmp_path: Path) -> None:
+    from tests.support.p2p_scenario import ORIGIN_PORT, egress_bytes
+
+    size = 8 << 20
+    with netlab.NatLab(tmp_path / "lab") as lab:
+        wan = lab.add_wan_host("origin")
+        home_lan, other_lan = lab.add_router("masquerade"), lab.add_router("masquerade")
+        mobile = lab.add_device(home_lan, "mobile")
+        lab.shape(home_lan, rate_mbit=8, interface=lab.lan_port(mobile))  # ~8 s for the artifact
+        side = start_wan_side(lab, wan, tmp_path, size)
+        state = side.start_agent(mobile, "mobile")
+        log = lambda: (lab.workdir / "agent-mobile.log").read_text(errors="replace")  # noqa: E731
+        wait(lambda: installed_version(state) == "1.0.0" and "phase idle" in log(), 60, "the device to settle", log)
+        before = blocks_bytes(state.parent)
+        wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(ORIGIN_PORT))  # counts egress
+        side.release("2.0.0")
+        wait(lambda: blocks_bytes(state.parent) - before >= size // 3, 60, "a third of the fetch", log)
+        lab.move_device(mobile, other_lan)
+        wait(lambda: installed_version(state) == "2.0.0", 180, "the moved device to finish its fetch and install", log)
+        installed = tmp_path / "devices" / "mobile" / "sysroot" / DEFAULT_TARGET.lstrip("/")
+        assert hashlib.sha256(installed.read_bytes()).hexdigest() == hashlib.sha256(
+            side.artifacts["2.0.0"].read_bytes()).hexdigest()
+        # It resumed with the blocks it held: the origin sent about one copy, not one and a third.
+        egress = egress_bytes(wan, ORIGIN_PORT) / size
+        print(json.dumps({"origin_egress_x_artifact": round(egress, 3)}))
+        assert egress <= 1.25, egress

