@@ -25,10 +25,6 @@ class Heard:
     relayed_by: str | None  # None: direct (the broker's login vouches); else the peer that handed it on
     at: datetime
 
-    @property
-    def via(self) -> str:
-        return "direct" if self.relayed_by is None else "relayed"
-
     def describe(self) -> str:
         return "direct" if self.relayed_by is None else f"relayed by {self.relayed_by}"
 

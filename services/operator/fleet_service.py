@@ -109,8 +109,10 @@ class FleetService:
         self.tracker = FleetTracker(fleet, clock=clock)
         self.identities = identities
         self._top_counters = store.top_counters()  # the highest report counter believed, per device
-        # Devices whose latest recorded report a peer carried: their next direct one is recorded as direct.
-        # Any other direct report needs no write of how it was heard (a fleet of 100,000 reports in bursts).
+        # Devices whose latest recorded report a peer carried, with that report's time: their next newer
+        # direct one is recorded as direct (the retained copy of the carried one, heard again after a
+        # restart, is not newer). Any other direct report needs no write of how it was heard (a fleet
+        # of 100,000 reports in bursts).
         self._relayed = store.relayed_devices()
         self.releases: dict[str, KnownRelease] = {}
         self._roots_ahead = RootsAhead()
@@ -190,10 +192,12 @@ class FleetService:
             if leaf == "state" and view.state is not None and view.state.device == device:
                 believed = self._believed_counter(view.state)
                 direct = view.heard is None or view.heard.relayed_by is None
-                if believed is not None or (direct and device in self._relayed):
+                carried_at = self._relayed.get(device)
+                newer_direct = direct and carried_at is not None and view.state.timestamp > carried_at
+                if believed is not None or newer_direct:
                     self._unrecorded.append(ReportHeard(view.state, view.heard or Heard(None, self.clock()), believed))
-                    if direct:
-                        self._relayed.discard(device)
+                    if newer_direct:
+                        del self._relayed[device]
                 else:
                     self._unrecorded.append(view.state)
             elif leaf == "online" and view.online is not None:
@@ -255,7 +259,7 @@ class FleetService:
         self._unrecorded.append(ReportHeard(state, heard, state.counter))
         if view is None:
             return  # older than the report held (one the device sent itself since): only its counter counts
-        self._relayed.add(state.device)
+        self._relayed[state.device] = state.timestamp
         log.info("%s: %s %s, report #%d carried by %s", state.device, state.phase.value, state.installed_version,
                  state.counter, relayer)
         self._track(state.device)

@@ -225,9 +225,11 @@ class FleetStore:
                        THEN excluded.top_counter ELSE heard.top_counter END""",
                 (update.state.device, update.believed_counter))
 
-    def relayed_devices(self) -> set[str]:
-        """Devices whose latest recorded report a peer carried."""
-        return {device for (device,) in self._db.execute("SELECT device FROM heard WHERE relayed_by IS NOT NULL")}
+    def relayed_devices(self) -> dict[str, datetime]:
+        """Devices whose latest recorded report a peer carried, with that report's time."""
+        rows = self._db.execute("""SELECT h.device, d.state_at FROM heard h JOIN devices d ON d.device = h.device
+                                   WHERE h.relayed_by IS NOT NULL AND d.state_at IS NOT NULL""").fetchall()
+        return {device: datetime.fromisoformat(at) for device, at in rows}
 
     def top_counters(self) -> dict[str, int]:
         """The highest report counter believed for each device (kept after a device is retired: an old

@@ -352,6 +352,29 @@ def test_the_fleet_service_records_a_carried_report_retains_it_and_a_later_direc
     assert (line.heard, line.heard_at, line.reported) == ("direct", None, NOW + timedelta(seconds=2))
     assert store.top_counters() == {"d1": 101}
     assert service.tracker.devices["d1"].heard == Heard(None, NOW)
+
+    # A restarted service first hears the retained copy of a carried report (not newer), then the
+    # device's own next report (unsigned here, so only the relayed-then-direct rule records it): direct.
+    later = sign.sign(report(at=NOW + timedelta(seconds=3)))
+    mine = report(at=NOW + timedelta(seconds=4))
+
+    async def restarted(first: FleetService) -> FleetService:
+        async with EmbeddedBroker("127.0.0.1", 0) as broker, \
+                MqttClient("127.0.0.1", broker.port, "svc", clean_session=True) as client:
+            await first.handle(client, Message(topics.relay_topic(FLEET, "bridge"), later.canonical_bytes(), False, 1))
+            first.flush()
+            again = FleetService(FLEET, store, OpsTokens.load_or_create(tmp_path / "tokens"), root,
+                                 identities=identities, clock=lambda: NOW)
+            state_topic = topics.state_topic(FLEET, "d1")
+            await again.handle(client, Message(state_topic, later.canonical_bytes(), True, 1))
+            again.flush()
+            assert store.status_lines()[0].heard == "relayed by bridge"
+            await again.handle(client, Message(state_topic, mine.canonical_bytes(), True, 1))
+            again.flush()
+            return again
+
+    asyncio.run(restarted(service))
+    assert store.status_lines()[0].heard == "direct"
     store.close()
 
 
