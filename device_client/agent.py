@@ -700,8 +700,8 @@ class DeviceAgent:
     async def _watch_network(self, node: object, mapped: str | None, interval: float = 2.0) -> None:
         """Notice when this device's addresses change (it moved to another LAN, its DHCP lease changed):
         its node then starts again, so mDNS and its peers learn the new addresses, and it announces
-        them on the rendezvous. A fetch under way finishes first (its own stall remedy restarts the node
-        when its peers are gone)."""
+        them on the rendezvous. A fetch under way restarts the node itself at its next check
+        (EmbeddedKuboNode.restart_when_idle)."""
         seen = sorted(host_addresses())
         changing: list[str] | None = None
         while True:

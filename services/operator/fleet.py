@@ -26,7 +26,12 @@ class Heard:
     at: datetime
 
     def describe(self) -> str:
-        return "direct" if self.relayed_by is None else f"relayed by {self.relayed_by}"
+        return describe_heard(self.relayed_by)
+
+
+def describe_heard(relayed_by: str | None) -> str:
+    """How `fleet status` says a report came: "direct", or "relayed by <peer>"."""
+    return "direct" if relayed_by is None else f"relayed by {relayed_by}"
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from schemas.errors import EdgeswarmError
 from schemas.models import DeviceState, Phase
-from services.operator.fleet import Heard, StatusLine
+from services.operator.fleet import Heard, StatusLine, describe_heard
 from services.operator.record_database import PostgresDatabase, RecordDatabase, SqliteDatabase
 
 SCHEMA = """
@@ -311,9 +311,7 @@ class RecordedReport:
 
 def _heard_text(reported: object, relayed_by: str | None) -> str | None:
     """How a device's latest recorded report was heard: None before it reported."""
-    if reported is None:
-        return None
-    return "direct" if relayed_by is None else f"relayed by {relayed_by}"
+    return None if reported is None else describe_heard(relayed_by)
 
 
 def _int(value: bool | None) -> int | None:
