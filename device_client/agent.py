@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from device_client import machine
+from device_client.broker_tunnel import BrokerPath, TunnelDialer, TunnelOffer
 from device_client.content_keeper import ContentKeeper
 from device_client.installer import (
     UnsafePath,
@@ -411,8 +412,11 @@ class DeviceAgent:
             self.node, self.client = node, client
             self.gossip = await self._open_gossip(node, stack)
             self.swarm_port = node_config.swarm_port
+            dialer = TunnelDialer((s.mqtt.host, s.mqtt.port))
             self.reporter = Reporter(client, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
-                                     signer=self.signer, peers=self.gossip)
+                                     signer=self.signer, peers=self.gossip,
+                                     tunnel=lambda: dialer.via if client.connector is not None else None)
+            tunnels = await self._open_tunnels(node, client, dialer, stack)
             meter = TrafficMeter(self.swarm_port)  # for a daemon, its own port: counts are then the daemon's
             self.update_context = UpdateContext(
                 store=node, target=s.install_path, download_dir=download_dir,
@@ -492,6 +496,8 @@ class DeviceAgent:
                     renewer.cancel()
                 if watcher is not None:
                     watcher.cancel()
+                if tunnels is not None:
+                    tunnels.cancel()
                 try:
                     await client.publish(online, OFFLINE, retain=True, timeout=2)
                 except MqttError as exc:
@@ -601,6 +607,36 @@ class DeviceAgent:
             log.debug("ignoring message on %s", message.topic)
 
     # -- peer-to-peer -----------------------------------------------------------------------
+
+    async def _open_tunnels(self, node: object, client: MqttClient, dialer: TunnelDialer,
+                            stack: contextlib.AsyncExitStack) -> asyncio.Task[None] | None:
+        """Offer peers a tunnel to the broker while this device reaches it directly, and reach it through
+        a peer's after `tunnel_after` without it (docs/p2p.md). Only the embedded node mounts streams."""
+        s = self.settings
+        if not hasattr(node, "p2p_forward"):
+            log.info("no broker through peers: the %s backend mounts no libp2p streams here (docs/p2p.md)",
+                     s.content.backend)
+            return None
+        if s.mqtt.tunnel_carry > 0:
+            await stack.enter_async_context(TunnelOffer(
+                node, (s.mqtt.host, s.mqtt.port), s.device_id, limit=s.mqtt.tunnel_carry,  # type: ignore[arg-type]
+                live=lambda: client.connected and client.connector is None))
+        if s.mqtt.tunnel_after == 0:
+            return None
+        origin = s.content.origin.rsplit("/p2p/", 1)[-1] if s.content.origin else None
+        path = BrokerPath(client, node, dialer, after=s.mqtt.tunnel_after,  # type: ignore[arg-type]
+                          changed=lambda: self._guarded("the report of a new broker path", self._report_again),
+                          exclude=frozenset({origin} if origin else ()))
+        return asyncio.ensure_future(path.run())
+
+    async def _report_again(self) -> None:
+        """Say again where this device stands: the broker now hears it by another path."""
+        assert self.reporter is not None
+        if self.reporter.last is not None:
+            try:
+                await self.reporter.again()
+            except MqttError as exc:  # the path went again: the next one reports
+                log.info("could not report the new broker path: %s", exc)
 
     async def _open_gossip(self, node: object, stack: contextlib.AsyncExitStack) -> GossipChannel | None:
         """Join the fleet's gossip topic, carrying the root and timestamp this device trusts already."""
@@ -795,7 +831,9 @@ class DeviceAgent:
     # -- commands ---------------------------------------------------------------------------
 
     async def _on_command(self, raw: bytes) -> None:
-        await self._feed(command_event(raw, max_bytes=self.settings.limits.max_message_bytes))
+        event = command_event(raw, max_bytes=self.settings.limits.max_message_bytes)
+        log.info("a command on this device's topic: %s", type(event).__name__)
+        await self._feed(event)
 
 
 def _traffic_figures(updater: Updater) -> dict[str, object]:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from device_client.local_state import LocalState
@@ -30,8 +31,10 @@ class Reporter:
     away to a peer that reaches one, until a report reaches the broker directly again."""
 
     def __init__(self, client: MqttClient, *, fleet: str, device: str, device_class: str,
-                 signer: ReportSigner | None = None, peers: ReportCarrier | None = None) -> None:
+                 signer: ReportSigner | None = None, peers: ReportCarrier | None = None,
+                 tunnel: Callable[[], str | None] | None = None) -> None:
         self.client = client
+        self.tunnel = tunnel  # the peer whose tunnel carries this device to its broker now, if one does
         self.signer = signer
         self.peers = peers
         self.topic = topics.state_topic(fleet, device)
@@ -57,6 +60,13 @@ class Reporter:
         return await self.report(phase=report.phase, installed_version=local.installed_version,
                                  installed_sha256=local.installed_sha256, last_sequence=local.last_sequence, **fields)
 
+    async def again(self) -> DeviceState:
+        """The last report once more, made now: the broker hears this device by another path."""
+        assert self.last is not None
+        fields = self.last.model_dump(exclude={"fleet", "device", "device_class", "timestamp", "counter", "signature",
+                                               "tunnel_via"}, exclude_none=True)
+        return await self.report(**fields)
+
     def report_progress(self, **fields: Any) -> None:
         """Schedule a progress report without waiting; rate-limited, superseded by the next report()."""
         now = time.monotonic()
@@ -76,6 +86,7 @@ class Reporter:
             installed_version=installed_version,
             installed_sha256=installed_sha256,
             timestamp=datetime.now(UTC),
+            tunnel_via=self.tunnel() if self.tunnel is not None else None,
             **fields,
         )
         if self.signer is not None:

@@ -280,6 +280,9 @@ class DeviceState(WireModel):
     # report to the broker; the fleet service accepts it only signed by that device, with a higher counter.
     counter: Annotated[int, Field(ge=1, le=2**62)] | None = None
     signature: Signature | None = None
+    # Sent through a peer's tunnel to the broker (docs/p2p.md): the name that peer gave. Only what the
+    # device says (its broker login binds the report, not the peer's name).
+    tunnel_via: Identifier | None = None
 
     def signed_bytes(self) -> bytes:
         """What the device's identity key signs: the canonical report without its signature."""

@@ -118,7 +118,7 @@ def _open_record(settings: OperatorSettings, home: Path | None, *, hint: str = "
 def _record_json(fleet: str, rows: list[RecordedReport]) -> str:
     """The same document as from the broker, spliced from the reports as recorded (each a JSON object
     written by the fleet service from a validated report), with each device's online flag added and
-    how its report was heard ("heard": "direct" or "relayed by <peer>", and for a relayed one "heard_at",
+    how its report was heard ("heard": "direct", "tunnel via <peer>" or "relayed by <peer>", and for a relayed one "heard_at",
     when the peer's copy arrived)."""
     entries = []
     for row in rows:

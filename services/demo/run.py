@@ -66,7 +66,7 @@ class Island:
 
     def heard(self, device: str) -> str | None:
         view = self.service.tracker.devices.get(device)
-        return view.heard.describe() if view is not None and view.heard is not None else None
+        return view.heard.describe(view.state) if view is not None and view.heard is not None else None
 
 
 @dataclass

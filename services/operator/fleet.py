@@ -25,13 +25,16 @@ class Heard:
     relayed_by: str | None  # None: direct (the broker's login vouches); else the peer that handed it on
     at: datetime
 
-    def describe(self) -> str:
-        return describe_heard(self.relayed_by)
+    def describe(self, state: DeviceState | None = None) -> str:
+        return describe_heard(self.relayed_by, state.tunnel_via if state is not None else None)
 
 
-def describe_heard(relayed_by: str | None) -> str:
-    """How `fleet status` says a report came: "direct", or "relayed by <peer>"."""
-    return "direct" if relayed_by is None else f"relayed by {relayed_by}"
+def describe_heard(relayed_by: str | None, tunnel_via: str | None = None) -> str:
+    """How `fleet status` says a report came: "direct", "tunnel via <peer>" (sent by the device itself,
+    through a peer's tunnel to the broker), or "relayed by <peer>" (a signed report a peer handed on)."""
+    if relayed_by is not None:
+        return f"relayed by {relayed_by}"
+    return "direct" if tunnel_via is None else f"tunnel via {tunnel_via}"
 
 
 @dataclass
@@ -74,7 +77,7 @@ class StatusLine:
             return cls(view.device, view.online)
         heard = view.heard
         return cls(view.device, view.online, s.device_class, s.installed_version, s.phase.value, s.progress, s.reason,
-                   s.timestamp, heard.describe() if heard else None, heard.at if heard else None)
+                   s.timestamp, heard.describe(s) if heard else None, heard.at if heard else None)
 
 
 class FleetTracker:

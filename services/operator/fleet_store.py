@@ -275,22 +275,26 @@ class FleetStore:
         (100,000 of them took longer than the 2 s `fleet status` may take)."""
         rows = self._db.execute(
             f"""SELECT d.device, d.online, d.device_class, d.installed_version, d.phase, d.progress,
-                       {self._db.json_text('d.state_json', 'reason')}, d.state_at, h.relayed_by, h.heard_at
+                       {self._db.json_text('d.state_json', 'reason')}, d.state_at, h.relayed_by, h.heard_at,
+                       {self._db.json_text('d.state_json', 'tunnel_via')}
                 FROM devices d LEFT JOIN heard h ON h.device = d.device ORDER BY d.device""").fetchall()
         return [StatusLine(device, None if online is None else bool(online), device_class or "?", installed, phase,
                            progress, reason, datetime.fromisoformat(at) if at else None,
-                           _heard_text(phase, relayed_by), datetime.fromisoformat(heard_at) if heard_at and relayed_by else None)
-                for device, online, device_class, installed, phase, progress, reason, at, relayed_by, heard_at in rows]
+                           _heard_text(phase, relayed_by, tunnel_via),
+                           datetime.fromisoformat(heard_at) if heard_at and relayed_by else None)
+                for device, online, device_class, installed, phase, progress, reason, at, relayed_by, heard_at, tunnel_via
+                in rows]
 
     def reports_json(self) -> list[RecordedReport]:
         """Every device's latest report as the JSON it was recorded in, with its online flag and how it was
         heard: what `fleet status --json` prints, without parsing 100,000 reports to print them again."""
         rows = self._db.execute(
-            """SELECT d.device, d.state_json, d.online, h.relayed_by, h.heard_at
+            f"""SELECT d.device, d.state_json, d.online, h.relayed_by, h.heard_at,
+                       {self._db.json_text('d.state_json', 'tunnel_via')}
                FROM devices d LEFT JOIN heard h ON h.device = d.device ORDER BY d.device""").fetchall()
-        return [RecordedReport(device, state, None if online is None else bool(online), _heard_text(state, relayed_by),
-                               at if relayed_by else None)
-                for device, state, online, relayed_by, at in rows]
+        return [RecordedReport(device, state, None if online is None else bool(online),
+                               _heard_text(state, relayed_by, tunnel_via), at if relayed_by else None)
+                for device, state, online, relayed_by, at, tunnel_via in rows]
 
     def attempts(self, device: str) -> list[Attempt]:
         rows = self._db.execute(
@@ -305,13 +309,13 @@ class RecordedReport:
     device: str
     state_json: str | None
     online: bool | None
-    heard: str | None  # "direct" or "relayed by <peer>"; None before its first report
+    heard: str | None  # "direct", "tunnel via <peer>" or "relayed by <peer>"; None before its first report
     heard_at: str | None  # when a peer's copy reached the service (a direct report's time is its own)
 
 
-def _heard_text(reported: object, relayed_by: str | None) -> str | None:
+def _heard_text(reported: object, relayed_by: str | None, tunnel_via: str | None) -> str | None:
     """How a device's latest recorded report was heard: None before it reported."""
-    return None if reported is None else describe_heard(relayed_by)
+    return None if reported is None else describe_heard(relayed_by, tunnel_via)
 
 
 def _int(value: bool | None) -> int | None:

@@ -64,6 +64,24 @@ def topic_matches(pattern: str, topic: str) -> bool:
     return paho.topic_matches_sub(pattern, topic)
 
 
+Connector = Callable[[float], socket.socket]  # connect timeout (s) -> a connected socket, or OSError
+
+
+class _RoutedClient(paho.Client):
+    """paho's client, able to reach its broker some other way than a TCP connection to host:port
+    (through a peer's libp2p tunnel). TLS still names the broker's real host: paho wraps whatever
+    socket comes back and checks the certificate against `host`, so whoever carries the bytes sees
+    only ciphertext and cannot pose as the broker."""
+
+    connector: Connector | None = None
+
+    def _create_socket_connection(self) -> socket.socket:
+        connector = self.connector
+        if connector is None:
+            return super()._create_socket_connection()
+        return connector(self._connect_timeout)
+
+
 class MqttClient:
     """`async with MqttClient(host, port, client_id) as client:`; `await client.next_message()` for each message."""
 
@@ -109,7 +127,7 @@ class MqttClient:
             max_queued = 0
         self.username = username
         self.connect_timeout = connect_timeout
-        self._client = paho.Client(
+        self._client = _RoutedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,
@@ -149,6 +167,7 @@ class MqttClient:
         self._renewals: dict[int, str] = {}  # mid -> topic, for subscriptions renewed on reconnect
         self._pending: dict[int, asyncio.Future[str | None]] = {}  # mid -> the refusal, None when granted
         self._connect_error: str | None = None
+        self.connections = 0  # connections the broker accepted so far (each reconnect counts)
         self._driven: _LoopDriver | None = None
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -191,6 +210,7 @@ class MqttClient:
     def _set_connected(self, value: bool) -> None:
         assert self._connected is not None
         if value:
+            self.connections += 1
             self._connected.set()
         else:
             self._connected.clear()
@@ -292,6 +312,25 @@ class MqttClient:
             self._driven.close()
         else:
             await asyncio.to_thread(self._client.loop_stop)
+
+    @property
+    def connector(self) -> Connector | None:
+        """How the next connection attempt reaches the broker: None, a TCP connection to host:port."""
+        return self._client.connector
+
+    @connector.setter
+    def connector(self, connector: Connector | None) -> None:
+        self._client.connector = connector  # read by paho's next attempt, on its own thread
+
+    def redial(self) -> None:
+        """Drop the connection (no DISCONNECT: the broker publishes the will) and let paho dial again,
+        through the connector then set."""
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would: the broker publishes the will."""

@@ -31,6 +31,12 @@ class MqttSettings(BaseModel):
     ca_file: Path | None = Field(None, description="TLS: the fleet CA that signed the broker's certificate")
     cert_file: Path | None = Field(None, description="mutual TLS: this client's certificate")
     key_file: Path | None = Field(None, description="mutual TLS: this client's private key")
+    tunnel_after: float = Field(
+        60.0, ge=0, description="device (embedded node): after this many seconds without its broker, reach it "
+        "through a connected peer's tunnel (own credentials, TLS end to end); 0: never")
+    tunnel_carry: int = Field(
+        4, ge=0, le=1024, description="device (embedded node): carry at most this many peers' connections to "
+        "this device's broker while it reaches it directly; 0: offer no tunnel")
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments for services.runtime.messaging.MqttClient."""

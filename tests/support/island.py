@@ -36,6 +36,7 @@ class IslandResult:
     # device -> seconds from its report of 2.0.0 (made at its install) to the fleet record holding it
     reported: dict[str, float] = field(default_factory=dict)
     heard: dict[str, str] = field(default_factory=dict)  # device -> how the record heard it ("relayed by bridge")
+    commanded: dict[str, bool] = field(default_factory=dict)  # tunnelled device -> a command reached it (fleet check)
     logs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -69,13 +70,15 @@ class WanSide:
     def release(self, version: str) -> None:
         self.cli("release", CLASS, version, str(self.artifacts[version]), "--config", str(self.config))
 
-    def start_agent(self, ns: Namespace, name: str) -> Path:
-        """Provision and start device `name` in `ns`; returns its state.json."""
+    def start_agent(self, ns: Namespace, name: str, *, tunnel_after: float | None = None) -> Path:
+        """Provision and start device `name` in `ns`; returns its state.json. `tunnel_after`: reach the
+        broker through a peer after this long without it (0: never; None: the default)."""
         spec = DeviceSpec(
             device_id=name, fleet=FLEET, device_class=CLASS, base_dir=self.workdir / "devices" / name,
             swarm_port=4001, broker_host=self.wan.ip, broker_port=BROKER_PORT, root_file=self.home / "root.json",
             firmware=self.artifacts["1.0.0"], firmware_version="1.0.0", peers=(self.origin,), origin=self.origin,
             stall_timeout=60, retry_interval=5, identities_dir=self.home / "identities",
+            mqtt_settings=(("tunnel_after", str(tunnel_after)),) if tunnel_after is not None else (),
             # What docs/p2p.md recommends (peers first, the origin after a grace), in every run.
             content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("routing", "none"),
                               ("rendezvous", "true"), ("origin_grace", "2.0"), ("gossip_interval", "15")),
@@ -90,7 +93,7 @@ class WanSide:
         while True:
             found = _recorded(self.cli("fleet", "status", "--from", "record", "--json", "--config", str(self.config)),
                               names)
-            if len(found[0]) >= expected or time.monotonic() > end:
+            if len(found[1]) >= expected or time.monotonic() > end:
                 return found
             time.sleep(0.5)
 
@@ -123,20 +126,25 @@ def start_wan_side(lab: NatLab, wan: Namespace, workdir: Path, size: int) -> Wan
 
 
 def _recorded(status_json: str, names: list[str]) -> tuple[dict[str, float], dict[str, str]]:
-    """(device -> seconds from its report of 2.0.0 to the record, device -> how it was heard)."""
+    """(relayed device -> seconds from its report of 2.0.0 to the record, device at 2.0.0 -> how it was
+    heard). A report the device sent itself (direct or through a tunnel) has no separate arrival time."""
     lags, heard = {}, {}
     for entry in json.loads(status_json)["devices"]:
-        if entry["device"] in names and entry.get("installed_version") == "2.0.0" and entry.get("heard_at"):
-            lags[entry["device"]] = round((datetime.fromisoformat(entry["heard_at"])
-                                           - datetime.fromisoformat(entry["timestamp"])).total_seconds(), 2)
+        if entry["device"] in names and entry.get("installed_version") == "2.0.0" and entry.get("heard"):
             heard[entry["device"]] = entry["heard"]
+            if entry.get("heard_at"):
+                lags[entry["device"]] = round((datetime.fromisoformat(entry["heard_at"])
+                                               - datetime.fromisoformat(entry["timestamp"])).total_seconds(), 2)
     return lags, heard
 
 
 def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout: float = 240.0,
-               island: bool = True, device_mbit: float | None = None) -> IslandResult:
+               island: bool = True, device_mbit: float | None = None, tunnelled: int = 0) -> IslandResult:
     """`island=False`: the same LAN with nothing blocked (every device reaches the broker and the
-    origin; the "bridge" is one more device), the baseline the island is measured against."""
+    origin; the "bridge" is one more device), the baseline the island is measured against.
+
+    The last `tunnelled` island devices reach the broker through the bridge's tunnel 3 s after they
+    find it silent; the others never do, so their updates and reports take the gossip path."""
     with NatLab(workdir / "lab") as lab:
         wan = lab.add_wan_host("origin")
         router = lab.add_router("masquerade")
@@ -155,13 +163,21 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
                 lab.shape(spaces["bridge"], rate_mbit=device_mbit, interface="eth1")
 
         wan_side = start_wan_side(lab, wan, workdir, size)
-        states = {name: wan_side.start_agent(ns, name) for name, ns in spaces.items()}
+        tunnelling = set(names[len(names) - tunnelled:]) if tunnelled else set()
+        states = {name: wan_side.start_agent(ns, name, tunnel_after=None if name == "bridge" else
+                                             3.0 if name in tunnelling else 0.0)
+                  for name, ns in spaces.items()}
         # Island devices go offline 15 s after they start (no answer from the broker); connected
         # ones have settled on 1.0.0 by then too.
         end = time.monotonic() + 60
         settled = "carrying on offline" if island else "phase idle"
         while time.monotonic() < end and not all(
                 settled in (lab.workdir / f"agent-{n}.log").read_text(errors="replace") for n in names):
+            time.sleep(0.5)
+        # ... and the tunnelled ones reach the broker through the bridge before the release.
+        while time.monotonic() < end + 30 and not all(
+                "reaching the broker through peer" in (lab.workdir / f"agent-{n}.log").read_text(errors="replace")
+                for n in tunnelling):
             time.sleep(0.5)
 
         wan.run("iptables-legacy", "-A", "OUTPUT", "-p", "tcp", "--sport", str(ORIGIN_PORT))
@@ -181,5 +197,23 @@ def run_island(workdir: Path, *, devices: int = 3, size: int = 4 << 20, timeout:
         result.origin_egress = egress_bytes(wan, ORIGIN_PORT)
         # Each device's report of 2.0.0 in the fleet record: relayed by the bridge on the island.
         result.reported, result.heard = wan_side.wait_recorded(names, len(result.installed), 20)
+        for name in sorted(tunnelling):
+            # Its report through the tunnel replaces the copy the bridge carried while a node restart
+            # (the end of a fetch) had dropped the tunnel for a moment.
+            end = time.monotonic() + 30
+            while result.heard.get(name) != "tunnel via bridge" and time.monotonic() < end:
+                time.sleep(0.5)
+                result.reported, result.heard = wan_side.wait_recorded(names, len(result.installed), 0)
+            # Commands reach it through the tunnel. Asked up to three times: the embedded broker keeps
+            # nothing for an anonymous session while the tunnel is down (DESIGN.md; Mosquitto does).
+            log_file = lab.workdir / f"agent-{name}.log"
+            for _ in range(3):
+                wan_side.cli("fleet", "check", name, "--config", str(wan_side.config))
+                end = time.monotonic() + 8
+                while "CheckRequested" not in log_file.read_text(errors="replace") and time.monotonic() < end:
+                    time.sleep(0.3)
+                if "CheckRequested" in log_file.read_text(errors="replace"):
+                    break
+            result.commanded[name] = "CheckRequested" in log_file.read_text(errors="replace")
         result.logs = {name: (lab.workdir / f"agent-{name}.log").read_text(errors="replace") for name in spaces}
         return result

@@ -300,6 +300,12 @@ def test_the_record_shows_how_each_device_was_heard_and_keeps_the_highest_counte
     store.record([ReportHeard(carried, Heard("bridge", NOW), 39)])  # lower: never lowers it
     assert store.top_counters() == {"d1": 40}
     assert store.status_lines()[0].heard == "direct", "an older report does not change how the device was heard"
+    tunnelled = sign.sign(report(at=NOW + timedelta(seconds=2)).model_copy(update={"tunnel_via": "gw-7"}))
+    store.record([ReportHeard(tunnelled, Heard(None, NOW + timedelta(seconds=2)), None)])
+    assert store.status_lines()[0].heard == "tunnel via gw-7"
+    assert [r.heard for r in store.reports_json()] == ["tunnel via gw-7"]
+    assert Heard(None, NOW).describe(tunnelled) == "tunnel via gw-7"
+    assert Heard("bridge", NOW).describe(tunnelled) == "relayed by bridge", "a carried copy is relayed, whatever it says"
     store.retire("d1")
     assert store.top_counters() == {"d1": 40}, "a retired device's old reports stay replays"
     row = store.reports_json()

