@@ -214,7 +214,8 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                 island_ids: set[str] = set()
 
                 def start_device(index: int, broker_port: int, peers: tuple[str, ...],
-                                 content: tuple[tuple[str, str], ...] = ()) -> str:
+                                 content: tuple[tuple[str, str], ...] = (),
+                                 mqtt: tuple[tuple[str, str], ...] = ()) -> str:
                     device_class = CLASSES[index % len(CLASSES)]
                     spec = DeviceSpec(
                         device_id=f"{device_class.split('-')[0]}-{index + 1:02d}", fleet=FLEET, device_class=device_class,
@@ -223,6 +224,7 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                         identities_dir=home.identities_dir,
                         firmware=firmware[(device_class, "1.0.0")], firmware_version="1.0.0",
                         peers=(origin.multiaddr, *peers), origin=origin.multiaddr, content_settings=content,
+                        mqtt_settings=mqtt,
                     )
                     agent = AgentProcess(provision(spec), spec.base_dir / "agent.log")
                     agent.start()
@@ -237,7 +239,9 @@ async def run_demo(options: DemoOptions, console: Console, *, live_display: bool
                     # Island devices know their neighbours as a LAN would tell them (here: the addresses the
                     # connected devices announced on the broker, which the island devices cannot read).
                     neighbours = await _announced_addresses(client, connected, agents)
-                    island_ids = {start_device(index, island.silent_port, neighbours)
+                    # They stay on the gossip path the demo shows: no tunnel to the broker through a
+                    # neighbour (docs/p2p.md), which a slow machine could otherwise reach after 60 s.
+                    island_ids = {start_device(index, island.silent_port, neighbours, mqtt=(("tunnel_after", "0"),))
                                   for index in range(connected, options.devices)}
                     console.log(f"{options.island} island device(s) get a broker address that never answers: they "
                                 "hear releases from their peers and send their signed reports back through them")

@@ -165,8 +165,12 @@ class EmbeddedKuboNode:
             self._topics[topic] = self._subscribe(topic)
         for protocol, port in self._listeners.items():
             self._p2p_listen(protocol, port)
-        for (protocol, peer), port in self._forwards.items():
-            self._p2p_forward(protocol, peer, port)
+        for (protocol, peer), port in list(self._forwards.items()):
+            try:
+                self._p2p_forward(protocol, peer, port)
+            except RuntimeError as exc:  # its port taken meanwhile: the next p2p_forward makes a new one
+                log.warning("%s", exc)
+                del self._forwards[(protocol, peer)]
 
     def _keep_bound_port(self) -> None:
         """Port 0 asked the kernel for a free port at bind time (no window in which another process can
