@@ -20,6 +20,7 @@ from services.operator.broker import EmbeddedBroker
 from services.runtime.content import EmbeddedKuboNode, KuboConfig
 from services.runtime.messaging import MqttClient, MqttError
 from tests.support.ports import free_port
+from tests.support.trickle_proxy import pipe
 
 pytestmark = pytest.mark.integration
 
@@ -174,15 +175,7 @@ class _Uplink:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.carried += 1
         up_reader, up_writer = await asyncio.open_connection(*self.target)
-
-        async def copy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            w.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, None), pipe(up_reader, writer, None))
 
 
 async def _until(predicate, timeout: float = 20) -> None:  # noqa: ANN001

@@ -21,8 +21,9 @@ from services.demo.processes import terminate
 CHUNK = 1024
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None,
-                count: list[int] | None = None) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None,
+               count: list[int] | None = None) -> None:
+    """Copy `reader` to `writer` until it ends (at `rate` bytes/s; None: at once), then close `writer`."""
     try:
         while data := await reader.read(CHUNK if rate else 65536):
             writer.write(data)
@@ -51,7 +52,7 @@ async def main(port: int, host: str, upstream_port: int, rate: float, count_file
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(_pipe(client_reader, up_writer, None), _pipe(up_reader, client_writer, rate, passed))
+        await asyncio.gather(pipe(client_reader, up_writer, None), pipe(up_reader, client_writer, rate, passed))
 
     server = await asyncio.start_server(handle, "127.0.0.1", port)
     counter = asyncio.ensure_future(keep_count())  # noqa: F841 - runs as long as the server
