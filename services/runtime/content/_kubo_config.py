@@ -1,5 +1,5 @@
 """What edgeswarm sets in a Kubo repo's config: listen and announce addresses, discovery, routing,
-the origin's one-peer limit, and the private swarm key."""
+the origin's one-peer limit, the peers it refuses, and the private swarm key."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["KuboConfig", "write_repo_config"]
+
+_PEER_SCOPES = ("Conns", "ConnsInbound", "ConnsOutbound", "Streams", "StreamsInbound", "StreamsOutbound")
 
 
 @dataclass
@@ -25,6 +27,7 @@ class KuboConfig:
     routing: str = "dht"  # Kubo's Routing.Type; "none": no DHT, peers come only from config and the MQTT rendezvous
     max_connections: int | None = None  # an origin that serves only this many peers at once, never dials, announces nothing
     fetch_in_memory_bytes: int = 64 << 20  # items up to this size: Kubo's sequential reader (whole file in memory)
+    blocked: list[str] = field(default_factory=list)  # peer ids whose connections the node refuses (a flooding peer)
 
 
 def write_repo_config(config: KuboConfig) -> None:
@@ -43,6 +46,11 @@ def write_repo_config(config: KuboConfig) -> None:
     cfg["Swarm"]["DisableNatPortMap"] = not config.nat_port_map
     cfg.setdefault("Routing", {})["Type"] = config.routing
     limits = config.repo / "libp2p-resource-limit-overrides.json"
+    overrides: dict[str, object] = {}
+    if config.blocked:
+        # libp2p's resource manager refuses every connection and stream of these peers, whatever
+        # address they come from (an address filter would not hold: a peer picks its source address).
+        overrides["Peer"] = {peer: dict.fromkeys(_PEER_SCOPES, "blockAll") for peer in config.blocked}
     if config.max_connections is not None:
         # Exactly n peers: the resource manager refuses the next inbound connection, and there is no
         # connection manager (Kubo would want its limit above the manager's high-water mark, i.e.
@@ -52,10 +60,12 @@ def write_repo_config(config: KuboConfig) -> None:
         # that may dial out connects to the devices it learns of within ~40 ms and serves them all.
         n = config.max_connections
         cfg["Swarm"]["ConnMgr"] = {"Type": "none"}
-        limits.write_text(json.dumps({"System": {"Conns": n, "ConnsInbound": n, "ConnsOutbound": 0}}))
+        overrides["System"] = {"Conns": n, "ConnsInbound": n, "ConnsOutbound": 0}
         # Nor does it tell its addresses to anyone: devices that learnt them from a peer dialed it by
         # themselves (measured: every device of the lab within 40 ms). Devices know it from settings.
         cfg["Addresses"]["NoAnnounce"] = ["/ip4/0.0.0.0/ipcidr/0", "/ip6/::/ipcidr/0"]
+    if overrides:
+        limits.write_text(json.dumps(overrides))
     else:
         limits.unlink(missing_ok=True)
     path.write_text(json.dumps(cfg, indent=2))
