@@ -34,6 +34,7 @@ from device_client.installer import (
 )
 from device_client.local_state import LocalState, StateStore
 from device_client.machine import AgentState, Event, MachineConfig
+from device_client.peer_memory import RememberedPeers
 from device_client.rendezvous import Rendezvous
 from device_client.report_relay import ReportRelay
 from device_client.report_signing import ReportCounter, ReportSigner
@@ -107,6 +108,7 @@ class DeviceAgent:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.rendezvous: Rendezvous | None = None
+        self.mapped: str | None = None  # /ip4/<external>/tcp/<port> this network's router maps to our node (NAT-PMP)
         self.gossip: GossipChannel | None = None
         self.swarm_port = settings.content.swarm_port  # the bound port once the node runs (settings may say 0)
         self._problems: list[tuple[ReasonCode, str]] = []  # found while loading: reported once connected
@@ -383,7 +385,7 @@ class DeviceAgent:
         await self._guarded("start-up", self._feed_started)
         download_dir = self.state_dir / "downloads"
         download_dir.mkdir(exist_ok=True)
-        mapped = await self._map_swarm_port() if s.content.nat_pmp else None
+        self.mapped = await self._map_swarm_port(s.content.swarm_port) if s.content.nat_pmp else None
         node_config = KuboConfig(
             repo=self.state_dir / "ipfs",
             listen_host=s.content.listen_host,
@@ -392,7 +394,7 @@ class DeviceAgent:
             peers=[p for p in s.content.peers if s.content.origin_grace is None or p != s.content.origin],
             mdns=s.content.mdns,
             nat_port_map=s.content.nat_port_map,
-            announce=[mapped] if mapped else [],
+            announce=[self.mapped] if self.mapped else [],
             append_announce=list(s.content.announce),
             fetch_in_memory_bytes=int(s.content.fetch_in_memory_mb * (1 << 20)),
             routing=s.content.routing,
@@ -431,14 +433,16 @@ class DeviceAgent:
             for topic in (topics.root_wildcard(s.fleet), topics.timestamp_topic(s.fleet),
                           topics.release_topic(s.fleet, s.device_class), topics.command_topic(s.fleet, s.device_id)):
                 await self._subscribe(topic)
-            renewer = asyncio.ensure_future(self._keep_mapping(node.peer_id, mapped)) if s.content.nat_pmp else None
-            watcher = asyncio.ensure_future(self._watch_network(node, mapped)) if hasattr(node, "restart_when_idle") else None
+            renewer = asyncio.ensure_future(self._keep_mapping(node.peer_id)) if s.content.nat_pmp else None
+            watcher = asyncio.ensure_future(self._watch_network(node)) if hasattr(node, "restart_when_idle") else None
             if s.content.rendezvous:
                 self.rendezvous = Rendezvous(client, node, fleet=s.fleet, device=s.device_id, device_class=s.device_class,
                                              max_message_bytes=s.limits.max_message_bytes,
-                                             max_peers=s.content.rendezvous_peers)
+                                             max_peers=s.content.rendezvous_peers,
+                                             memory=RememberedPeers(self.state_dir / "peers.json"))
+                self.rendezvous.dial_remembered()  # before the broker answers, if it ever does
                 try:
-                    await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id, mapped))
+                    await self.rendezvous.start(node.peer_id, self._dialable(node.peer_id))
                 except SubscriptionRefused as exc:
                     log.error("%s: rendezvous announcements of other devices are not heard", exc)
             await self._guarded("the subscriptions", self._say_refusals)
@@ -733,11 +737,12 @@ class DeviceAgent:
         if self.relay.held():
             self._relay_at = time.monotonic() + 2.0
 
-    async def _watch_network(self, node: object, mapped: str | None, interval: float = 2.0) -> None:
+    async def _watch_network(self, node: object, interval: float = 2.0) -> None:
         """Notice when this device's addresses change (it moved to another LAN, its DHCP lease changed):
-        its node then starts again, so mDNS and its peers learn the new addresses, and it announces
-        them on the rendezvous. A fetch under way restarts the node itself at its next check
-        (EmbeddedKuboNode.restart_when_idle)."""
+        with NAT-PMP it asks the new network's router for a port mapping (the old one names another
+        router's address), its node then starts again, so mDNS and its peers learn the new addresses,
+        and it announces them on the rendezvous. A fetch under way restarts the node itself at its
+        next check (EmbeddedKuboNode.restart_when_idle)."""
         seen = sorted(host_addresses())
         changing: list[str] | None = None
         while True:
@@ -754,43 +759,52 @@ class DeviceAgent:
                         "network find it", ", ".join(seen) or "none", ", ".join(now))
             seen = now
             try:
+                if self.settings.content.nat_pmp:
+                    self.mapped = await self._map_swarm_port(self.swarm_port)  # None: no NAT-PMP on this network
+                    node.announce_instead([self.mapped] if self.mapped else [])  # type: ignore[attr-defined]
                 await node.restart_when_idle()  # type: ignore[attr-defined]
-                if self.rendezvous is not None:
-                    await self.rendezvous.announce(node.peer_id, self._dialable(node.peer_id, mapped))  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001 - the next change, or the fetch's remedy, tries again
                 log.exception("could not restart the IPFS node on the new network")
+            if self.rendezvous is not None:
+                try:
+                    await self.rendezvous.announce(node.peer_id, self._dialable(node.peer_id),  # type: ignore[attr-defined]
+                                                   confirm=False)
+                except MqttError as exc:
+                    log.warning("could not announce the new addresses on the rendezvous: %s", exc)
 
-    async def _map_swarm_port(self) -> str | None:
+    async def _map_swarm_port(self, port: int) -> str | None:
         """/ip4/<external>/tcp/<port> the router mapped to our swarm port, or None (no NAT-PMP there)."""
         router = natpmp.gateway()
         if router is None:
             return None
         try:
-            mapping = await natpmp.map_tcp(router, self.settings.content.swarm_port)
+            mapping = await natpmp.map_tcp(router, port)
         except natpmp.NatPmpError as exc:
             log.info("no port mapping: %s", exc)
             return None
         log.info("router %s maps %s:%d to our swarm port", router, mapping.external_ip, mapping.external_port)
         return f"/ip4/{mapping.external_ip}/tcp/{mapping.external_port}"
 
-    async def _keep_mapping(self, peer_id: str, mapped: str | None, lifetime: int = 3600) -> None:
+    async def _keep_mapping(self, peer_id: str, lifetime: int = 3600) -> None:
         """Routers forget mappings when their lease ends: renew at half-time. Without a mapping yet
-        (the router was still starting), ask again every 30 s and announce it when it comes."""
+        (the router was still starting), ask again every 30 s and announce it when it comes. The
+        mapping is `self.mapped`, which a move to another network replaces (_watch_network)."""
         while True:
-            await asyncio.sleep(lifetime / 2 if mapped else 30)
-            renewed = await self._map_swarm_port()
-            if renewed != mapped and renewed is not None and self.rendezvous is not None:
-                await self.rendezvous.announce(peer_id, self._dialable(peer_id, renewed))
-            mapped = renewed or mapped
+            await asyncio.sleep(lifetime / 2 if self.mapped else 30)
+            renewed = await self._map_swarm_port(self.swarm_port)
+            if renewed != self.mapped and renewed is not None:
+                self.mapped = renewed
+                if self.rendezvous is not None:
+                    await self.rendezvous.announce(peer_id, self._dialable(peer_id))
 
-    def _dialable(self, peer_id: str, mapped: str | None) -> list[str]:
+    def _dialable(self, peer_id: str) -> list[str]:
         """Our node's addresses for the rendezvous: static port forwards and the router's mapping first,
         then the LAN address."""
         s = self.settings
         host = s.content.listen_host
         if host in ("0.0.0.0", "::"):
             host = local_address(s.mqtt.host)
-        outside = [*s.content.announce, *([mapped] if mapped else [])]
+        outside = [*s.content.announce, *([self.mapped] if self.mapped else [])]
         return [f"{a}/p2p/{peer_id}" for a in [*outside, f"/ip4/{host}/tcp/{self.swarm_port}"]][:8]
 
     def _origin_grace(self) -> float | None:

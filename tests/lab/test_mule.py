@@ -83,17 +83,22 @@ def blocks_bytes(state_dir: Path) -> int:
     return sum(p.stat().st_size for p in (state_dir / "ipfs" / "blocks").rglob("*") if p.is_file())
 
 
+@pytest.mark.skipif(netlab.upnp_available() is not None, reason=f"{netlab.upnp_available()}")
 def test_a_device_moved_to_another_lan_in_the_middle_of_a_fetch_completes_it(tmp_path: Path) -> None:
     from tests.support.p2p_scenario import ORIGIN_PORT, egress_bytes
 
     size = 8 << 20
     with netlab.NatLab(tmp_path / "lab") as lab:
         wan = lab.add_wan_host("origin")
-        home_lan, other_lan = lab.add_router("masquerade"), lab.add_router("masquerade")
+        # Both LANs' routers map ports by NAT-PMP (miniupnpd): the device must ask the new one.
+        home_lan, other_lan = lab.add_router("upnp"), lab.add_router("upnp")
+        lab.start_stun(wan)
+        lab.start_upnp(home_lan)
+        lab.start_upnp(other_lan)
         mobile = lab.add_device(home_lan, "mobile")
         lab.shape(home_lan, rate_mbit=8, interface=lab.lan_port(mobile))  # ~8 s for the artifact
         side = start_wan_side(lab, wan, tmp_path, size)
-        state = side.start_agent(mobile, "mobile")
+        state = side.start_agent(mobile, "mobile", nat_pmp=True)
         log = lambda: (lab.workdir / "agent-mobile.log").read_text(errors="replace")  # noqa: E731
         wait(lambda: installed_version(state) == "1.0.0" and "phase idle" in log(), 60, "the device to settle", log)
         before = blocks_bytes(state.parent)
@@ -109,3 +114,9 @@ def test_a_device_moved_to_another_lan_in_the_middle_of_a_fetch_completes_it(tmp
         egress = egress_bytes(wan, ORIGIN_PORT) / size
         print(json.dumps({"origin_egress_x_artifact": round(egress, 3)}))
         assert egress <= 1.25, egress
+        # It re-mapped its port on the new network, and announced the new mapping on the rendezvous.
+        text = log()
+        assert f"router {home_lan.lan_ip} maps {home_lan.ip}:" in text, text[-3000:]
+        moved = text[text.index("this device's addresses changed"):]
+        assert f"router {other_lan.lan_ip} maps {other_lan.ip}:" in moved, moved[-3000:]
+        assert f"rendezvous: announced /ip4/{other_lan.ip}/tcp/" in moved, moved[-3000:]

@@ -382,9 +382,10 @@ class Fleet:
                    stall_timeout: float = 30.0, retry_interval: float = 2.0, swarm_key_file: Path | None = None,
                    class_key_file: Path | None = None, extra_toml: str = "",
                    broker: tuple[int, Path] | None = None, content_settings: tuple[tuple[str, str], ...] = (),
-                   origin: str | None = None, peers: tuple[str, ...] | None = None) -> Device:
+                   origin: str | None = None, peers: tuple[str, ...] | None = None,
+                   mqtt_extra: tuple[tuple[str, str], ...] = ()) -> Device:
         """`broker`: (port, broker config directory) of another broker than the fleet's own; `peers`:
-        dialed at start instead of the origin."""
+        dialed at start instead of the origin; `mqtt_extra`: further [mqtt] keys (e.g. tunnel_after)."""
         broker_port, creds_dir = broker or (self.broker_port, getattr(self, "broker_dir", None))
         origin = origin or self.origin_addr or self.origin_multiaddr_from_repo()
         spec = DeviceSpec(
@@ -396,9 +397,9 @@ class Fleet:
             swarm_key_file=swarm_key_file, class_key_file=class_key_file, extra_toml=extra_toml,
             content_settings=content_settings,
             identities_dir=self.home.identities_dir,
-            mqtt_settings=tuple(
+            mqtt_settings=(tuple(
                 (k, v) for k, v in credentials(creds_dir, device_id).items() if k in ("username", "password", "ca_file")
-            ) if creds_dir is not None else (),
+            ) if creds_dir is not None else ()) + mqtt_extra,
         )
         device = Device(spec, AgentProcess(provision(spec), spec.base_dir / "agent.log"))
         self.devices[device_id] = device

@@ -70,9 +70,10 @@ class WanSide:
     def release(self, version: str) -> None:
         self.cli("release", CLASS, version, str(self.artifacts[version]), "--config", str(self.config))
 
-    def start_agent(self, ns: Namespace, name: str, *, tunnel_after: float | None = None) -> Path:
+    def start_agent(self, ns: Namespace, name: str, *, tunnel_after: float | None = None, nat_pmp: bool = False) -> Path:
         """Provision and start device `name` in `ns`; returns its state.json. `tunnel_after`: reach the
-        broker through a peer after this long without it (0: never; None: the default)."""
+        broker through a peer after this long without it (0: never; None: the default); `nat_pmp`:
+        ask its router for a port mapping (a `upnp` router with `start_upnp`)."""
         spec = DeviceSpec(
             device_id=name, fleet=FLEET, device_class=CLASS, base_dir=self.workdir / "devices" / name,
             swarm_port=4001, broker_host=self.wan.ip, broker_port=BROKER_PORT, root_file=self.home / "root.json",
@@ -81,7 +82,8 @@ class WanSide:
             mqtt_settings=(("tunnel_after", str(tunnel_after)),) if tunnel_after is not None else (),
             # What docs/p2p.md recommends (peers first, the origin after a grace), in every run.
             content_settings=(("listen_host", "0.0.0.0"), ("mdns", "true"), ("routing", "none"),
-                              ("rendezvous", "true"), ("origin_grace", "2.0"), ("gossip_interval", "15")),
+                              ("rendezvous", "true"), ("origin_grace", "2.0"), ("gossip_interval", "15"),
+                              *((("nat_pmp", "true"),) if nat_pmp else ())),
         )
         self.lab.popen(ns, [PY, "-m", "services.cli", "device", "run", "--config", str(provision(spec))],
                        f"agent-{name}.log", env=self.env)
