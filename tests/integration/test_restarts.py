@@ -58,9 +58,11 @@ def alive_and_intact(fleet: Fleet, device: Device, since: datetime, v1: str) -> 
 
 
 @pytest.mark.parametrize("name", ["state.json", "root.json", "timestamp.json", "held.json", "switch.json",
-                                  "ipfs/config"])
+                                  "ipfs/config", "peers.json"])
 def test_a_damaged_persisted_file_never_stops_the_agent(fleet: Fleet, name: str) -> None:
-    device = fleet.add_device(f"damaged-{name.replace('/', '-').replace('.', '-')}", IPC)
+    # peers.json (the peers the rendezvous found) is read only with the rendezvous on.
+    device = fleet.add_device(f"damaged-{name.replace('/', '-').replace('.', '-')}", IPC,
+                              content_settings=(("rendezvous", "true"),) if name == "peers.json" else ())
     fleet.watcher.wait(device.name, lambda s: s.phase == Phase.IDLE and s.last_sequence == 1)
     v1 = device.installed_sha256()
     path = device.spec.state_dir / name
@@ -72,8 +74,8 @@ def test_a_damaged_persisted_file_never_stops_the_agent(fleet: Fleet, name: str)
             assert any(s.reason_code == "state_reset" for s in said), f"{kind}: the reset was not reported"
         local = device.local_state()
         assert local["installed_sha256"] == v1, kind
-    if name == "state.json":
-        assert (device.spec.state_dir / "state.json.damaged").exists(), "kept for a person to read"
+    if name in ("state.json", "peers.json"):
+        assert (device.spec.state_dir / f"{name}.damaged").exists(), "kept for a person to read"
 
 
 def test_install_targets_an_agent_must_refuse_leave_it_running_and_say_why(fleet: Fleet, tmp_path: Path) -> None:
