@@ -46,6 +46,7 @@ from services.runtime.content import create_repo  # noqa: E402
 from tests.support.harness import Fleet  # noqa: E402
 from tests.support.hostile_peer import use_ed25519_identity  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
+from tests.support.procfs import rss_kib  # noqa: E402
 
 CLASS = "ipc-x86_64"
 CASES = ("idle", "invalid", "replayed", "kept")
@@ -62,13 +63,6 @@ class Case:
     refused: bool  # the device's log says its node refuses the hostiles
     hostiles_connected_at_end: int  # hostiles still connected to the device when their flood ended
     rss_mb: list[tuple[float, float]]  # (seconds since the hostiles started, the agent's RSS growth in MB)
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def run_case(case: str, hostiles: int, threads: int, seconds: float, work: Path) -> Case:
@@ -88,7 +82,7 @@ def run_case(case: str, hostiles: int, threads: int, seconds: float, work: Path)
         fleet.watcher.wait("d1", lambda s: s.phase == Phase.IDLE and s.last_sequence == 1, timeout=90)
         pid = device.process.proc.pid  # type: ignore[union-attr]
         address = fleet.node_address("d1")
-        before = rss_kb(pid)
+        before = rss_kib(pid)
         replay = [] if case != "replayed" else ["--replay", str(fleet.home.timestamp_file)]
         procs = [] if case == "idle" else [
             subprocess.Popen([sys.executable, "-m", "tests.support.hostile_peer", "--repo", str(repo), "--port", str(port),
@@ -113,7 +107,7 @@ def run_case(case: str, hostiles: int, threads: int, seconds: float, work: Path)
                 done_at = now
             if not flooding and released_at is not None and (done_at is not None or now - released_at > 120):
                 break
-            samples.append((now - began, rss_kb(pid)))
+            samples.append((now - began, rss_kib(pid)))
             time.sleep(0.25)
         summaries = []
         for proc in procs:

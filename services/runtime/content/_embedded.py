@@ -273,9 +273,7 @@ class EmbeddedKuboNode:
         kept = {self.peer_id, *self.config.kept, *(multiaddr.rsplit("/", 1)[-1] for multiaddr in self.config.peers)}
         if peer in kept:
             return False
-        now = time.monotonic()
-        self._blocked = {p: until for p, until in self._blocked.items() if until > now}
-        self._blocked[peer] = now + seconds
+        self._blocked[peer] = time.monotonic() + seconds  # (expired ones are dropped when applied)
         self._dialed = {a: None for a in self._dialed if not a.endswith("/" + peer)}
         if self._blocking is None or self._blocking.done():
             self._blocking = asyncio.ensure_future(self._apply_blocks())
