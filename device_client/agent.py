@@ -649,8 +649,8 @@ class DeviceAgent:
         if not s.content.gossip:
             return None
         if not hasattr(node, "pubsub_join"):
-            log.info("no signed documents from peers: the %s backend has no pubsub here (only the embedded "
-                     "node gossips; see docs/p2p.md)", s.content.backend)
+            log.info("no signed documents from peers: the %s backend's daemon cannot be made to refuse a "
+                     "flooding peer (only the embedded node gossips; see docs/p2p.md)", s.content.backend)
             return None
         channel = GossipChannel(node, fleet=s.fleet, interval=s.content.gossip_interval,  # type: ignore[arg-type]
                                 limits=GossipLimits(max_document_bytes=s.limits.max_message_bytes))

@@ -264,10 +264,12 @@ def device_run(
     # The one edge from services to device_client: the command line is where the parts are composed.
     from device_client.agent import DeviceAgent
     from services.demo.processes import PARENT_ENV
-    from services.runtime.content import prepare_process_dir
+    from services.runtime.content import prepare_process_dir, use_go_gc_percent
     from services.runtime.settings import DeviceSettings, load_settings
 
     settings = load_settings(DeviceSettings, config)
+    if settings.content.backend == "embedded":
+        use_go_gc_percent(settings.content.go_gc_percent)  # (may start this process again, before anything else)
     setup_logging(verbose)
     prepare_process_dir(settings.state_dir)
     agent = DeviceAgent(settings)

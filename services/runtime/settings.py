@@ -80,6 +80,11 @@ class ContentSettings(BaseModel):
         64, ge=0, description="embedded node: items up to this size are fetched with Kubo's sequential reader, "
         "which swarms with fewer duplicate blocks but holds the whole item in memory; larger ones are pinned "
         "and written from the blockstore with bounded memory")
+    go_gc_percent: int = Field(
+        25, ge=10, le=1000, description="device, embedded node: Go's GOGC for the node in the agent's process "
+        "(the agent starts itself again with it; a GOGC in its environment wins). Below Go's 100 because a node "
+        "restart and a refused flood's messages turn into garbage at once: at 100 the heap grew 13-14 MB over a "
+        "refused flood, at 25 6-9 MB")
     keep_releases: int = Field(
         2, ge=0, description="device: serve the content of this many installed releases (the newest) to peers")
     disk_budget_mb: float | None = Field(

