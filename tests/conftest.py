@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from services.runtime.settings import ContentSettings
 from tests.support.deadlines import slowness
 from tests.support.harness import Fleet
 
@@ -17,6 +18,10 @@ def pytest_configure(config: pytest.Config) -> None:
     under test, this checkout's: children start in temporary directories, where `python -m` would
     find whatever checkout `pip install -e` last pointed at (another clone's suite, running now)."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # The agent's own default GOGC, given up front: otherwise every agent start would execute itself
+    # again to set it (~0.25 s each, hundreds of starts per run). tests/integration/test_go_runtime.py
+    # removes it to test that exec.
+    os.environ.setdefault("GOGC", str(ContentSettings.model_fields["go_gc_percent"].default))
 
 
 @pytest.fixture

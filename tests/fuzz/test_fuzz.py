@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-FUZZ_SECONDS = int(os.environ.get("EDGESWARM_FUZZ_SECONDS", "60"))
+# 30 s per target in the suite; a longer hunt: EDGESWARM_FUZZ_SECONDS=3600 python3 -m pytest tests/fuzz
+FUZZ_SECONDS = int(os.environ.get("EDGESWARM_FUZZ_SECONDS", "30"))
 
 
 @pytest.mark.parametrize("target_name", ["fuzz_trust.py", "fuzz_patch.py"])
