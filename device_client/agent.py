@@ -398,6 +398,7 @@ class DeviceAgent:
             announce=[self.mapped] if self.mapped else [],
             append_announce=list(s.content.announce),
             fetch_in_memory_bytes=int(s.content.fetch_in_memory_mb * (1 << 20)),
+            fetch_spread=s.content.fetch_spread,
             routing=s.content.routing,
             swarm_key=load_swarm_key(s.content.swarm_key_file) if s.content.swarm_key_file else None,
         )

@@ -80,6 +80,10 @@ class ContentSettings(BaseModel):
         64, ge=0, description="embedded node: items up to this size are fetched with Kubo's sequential reader, "
         "which swarms with fewer duplicate blocks but holds the whole item in memory; larger ones are pinned "
         "and written from the blockstore with bounded memory")
+    fetch_spread: int = Field(
+        4, ge=0, le=32, description="embedded node, items fetched with the sequential reader: besides it, ask "
+        "for this many of the item's blocks at a time in this device's own random order, so that devices hold "
+        "different blocks early and trade them instead of all waiting for the same next one; 0: off")
     go_gc_percent: int = Field(
         25, ge=10, le=1000, description="device, embedded node: Go's GOGC for the node in the agent's process "
         "(the agent starts itself again with it; a GOGC in its environment wins). Below Go's 100 because a node "

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from device_client.retention import HeldRelease, releases_to_drop
 from services.runtime.content import _blockstore as blockstore
 from services.runtime.content import EmbeddedKuboNode, FetchStalled, KuboConfig
+from tests.support.dag_blocks import cid_text, file_node, put
 
 
 def held(sequence: int, size: int = 10) -> HeldRelease:
@@ -166,77 +167,34 @@ def test_the_keeper_unpins_only_what_no_kept_release_names(tmp_path: Path) -> No
 
 # -- writing a file from the store, one block at a time -----------------------------------------
 
-def _pb(*fields: tuple[int, bytes | int]) -> bytes:
-    out = bytearray()
-    for number, value in fields:
-        if isinstance(value, int):
-            out += _varint((number << 3) | 0) + _varint(value)
-        else:
-            out += _varint((number << 3) | 2) + _varint(len(value)) + value
-    return bytes(out)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _put(blocks: Path, block: bytes) -> bytes:
-    """Store a dag-pb block; returns its CIDv0 bytes (a sha2-256 multihash)."""
-    import hashlib
-
-    multihash = b"\x12\x20" + hashlib.sha256(block).digest()
-    path = blockstore.block_path(blocks, multihash)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(block)
-    return multihash
-
-
-def _cid_text(multihash: bytes) -> str:
-    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-    number, text = int.from_bytes(multihash, "big"), ""
-    while number:
-        number, rest = divmod(number, 58)
-        text = alphabet[rest] + text
-    return text
-
-
-def _file_node(data: bytes = b"", links: tuple[bytes, ...] = (), kind: int = 2) -> bytes:
-    return _pb(*[(2, _pb((1, link))) for link in links], (1, _pb((1, kind), (2, data))))
-
-
 def test_a_file_is_its_data_then_its_children_in_link_order(tmp_path: Path) -> None:
     blocks = tmp_path / "blocks"
-    a, b = _put(blocks, _file_node(b"aaa")), _put(blocks, _file_node(b"bbbb"))
-    inner = _put(blocks, _file_node(b"", (b, a)))
-    root = _put(blocks, _file_node(b"head-", (a, inner, b)))
+    a, b = put(blocks, file_node(b"aaa")), put(blocks, file_node(b"bbbb"))
+    inner = put(blocks, file_node(b"", (b, a)))
+    root = put(blocks, file_node(b"head-", (a, inner, b)))
     out = tmp_path / "out"
     with open(out, "wb") as handle:
-        assert blockstore.write_file(blocks, _cid_text(root), handle, max_bytes=100) == 5 + 3 + 4 + 3 + 4
+        assert blockstore.write_file(blocks, cid_text(root), handle, max_bytes=100) == 5 + 3 + 4 + 3 + 4
     assert out.read_bytes() == b"head-aaabbbbaaabbbb"
 
 
 def test_hostile_dags_are_refused_without_writing_past_the_limit(tmp_path: Path) -> None:
     blocks = tmp_path / "blocks"
-    leaf = _put(blocks, _file_node(b"x" * 1000))
-    fan = _put(blocks, _file_node(b"", (leaf,) * 100))
-    bomb = _put(blocks, _file_node(b"", (fan,) * 100))  # 10 MB of output from two small blocks
-    empty = _put(blocks, _file_node(b""))
-    empty_fan = _put(blocks, _file_node(b"", (empty,) * 1000))
-    empty_bomb = _put(blocks, _file_node(b"", (empty_fan,) * 1000))  # a million blocks, not one byte
-    directory = _put(blocks, _file_node(b"", (leaf,), kind=1))
-    missing = _put(blocks, _file_node(b"", (b"\x12\x20" + bytes(32),)))
+    leaf = put(blocks, file_node(b"x" * 1000))
+    fan = put(blocks, file_node(b"", (leaf,) * 100))
+    bomb = put(blocks, file_node(b"", (fan,) * 100))  # 10 MB of output from two small blocks
+    empty = put(blocks, file_node(b""))
+    empty_fan = put(blocks, file_node(b"", (empty,) * 1000))
+    empty_bomb = put(blocks, file_node(b"", (empty_fan,) * 1000))  # a million blocks, not one byte
+    directory = put(blocks, file_node(b"", (leaf,), kind=1))
+    missing = put(blocks, file_node(b"", (b"\x12\x20" + bytes(32),)))
     sink = tmp_path / "sink"
     with open(sink, "wb") as handle:
         with pytest.raises(blockstore.TooLarge):
-            blockstore.write_file(blocks, _cid_text(bomb), handle, max_bytes=50_000)
+            blockstore.write_file(blocks, cid_text(bomb), handle, max_bytes=50_000)
     assert sink.stat().st_size <= 50_000
     with open(sink, "wb") as handle, pytest.raises(blockstore.TooLarge, match="links more than"):
-        blockstore.write_file(blocks, _cid_text(empty_bomb), handle, max_bytes=50_000)
+        blockstore.write_file(blocks, cid_text(empty_bomb), handle, max_bytes=50_000)
     for cid in (directory, missing):
         with open(sink, "wb") as handle, pytest.raises(blockstore.NotAFile):
-            blockstore.write_file(blocks, _cid_text(cid), handle, max_bytes=50_000)
+            blockstore.write_file(blocks, cid_text(cid), handle, max_bytes=50_000)

