@@ -155,3 +155,20 @@ def test_a_fetch_that_spreads_its_blocks_writes_the_exact_file(tmp_path: Path) -
         assert sorted(p.name for p in tmp_path.iterdir()) == ["asker", "file", "out", "source"]  # no scratch left
 
     asyncio.run(run())
+
+
+def test_an_abandoned_spreader_begins_nothing_more_and_leaves_no_scratch(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with _node(tmp_path, "source") as source, _node(tmp_path, "asker") as asker:
+            _, leaves = await _holder_and_asker(tmp_path, source, asker)
+            spreader = Spreader(_download(asker), asker.config.repo / "blocks", tmp_path / "scratch", parallel=2)
+            spreader.pause()
+            spreader.start(leaves)
+            await asyncio.sleep(0.3)
+            spreader.abandon()  # a cancelled fetch
+            spreader.resume()
+            await asyncio.sleep(1.0)
+            assert spreader.fetched == 0
+            assert not (tmp_path / "scratch").exists()
+
+    asyncio.run(run())

@@ -91,6 +91,7 @@ class Spreader:
         self._pending.clear()
         for worker in self._workers:
             worker.cancel()
+        shutil.rmtree(self._scratch, ignore_errors=True)  # a Download still writing there fails: its block is kept
 
     async def close(self, within: float = 5.0) -> bool:
         """End the workers; False if a Download is still under way after `within` seconds (only a
