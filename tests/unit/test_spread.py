@@ -100,6 +100,13 @@ async def _holder_and_asker(tmp_path: Path, source: EmbeddedKuboNode, asker: Emb
     return root, leaves
 
 
+async def _all_fetched(spreader: Spreader, count: int, within: float = 10.0) -> None:
+    for _ in range(int(within / 0.05)):
+        if spreader.fetched == count:
+            return
+        await asyncio.sleep(0.05)
+
+
 def test_the_spreader_fetches_every_planned_block_and_leaves_no_scratch(tmp_path: Path) -> None:
     async def run() -> None:
         async with _node(tmp_path, "source") as source, _node(tmp_path, "asker") as asker:
@@ -107,10 +114,7 @@ def test_the_spreader_fetches_every_planned_block_and_leaves_no_scratch(tmp_path
             blocks = asker.config.repo / "blocks"
             spreader = Spreader(_download(asker), blocks, tmp_path / "scratch", parallel=3)
             spreader.start(leaves)
-            for _ in range(200):
-                if spreader.fetched == len(leaves):
-                    break
-                await asyncio.sleep(0.05)
+            await _all_fetched(spreader, len(leaves))
             assert await spreader.close()
             assert spreader.fetched == len(leaves)
             assert all(blockstore.block_path(blocks, blockstore.parse_cid(leaf).multihash).exists() for leaf in leaves)
@@ -132,10 +136,7 @@ def test_a_paused_spreader_begins_no_download_until_resumed(tmp_path: Path) -> N
             await asyncio.sleep(1.0)
             assert spreader.fetched == 0
             spreader.resume()
-            for _ in range(200):
-                if spreader.fetched == len(leaves):
-                    break
-                await asyncio.sleep(0.05)
+            await _all_fetched(spreader, len(leaves))
             assert spreader.fetched == len(leaves)
             assert await spreader.close()
 

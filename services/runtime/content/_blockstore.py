@@ -82,7 +82,7 @@ def block_path(blocks_dir: Path, multihash: bytes) -> Path:
 def cid_text(cid: Cid) -> str:
     """A CID as Kubo takes it: v0 (base58btc) for a sha2-256 dag-pb block, else v1 in base32."""
     if cid.codec == DAG_PB and len(cid.multihash) == 34 and cid.multihash[:2] == b"\x12\x20":
-        return _b58encode(cid.multihash)
+        return b58encode(cid.multihash)
     raw = encode_varint(1) + encode_varint(cid.codec) + cid.multihash
     return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
 
@@ -238,7 +238,8 @@ def _b58decode(text: str) -> bytes:
     return bytes(len(text) - len(text.lstrip("1"))) + body
 
 
-def _b58encode(data: bytes) -> str:
+def b58encode(data: bytes) -> str:
+    """Base58btc (Bitcoin's alphabet), as CIDv0s and peer ids are written."""
     number = int.from_bytes(data, "big")
     text = ""
     while number:

@@ -475,7 +475,7 @@ class EmbeddedKuboNode:
 
         Up to `fetch_in_memory_bytes`, Kubo's sequential reader (Download): it asks peers for a few
         blocks at a time, which a swarm serves with few duplicates, but holds the whole file in
-        memory. Larger items are pinned (every block into the store, many in flight, kept for peers)
+        memory; besides it, `fetch_spread` blocks at a time in this device's own order (_spread.py). Larger items are pinned (every block into the store, many in flight, kept for peers)
         and written from the store one block at a time: bounded memory, more duplicate blocks.
         Measured: docs/p2p.md."""
         lib = self._lib
